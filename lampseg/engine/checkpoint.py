@@ -1,0 +1,59 @@
+"""Atomic file writes and checkpoints (``torch.load(weights_only=True)`` only)."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename.
+
+    A crash or a full disk leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomic text write (UTF-8)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Serialise ``state`` (tensors, numbers, strings, lists, dicts only) atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (weights_only: no arbitrary objects are unpickled).
+
+    Raises:
+        FileNotFoundError: naming the path when it does not exist.
+        ValueError: naming the path when it is not a lampseg checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"checkpoint {path} is not a lampseg checkpoint (expected a dict with 'model')")
+    return state
