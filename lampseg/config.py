@@ -272,7 +272,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.split not in ("val", "train", "all"):
         _fail("split", "one of val|train|all", cfg.split)
     if p.name == "single" and p.dp * p.pp != 1:
-        _fail("parallel.dp * parallel.pp", "1 with parallel=single (other strategies come later)", p.dp * p.pp)
+        _fail("parallel.dp * parallel.pp", "1 with parallel=single (the only strategy so far)", p.dp * p.pp)
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -47,7 +47,7 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -
     for name in cases:
         start = time.perf_counter()
         image = torch.from_numpy(np.stack([bundle.cache.image(name)[c] for c in bundle.channels]))[None]
-        label = torch.from_numpy(np.asarray(bundle.cache.label(name)))[None, None]
+        label = torch.from_numpy(np.array(bundle.cache.label(name)))[None, None]
         logits = infer(model, image.to(device), cfg.inference, _roi_size(cfg, bundle.patch_size), divisor,
                        cfg.trainer.precision)
         pred = bundle.targets.masks_from_logits(logits)[0]
@@ -61,7 +61,7 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -
 
 
 def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
-    """The checkpoint's training config, with the keys the user overrode on the command line taken from ``cfg``.
+    """The checkpoint's training config, with the keys overridden on the command line taken from ``cfg``.
 
     Args:
         ckpt: a loaded checkpoint (holds ``config``).

@@ -1,4 +1,4 @@
-"""Whole-volume and sliding-window inference behind ``inference.*`` (used by validation, evaluate, predict)."""
+"""Whole-volume and sliding-window inference behind ``inference.*`` (validation, evaluate, predict)."""
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -33,8 +34,11 @@ def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing, with_hd95: bool 
             if not p_any and not t_any:
                 hd[c] = 0.0
             elif p_any and t_any:
-                hd[c] = float(compute_hausdorff_distance(p[:, c:c + 1], t[:, c:c + 1], include_background=True,
-                                                         percentile=95, spacing=[float(s) for s in spacing]))
+                with warnings.catch_warnings():  # MONAI 1.5+ deprecation noise from its own internals
+                    warnings.simplefilter("ignore", FutureWarning)
+                    hd[c] = float(compute_hausdorff_distance(
+                        p[:, c:c + 1], t[:, c:c + 1], include_background=True, percentile=95,
+                        spacing=[float(s) for s in spacing]))
     return [float(d) for d in dice], hd
 
 

@@ -31,5 +31,6 @@ def lr_factor(epoch: int, max_epochs: int, schedule: str, warmup: int = 0, power
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_epochs: int):
     """A ``LambdaLR`` stepped once per epoch."""
     schedule = str(getattr(optim_cfg.schedule, "value", optim_cfg.schedule))
+    warmup, power = optim_cfg.warmup_epochs, optim_cfg.poly_power
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, max_epochs, schedule, optim_cfg.warmup_epochs, optim_cfg.poly_power))
+        optimizer, lambda epoch: lr_factor(epoch, max_epochs, schedule, warmup, power))

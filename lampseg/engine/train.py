@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lampseg.config import to_container, validate
 from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
-from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from lampseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
@@ -138,6 +139,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     divisor = size_divisor(cfg.model)
     bundle = prepare_data(cfg, run_dir, divisor, log)
+    atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
     model = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)

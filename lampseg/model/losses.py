@@ -39,8 +39,8 @@ class Targets:
             for name, vs in region_items:
                 unknown = sorted(set(vs) - set(values))
                 if unknown or 0 in vs:
-                    raise ValueError(f"config key 'data.regions.{name}': label values {unknown or [0]} are not "
-                                     f"foreground labels declared in dataset.json {list(values[1:])}")
+                    raise ValueError(f"config key 'data.regions.{name}': label values {unknown or [0]} are "
+                                     f"not foreground labels declared in dataset.json {list(values[1:])}")
         return cls(values, tuple(labels[v] for v in values), region_items)
 
     @property
@@ -113,7 +113,8 @@ def build_loss(optim_cfg, targets: Targets) -> nn.Module:
         A loss module called as ``loss(logits, targets.loss_target(label))``.
     """
     sigmoid = targets.region_based
-    common = dict(sigmoid=sigmoid, softmax=not sigmoid, to_onehot_y=not sigmoid, smooth_nr=1e-5, smooth_dr=1e-5)
+    common = dict(sigmoid=sigmoid, softmax=not sigmoid, to_onehot_y=not sigmoid,
+                  smooth_nr=1e-5, smooth_dr=1e-5)
     name = str(getattr(optim_cfg.loss, "value", optim_cfg.loss))
     if name == "dice_focal":
         return DiceFocalLoss(lambda_focal=optim_cfg.focal_weight, **common)
