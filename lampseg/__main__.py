@@ -27,7 +27,11 @@ USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra override
 
 
 def config_dir() -> str:
-    """The ``conf/`` folder: the installed ``lampseg.conf`` package (a mapping of the repo's ``conf/``)."""
+    """The ``conf/`` folder: the installed ``lampseg.conf`` package (a mapping of the repo's ``conf/``), or
+    the checkout's ``conf/`` when lampseg runs from source without being installed."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "config.yaml").is_file():
+        return str(source)
     return str(Path(str(resources.files("lampseg.conf"))).resolve())
 
 
