@@ -7,6 +7,7 @@ against it (unknown keys, wrong types and bad enum values fail before any work s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -161,9 +162,9 @@ class BenchConfig:
     """``python -m lampseg bench NAME``: what to run and how long."""
 
     name: str | None = None
-    steps: int = 30
-    warmup: int = 5
-    repeats: int = 3
+    steps: int = 50  # timed steps per phase (50 = one default synthetic epoch: 100 samples / batch 2)
+    warmup: int = 5  # untimed steps before each timed phase
+    repeats: int = 7  # interleaved rounds (A B A B ...); medians over these
 
 
 @dataclass
@@ -224,7 +225,7 @@ def validate(cfg: DictConfig) -> None:
         ConfigError: naming the first offending key.
     """
     d, m, o, t, i, p = cfg.data, cfg.model, cfg.optim, cfg.trainer, cfg.inference, cfg.parallel
-    patch_size_of(cfg)
+    patch = patch_size_of(cfg)
     for key, value, lo in [("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
                            ("data.samples_per_epoch", d.samples_per_epoch, 1), ("data.folds", d.folds, 2),
                            ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
@@ -251,14 +252,17 @@ def validate(cfg: DictConfig) -> None:
     strides = _positive_ints("model.strides", m.strides)
     if len(strides) != len(channels) - 1:
         _fail("model.strides", f"len(model.channels) - 1 = {len(channels) - 1} entries", list(strides))
+    divisor = math.prod(strides)
+    if patch is not None and any(v % divisor for v in patch):
+        _fail("data.patch_size", f"multiples of {divisor} (the product of model.strides)", list(patch))
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", "a number in [0, 1)", m.dropout)
     if o.lr <= 0:
         _fail("optim.lr", "a positive number", o.lr)
     if o.grad_clip is not None and o.grad_clip <= 0:
         _fail("optim.grad_clip", "a positive number or null", o.grad_clip)
-    if o.warmup_epochs >= t.max_epochs and o.warmup_epochs > 0:
-        _fail("optim.warmup_epochs", f"fewer than trainer.max_epochs ({t.max_epochs})", o.warmup_epochs)
+    if not 0 <= o.warmup_epochs <= t.max_epochs:
+        _fail("optim.warmup_epochs", f"0 to trainer.max_epochs ({t.max_epochs})", o.warmup_epochs)
     if t.resume not in ("auto", "never") and not str(t.resume).endswith(".pt"):
         _fail("trainer.resume", "'auto', 'never' or a path to a .pt checkpoint", t.resume)
     if t.progress not in ("auto", "bar", "line", "none"):

@@ -107,4 +107,5 @@ def training_dataset(cfg, bundle: DataBundle) -> PatchDataset:
     """The epoch-seeded patch dataset for the training fold."""
     return PatchDataset(bundle.cache, bundle.train_cases, bundle.patch_size, bundle.channels,
                         cfg.data.samples_per_epoch, cfg.data.foreground_ratio,
-                        build_augment(cfg.data.augment), seed=cfg.seed, whole_volume=bundle.whole_volume)
+                        build_augment(cfg.data.augment), seed=cfg.seed, whole_volume=bundle.whole_volume,
+                        flip_prob=cfg.data.augment.flip_prob)

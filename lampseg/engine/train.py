@@ -46,8 +46,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "python": list(random.getstate()[1])}
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": keys.tolist(),
+             "numpy_pos": [int(pos), int(has_gauss), float(gauss)], "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,7 +56,9 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    pos, has_gauss, gauss = state.get("numpy_pos", [624, 0, 0.0])  # position, so the stream continues
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), int(pos), int(has_gauss),
+                         float(gauss)))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,9 +95,16 @@ class _Progress:
             self.bar.close()
 
 
-def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, device, progress: _Progress
-                 ) -> tuple[float, int, float, float]:
+def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on CUDA (bf16 and fp32 need none; a disabled scaler is a no-op)."""
+    fp16 = str(getattr(cfg.trainer.precision, "value", cfg.trainer.precision)) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
+
+
+def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, device, progress: _Progress,
+                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, float, float]:
     """One epoch; returns (mean loss, steps, seconds, seconds waiting for data)."""
+    scaler = scaler or make_grad_scaler(cfg, device)
     model.train()
     total, steps, wait = 0.0, 0, 0.0
     start = tick = time.perf_counter()
@@ -108,10 +118,12 @@ def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, dev
             logits = model(image)
         loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.optim.grad_clip is not None:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         value = float(loss.detach())
         total, steps = total + value, steps + 1
         progress.update(value)
@@ -150,6 +162,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
     loss_fn = build_loss(cfg.optim, bundle.targets)
+    scaler = make_grad_scaler(cfg, device)
     state = {"epoch": 0, "step": 0, "best_val_dice": -math.inf, "best_epoch": None, "best_metrics": {},
              "history": [], "train_time_s": 0.0, "train_samples": 0, "wall_s": 0.0}
     resume_from = _find_resume(cfg, run_dir)
@@ -158,6 +171,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         state.update(ckpt["train_state"])
         log(f"resumed from {resume_from} at epoch {state['epoch']}")
@@ -169,7 +183,8 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         state["history"] = logger.rows
         state["wall_s"] = time.perf_counter() - wall_start
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": state["epoch"], "rng": _rng_state(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
+                "rng": _rng_state(),
                 "train_state": dict(state), "config": to_container(cfg),
                 "data": {"modalities": bundle.dataset.modalities, "channels": bundle.channels,
                          "labels": {str(k): v for k, v in bundle.dataset.labels.items()},
@@ -204,7 +219,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             progress = _Progress(cfg.trainer.progress, len(loader), epoch)
             lr = optimizer.param_groups[0]["lr"]
             loss, steps, seconds, wait = _train_epoch(model, loader, optimizer, loss_fn, bundle, cfg, device,
-                                                      progress)
+                                                      progress, scaler)
             progress.close()
             scheduler.step()
             state["step"] += steps

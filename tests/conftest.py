@@ -1,0 +1,74 @@
+"""Shared fixtures: an isolated ``LAMPSEG_HOME``, a CLI runner, Hydra composition and one trained run.
+
+Every test that trains uses ``+exp=smoke`` (6 synthetic cases of 32^3, a 3-level U-Net of 8-32 channels);
+the synthetic dataset and its preprocessing cache are generated once per session under ``LAMPSEG_HOME``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK_RUN_DIR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_run_dir.py"
+CLI_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lampseg_home(tmp_path_factory) -> Path:
+    """Point ``LAMPSEG_HOME`` (datasets, caches) at a session temp dir; subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("lampseg_home")
+    saved = os.environ.get("LAMPSEG_HOME")
+    os.environ["LAMPSEG_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("LAMPSEG_HOME", None)
+    else:
+        os.environ["LAMPSEG_HOME"] = saved
+
+
+def lampseg(*args: str, cwd: str | Path | None = None, check: bool = True,
+            timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run ``python -m lampseg ARGS`` and capture its text output (fails the test on a non-zero exit
+    when ``check``, showing stdout and stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "lampseg", *map(str, args)], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        pytest.fail(f"lampseg {' '.join(map(str, args))} exited {proc.returncode}\n"
+                    f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    return proc
+
+
+def compose(*overrides: str) -> DictConfig:
+    """Compose the real ``conf/`` (schema-checked) with Hydra's compose API, as the CLI does."""
+    from lampseg.__main__ import config_dir
+    from lampseg.config import register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def load_check_run_dir():
+    """The shared ``check_run_dir`` tool as a module (skips the test when the tool is absent)."""
+    if not CHECK_RUN_DIR.is_file():
+        pytest.skip(f"{CHECK_RUN_DIR} not found")
+    spec = importlib.util.spec_from_file_location("check_run_dir", CHECK_RUN_DIR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, lampseg_home) -> Path:
+    """One ``+exp=smoke`` training through the CLI, shared by the train/evaluate/predict tests."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    lampseg("train", "+exp=smoke", f"run_dir={run_dir}")
+    return run_dir

@@ -1,0 +1,224 @@
+"""End to end through ``python -m lampseg ...`` (train, evaluate, predict, synth, multirun, config errors)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import compose, lampseg, load_check_run_dir
+
+SMOKE_FAST = ["+exp=smoke", "trainer.max_epochs=1", "data.samples_per_epoch=2", "trainer.hd95=false",
+              "trainer.num_threads=1"]
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _dataset_json(run_dir: Path) -> tuple[Path, dict]:
+    root = Path(_summary(run_dir)["dataset"])
+    return root, json.loads((root / "dataset.json").read_text())
+
+
+def _metrics(run_dir: Path) -> tuple[list[str], list[dict]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+# --------------------------------------------------------------------------------------------- help
+
+
+def test_help_lists_subcommands():
+    out = lampseg("--help").stdout
+    for name in ("train", "evaluate", "predict", "synth"):
+        assert name in out
+
+
+def test_unknown_subcommand_fails():
+    proc = lampseg("frobnicate", check=False)
+    assert proc.returncode != 0
+    assert "frobnicate" in proc.stderr
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def test_train_smoke_run_dir(trained_run):
+    problems = load_check_run_dir().check(trained_run)
+    assert problems == [], problems
+    summary = _summary(trained_run)
+    assert summary["status"] == "completed"
+    assert summary["epochs"] == 2
+    assert summary["plan"] is None
+    columns, rows = _metrics(trained_run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    _, meta = _dataset_json(trained_run)
+    names = [meta["labels"][v] for v in sorted(meta["labels"], key=int) if v != "0"]
+    assert [c for c in columns if c.startswith("val_dice_")] == [f"val_dice_{n}" for n in names]
+    assert sorted(summary["val_dice"]) == sorted(names)
+    config = (trained_run / ".hydra" / "config.yaml").read_text()
+    assert "${" not in config
+    assert str(trained_run) in config  # run_dir resolved to the real directory
+
+
+def _assert_config_error(tmp_path, override: str, key: str, *also: str) -> str:
+    run_dir = tmp_path / "run"
+    proc = lampseg("train", "+exp=smoke", override, f"run_dir={run_dir}", check=False)
+    assert proc.returncode != 0, proc.stdout
+    message = proc.stdout + proc.stderr
+    assert key in message, message
+    for text in also:
+        assert text in message, message
+    # The error came before any training: no checkpoints, no summary.
+    assert not (run_dir / "summary.json").exists()
+    assert not list(run_dir.glob("checkpoints/*.pt"))
+    return message
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.max_epoch=3", "trainer.max_epoch"),           # unknown key
+    ("trainer.max_epochs=abc", "trainer.max_epochs"),       # wrong type
+    ("trainer.precision=fp64", "trainer.precision"),        # bad enum value
+    ("data.fold=7", "data.fold"),                           # range (lampseg.config.validate)
+    ("data.patch_size=[30,30,30]", "data.patch_size"),      # not a multiple of prod(model.strides)
+])
+def test_config_errors_name_the_key(tmp_path, override, key):
+    _assert_config_error(tmp_path, override, key)
+
+
+def test_unknown_modality_lists_available(tmp_path, trained_run):
+    # trained_run: the default synthetic dataset already exists, so this only reads dataset.json.
+    message = _assert_config_error(tmp_path, "data.modalities=[NOPE]", "data.modalities", "NOPE")
+    for modality in ("FLAIR", "T1w", "t1gd", "T2w"):
+        assert modality in message
+
+
+def test_brats_recipe_composes():
+    cfg = compose("+exp=brats")
+    assert dict(cfg.data.regions) == {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]}
+    assert list(cfg.data.patch_size) == [128, 128, 128]
+    assert cfg.data.batch_size == 2
+    assert cfg.data.folds == 5
+    assert str(cfg.optim.name.value) == "sgd"
+    assert cfg.optim.lr == pytest.approx(0.01)
+    assert cfg.model.name == "unet32"
+    assert str(cfg.inference.mode.value) == "sliding"
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+
+
+@pytest.mark.parametrize("mode", ["whole", "sliding"])
+def test_evaluate(tmp_path, trained_run, mode):
+    run_dir = tmp_path / "eval"
+    args = ["evaluate", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"run_dir={run_dir}"]
+    if mode == "sliding":
+        args.append("inference=sliding")
+    lampseg(*args)
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["inference"]["mode"] == mode
+    assert result["split"] == "val"
+    names = list(_summary(trained_run)["val_dice"])
+    assert result["cases"], "no cases evaluated"
+    for case in result["cases"]:
+        assert set(case["dice"]) == set(names) and set(case["hd95"]) == set(names)
+        assert all(0.0 <= v <= 1.0 for v in case["dice"].values())
+    for n in names:
+        assert 0.0 <= result["mean"][f"dice_{n}"] <= 1.0
+        assert f"hd95_{n}" in result["mean"]
+    assert 0.0 <= result["mean"]["dice"] <= 1.0
+    assert result["seconds_per_case"] > 0
+    if mode == "whole":  # validation during training used whole-volume inference on the same fold
+        best = _summary(trained_run)["best_val_dice"]
+        assert result["mean"]["dice"] == pytest.approx(best, abs=2e-3)
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+def test_predict_original_space(tmp_path, trained_run):
+    root, meta = _dataset_json(trained_run)
+    splits = json.loads((trained_run / "splits.json").read_text())
+    train_case = splits[0]["train"][0]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    train_image = root / "imagesTr" / f"{train_case}.nii.gz"
+    shutil.copy(train_image, inputs)
+    test_images = [root / p for p in meta["test"]]
+    for p in test_images:
+        shutil.copy(p, inputs)
+    out = tmp_path / "preds"
+    lampseg("predict", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"input={inputs}", f"output={out}",
+            f"run_dir={tmp_path / 'run'}")
+    allowed = {int(v) for v in meta["labels"]}
+    for src in [train_image, *test_images]:
+        image, pred = nib.load(src), nib.load(out / src.name)
+        assert pred.shape == image.shape[:3]
+        assert np.allclose(pred.affine, image.affine)
+        seg = np.asarray(pred.dataobj)
+        assert seg.dtype == np.uint8
+        assert set(np.unique(seg).tolist()) <= allowed
+    # Two epochs only: require that the prediction finds the tumour, not that it delineates it well.
+    label = np.asarray(nib.load(root / "labelsTr" / f"{train_case}.nii.gz").dataobj)
+    seg = np.asarray(nib.load(out / train_image.name).dataobj)
+    assert label.any()
+    assert np.logical_and(seg > 0, label > 0).any()
+
+
+# ---------------------------------------------------------------------------- synth, other datasets
+
+
+@pytest.fixture(scope="module")
+def synth_3d(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "ds3d"
+    lampseg("synth", f"out={out}", "data.synthetic.cases=3", "data.synthetic.shape=[32,32,32]",
+            "data.synthetic.layout=3d")
+    return out
+
+
+def test_synth_writes_dataset(synth_3d):
+    meta = json.loads((synth_3d / "dataset.json").read_text())
+    assert len(meta["training"]) == 3
+    assert len(meta["modality"]) == 1
+    for item in meta["training"]:
+        image = nib.load(synth_3d / item["image"])
+        assert image.shape == (32, 32, 32)
+        assert nib.load(synth_3d / item["label"]).shape == (32, 32, 32)
+
+
+def test_train_one_modality_3d_dataset(tmp_path, synth_3d):
+    run_dir = tmp_path / "run"
+    lampseg("train", *SMOKE_FAST, f"data.root={synth_3d}", f"run_dir={run_dir}")
+    summary = _summary(run_dir)
+    assert summary["status"] == "completed"
+    assert len(summary["modalities"]) == 1
+
+
+def test_train_modality_subset(tmp_path, trained_run):
+    run_dir = tmp_path / "run"
+    lampseg("train", *SMOKE_FAST, "data.modalities=[t1gd,FLAIR]", f"run_dir={run_dir}")
+    summary = _summary(run_dir)
+    assert summary["status"] == "completed"
+    assert summary["modalities"] == ["t1gd", "FLAIR"]
+    ckpt = torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
+    first_conv = next(v for k, v in ckpt["model"].items() if v.ndim == 5)
+    assert first_conv.shape[1] == 2  # two input channels
+
+
+def test_multirun_sweep(tmp_path, trained_run):
+    sweep = tmp_path / "sweep"
+    lampseg("train", "-m", *SMOKE_FAST, "optim.lr=1e-3,3e-3", f"run_dir={sweep}")
+    lrs = []
+    for job in ("0", "1"):
+        run_dir = sweep / job
+        assert _summary(run_dir)["status"] == "completed"
+        assert (run_dir / "checkpoints" / "final.pt").is_file()
+        lrs.append(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["optim"]["lr"])
+    assert lrs == [1e-3, 3e-3]

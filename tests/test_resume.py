@@ -1,0 +1,114 @@
+"""Resuming is equivalent to not stopping (in-process ``lampseg.engine.train.run``)."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose
+from omegaconf import OmegaConf
+
+from lampseg.engine.checkpoint import save_checkpoint
+from lampseg.engine.train import _rng_state, _set_rng_state, run
+
+# trainer.num_threads=1: on 2 shared cores a second intra-op thread only adds stalls to these tiny steps.
+DETERMINISTIC = ["+exp=smoke", "trainer.precision=fp32", "trainer.deterministic=true", "trainer.max_epochs=4",
+                 "trainer.val_every=2", "trainer.hd95=false", "trainer.num_threads=1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """``trainer.deterministic`` and ``trainer.num_threads`` set process-wide torch state; restore it."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.set_num_threads(threads)
+
+
+def _train(run_dir: Path, *overrides: str) -> tuple[dict, list[str]]:
+    cfg = compose(*overrides)
+    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
+    lines: list[str] = []
+    return run(cfg, log=lines.append), lines
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    summary_a, _ = _train(a, *DETERMINISTIC)
+    assert summary_a["status"] == "completed" and summary_a["epochs"] == 4
+
+    summary_b, _ = _train(b, *DETERMINISTIC, "trainer.stop_after_epochs=2")
+    assert summary_b["status"] == "running" and summary_b["epochs"] == 2
+    assert json.loads((b / "summary.json").read_text())["status"] == "running"
+    assert _load(b / "checkpoints" / "latest.pt")["epoch"] == 2
+    assert not (b / "checkpoints" / "final.pt").exists()
+
+    summary_b, lines = _train(b, *DETERMINISTIC)  # trainer.resume=auto
+    assert any(line.startswith("resumed from") for line in lines), lines
+    assert summary_b["status"] == "completed" and summary_b["epochs"] == 4
+
+    final_a, final_b = _load(a / "checkpoints" / "final.pt"), _load(b / "checkpoints" / "final.pt")
+    assert final_a["model"].keys() == final_b["model"].keys()
+    for name, tensor in final_a["model"].items():
+        other = final_b["model"][name]
+        assert torch.equal(tensor, other) or torch.allclose(tensor, other, rtol=0, atol=1e-6), name
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert [r["epoch"] for r in rows_b] == ["1", "2", "3", "4"]
+    for ra, rb in zip(rows_a, rows_b):
+        assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-6, abs=1e-7)
+        if ra["val_dice"] or rb["val_dice"]:  # validated epochs only (empty = not validated)
+            assert float(ra["val_dice"]) == pytest.approx(float(rb["val_dice"]), abs=1e-6)
+        assert ra["step"] == rb["step"] and ra["lr"] == rb["lr"]
+    assert summary_a["best_epoch"] == summary_b["best_epoch"]
+    assert summary_a["best_val_dice"] == pytest.approx(summary_b["best_val_dice"])
+
+
+def test_resume_auto_and_never(tmp_path):
+    short = ["+exp=smoke", "trainer.max_epochs=1", "data.samples_per_epoch=2", "trainer.hd95=false",
+             "trainer.num_threads=1"]
+    first, lines = _train(tmp_path, *short)
+    assert first["status"] == "completed"
+    assert any(line.startswith("epoch 1/1") for line in lines)
+
+    again, lines = _train(tmp_path, *short)  # auto: finds latest.pt at epoch 1, nothing left to do
+    assert any(line.startswith("resumed from") for line in lines)
+    assert not any(line.startswith("epoch 1/1") for line in lines)
+    assert again["status"] == "completed" and len(_rows(tmp_path)) == 1
+
+    fresh, lines = _train(tmp_path, *short, "trainer.resume=never")  # starts over
+    assert not any(line.startswith("resumed from") for line in lines)
+    assert any(line.startswith("epoch 1/1") for line in lines)
+    assert fresh["status"] == "completed" and len(_rows(tmp_path)) == 1
+
+    ckpt = _load(tmp_path / "checkpoints" / "latest.pt")  # weights_only=True: plain data only
+    assert {"model", "optimizer", "epoch"} <= set(ckpt)
+    assert ckpt["epoch"] == 1
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
+
+
+def test_rng_state_round_trip(tmp_path):
+    np.random.seed(0)
+    np.random.random(5)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
+    save_checkpoint(tmp_path / "rng.pt", {"model": {}, "rng": _rng_state()})
+    state = _load(tmp_path / "rng.pt")["rng"]
+    first = (np.random.random(3).tolist(), np.random.standard_normal(), random.random(), torch.rand(2))
+    _set_rng_state(state)
+    again = (np.random.random(3).tolist(), np.random.standard_normal(), random.random(), torch.rand(2))
+    assert first[:3] == again[:3]
+    assert torch.equal(first[3], again[3])
