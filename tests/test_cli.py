@@ -222,3 +222,24 @@ def test_multirun_sweep(tmp_path, trained_run):
         assert (run_dir / "checkpoints" / "final.pt").is_file()
         lrs.append(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["optim"]["lr"])
     assert lrs == [1e-3, 3e-3]
+
+
+def test_brats_regions_train_and_predict(tmp_path, trained_run):
+    """The BraTS recipe, shrunk: sigmoid WT/TC/ET regions, DataLoader workers, regions painted back."""
+    run_dir = tmp_path / "brats"
+    lampseg("train", "+exp=brats", "model=unet_small", "model.channels=[8,16,32]", "model.strides=[2,2]",
+            "data.synthetic.cases=6", "data.synthetic.shape=[32,32,32]", "data.patch_size=[32,32,32]",
+            "data.samples_per_epoch=4", "data.num_workers=1", "data.folds=3", "trainer.max_epochs=2",
+            "trainer.val_every=1", "trainer.num_threads=1", f"run_dir={run_dir}")
+    assert load_check_run_dir().check(run_dir) == []
+    summary = _summary(run_dir)
+    assert list(summary["val_dice"]) == ["WT", "TC", "ET"]
+    columns, rows = _metrics(run_dir)
+    assert {"val_dice_WT", "val_dice_TC", "val_dice_ET"} <= set(columns) and len(rows) == 2
+    root = Path(summary["dataset"])
+    image = sorted((root / "imagesTr").glob("*.nii.gz"))[0]
+    lampseg("predict", f"ckpt={run_dir / 'checkpoints' / 'final.pt'}", f"input={image}",
+            f"output={tmp_path / 'pred'}", f"run_dir={tmp_path / 'pred_run'}")
+    seg = nib.load(tmp_path / "pred" / image.name)
+    assert seg.shape == nib.load(image).shape[:3]
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}

@@ -9,14 +9,15 @@ import pytest
 import torch
 from conftest import compose
 
+import lampseg.io
 from lampseg.config import ConfigError, validate
 from lampseg.data.sampling import PatchDataset, build_augment, read_block, whole_volume_shape
 from lampseg.data.splits import kfold_splits
-from lampseg.engine import checkpoint
-from lampseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from lampseg.engine.inference import infer, pad_to_multiple
 from lampseg.engine.metrics import dice_hd95
 from lampseg.engine.optim import build_scheduler, lr_factor
+from lampseg.io import atomic_write_text
 from lampseg.model.losses import Targets
 
 BRATS_LABELS = {0: "background", 1: "edema", 2: "non-enhancing tumour", 3: "enhancing tumour"}
@@ -304,7 +305,7 @@ def test_failed_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    monkeypatch.setattr(lampseg.io.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "epoch": 2})
     with pytest.raises(OSError, match="disk full"):

@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lampseg.data.msd import DataError, MSDDataset, read_case
+from lampseg.io import atomic_write, fsync_dir
 
 CACHE_VERSION = 1
 MAX_FG_PER_LABEL = 10000
@@ -161,39 +160,12 @@ def restore_array(seg: np.ndarray, meta: dict) -> np.ndarray:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames inside ``directory`` durable (best effort; not supported on every platform)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _save_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
 
 
 def foreground_coords(label: np.ndarray, name: str, max_per_label: int = MAX_FG_PER_LABEL) -> np.ndarray:
@@ -347,7 +319,7 @@ def build_cache(
         "labels": {str(k): v for k, v in dataset.labels.items()},
         "config": dataclasses.asdict(cfg),
     }
-    _fsync_dir(directory)  # case files durable before the marker that vouches for them
+    fsync_dir(directory)  # case files durable before the marker that vouches for them
     _save_json(directory / "done.json", done)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return PreprocessedDataset(directory)

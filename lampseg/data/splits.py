@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lampseg.engine.checkpoint import atomic_write_text
+from lampseg.io import atomic_write_text
 
 
 def kfold_splits(cases: list[str], folds: int, seed: int = 12345) -> list[dict[str, list[str]]]:

@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from lampseg.config import Config, ConfigError
 from lampseg.data.cache import preprocess_array, restore_array
 from lampseg.data.msd import read_image
-from lampseg.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.inference import infer
 from lampseg.engine.logs import write_json
 from lampseg.engine.metrics import dice_hd95, summarize
+from lampseg.io import atomic_write_bytes
 from lampseg.model.losses import Targets
 from lampseg.model.unet import build_model, size_divisor
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lampseg.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from lampseg.io import atomic_write_bytes, atomic_write_text
 
 BASE_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "lr", "epoch_s", "samples_per_s", "data_wait_frac"]
 

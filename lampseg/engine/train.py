@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 
 from lampseg.config import to_container, validate
 from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
-from lampseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
 from lampseg.engine.optim import build_optimizer, build_scheduler
+from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 
