@@ -212,6 +212,17 @@ def test_train_modality_subset(tmp_path, trained_run):
     assert first_conv.shape[1] == 2  # two input channels
 
 
+def test_train_whole_volume(tmp_path, trained_run):
+    """data.patch_size=whole: every case centred and padded to one shape divisible by the strides."""
+    run_dir = tmp_path / "run"
+    lampseg("train", *SMOKE_FAST, "data.patch_size=whole", "inference=sliding", f"run_dir={run_dir}")
+    assert _summary(run_dir)["status"] == "completed"
+    ckpt = torch.load(run_dir / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
+    whole = ckpt["data"]["patch_size"]
+    assert all(s % 4 == 0 for s in whole)  # smoke model: strides [2, 2]
+    assert max(whole) <= 32 + 3  # cropped 32^3 volumes, rounded up to a multiple of 4
+
+
 def test_multirun_sweep(tmp_path, trained_run):
     sweep = tmp_path / "sweep"
     lampseg("train", "-m", *SMOKE_FAST, "optim.lr=1e-3,3e-3", f"run_dir={sweep}")
