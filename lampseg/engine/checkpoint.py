@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lampseg.io import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported for callers
+from lampseg.io import atomic_write_bytes
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

@@ -1,0 +1,56 @@
+"""Tests for ``python -m lampseg bench`` (lampseg.bench): output files and their consistency, no timings."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _lampseg(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LAMPSEG_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "lampseg", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bench_overhead_writes_consistent_json_and_png(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _lampseg(["bench", "overhead", "+exp=smoke", "bench.steps=3", "bench.warmup=1", "bench.repeats=2",
+                     f"run_dir={run_dir}"], tmp_path / "home", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    json_path, png_path = run_dir / "bench_overhead.json", run_dir / "bench_overhead.png"
+    assert str(json_path) in proc.stdout and str(png_path) in proc.stdout
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(json_path.read_text())
+
+    assert result["benchmark"] == "overhead"
+    cfg = result["config"]
+    assert (cfg["steps"], cfg["warmup"], cfg["repeats"]) == (3, 1, 2)
+    assert cfg["patch_size"] == [32, 32, 32] and cfg["batch_size"] == 2 and cfg["model"] == "unet_small"
+    assert cfg["precision"] == "bf16" and cfg["device"] in ("cpu", "cuda", "cuda:0")
+    assert cfg["torch"] and cfg["monai"]
+    for name in ("lampseg", "plain"):
+        loop = result[name]
+        assert len(loop["step_s"]) == len(loop["data_wait_frac"]) == len(loop["loss"]) == 2
+        assert all(t > 0 for t in loop["step_s"])
+        assert loop["step_s_min"] <= loop["step_s_median"] <= loop["step_s_max"]
+        assert all(0 <= w < 1 for w in loop["data_wait_frac"])
+        assert loop["samples_per_s"] == pytest.approx(cfg["batch_size"] / loop["step_s_median"])
+    ratio = result["lampseg"]["step_s_median"] / result["plain"]["step_s_median"]
+    assert result["ratio"] == pytest.approx(ratio)
+    assert result["overhead"] == pytest.approx(ratio - 1)
+    assert result["data_wait_frac"] == result["lampseg"]["data_wait_frac_median"]
+    targets = result["targets"]
+    assert result["pass"] == {"overhead": result["overhead"] <= targets["overhead_max"],
+                              "data_wait": result["data_wait_frac"] <= targets["data_wait_frac_max"]}
+    # Same initial weights, same patches, same loss: the two loops do the same work.
+    assert result["lampseg"]["loss"] == pytest.approx(result["plain"]["loss"], rel=1e-2)
+
+
+def test_bench_unknown_name_lists_available(tmp_path: Path) -> None:
+    proc = _lampseg(["bench", "nosuch", f"run_dir={tmp_path / 'run'}"], tmp_path / "home", tmp_path)
+    assert proc.returncode == 2
+    assert "overhead" in proc.stderr and "nosuch" in proc.stderr
