@@ -168,7 +168,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
              "history": [], "train_time_s": 0.0, "train_samples": 0, "wall_s": 0.0}
     resume_from = _find_resume(cfg, run_dir)
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, device)
+        ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors; modules copy
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
