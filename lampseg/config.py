@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
@@ -189,7 +188,14 @@ class Config:
 
 def register_schema() -> None:
     """Register the schema so ``conf/config.yaml`` can list ``lampseg_schema`` first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="lampseg_schema", node=Config)
+
+
+def enum_value(value: Any) -> str:
+    """A config value as a plain string (enum members of the schema, or strings from plain dicts)."""
+    return str(getattr(value, "value", value))
 
 
 def _fail(key: str, expected: str, got: Any) -> None:

@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lampseg.config import ConfigError, validate
+from lampseg.config import ConfigError, enum_value, validate
 from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
 from lampseg.data.sampling import PatchDataset
 from lampseg.engine.inference import autocast
@@ -53,11 +53,6 @@ from lampseg.model.unet import build_model, count_parameters, size_divisor
 MAX_OVERHEAD = 0.05
 MAX_DATA_WAIT = 0.05
 WARMUP_EPOCH_OFFSET = 1000  # warm-up phases draw other patches than the timed phases (epochs 1..repeats)
-
-
-def _value(x: object) -> str:
-    """Enum config values as their string."""
-    return str(getattr(x, "value", x))
 
 
 def _dataset(cfg: DictConfig, bundle: DataBundle, steps: int) -> PatchDataset:
@@ -87,7 +82,7 @@ def _plain_loss(cfg: DictConfig, bundle: DataBundle) -> nn.Module:
     sigmoid = bundle.targets.region_based
     common = dict(sigmoid=sigmoid, softmax=not sigmoid, to_onehot_y=not sigmoid, smooth_nr=1e-5,
                   smooth_dr=1e-5)
-    if _value(cfg.optim.loss) == "dice_focal":
+    if enum_value(cfg.optim.loss) == "dice_focal":
         return DiceFocalLoss(lambda_focal=cfg.optim.focal_weight, **common)
     return DiceCELoss(**common)
 
@@ -105,7 +100,7 @@ def _plain_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn
     raw_labels = not targets.region_based and targets.label_values == tuple(range(len(targets.label_values)))
     channels_last = bool(cfg.trainer.channels_last)
     clip = cfg.optim.grad_clip
-    precision = _value(cfg.trainer.precision)
+    precision = enum_value(cfg.trainer.precision)
     dataset.set_epoch(epoch)
     loader = MonaiDataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True,
                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
@@ -231,13 +226,13 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     model_b = copy.deepcopy(model_a)
     opt_a, opt_b = build_optimizer(model_a, cfg.optim), build_optimizer(model_b, cfg.optim)
     loss_a, loss_b = build_loss(cfg.optim, bundle.targets), _plain_loss(cfg, bundle)
-    fp16 = _value(cfg.trainer.precision) == "fp16" and device.type == "cuda"
+    fp16 = enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda"
     scaler_a = make_grad_scaler(cfg, device)  # one for the whole run, as run() does
     scaler_b = torch.amp.GradScaler(device.type, enabled=fp16)  # disabled: every call is a pass-through
     timed, warm = _dataset(cfg, bundle, b.steps), _dataset(cfg, bundle, b.warmup) if b.warmup else None
     bs = cfg.data.batch_size
     log(f"bench overhead: {cfg.model.name} ({count_parameters(model_a):,} parameters), patch "
-        f"{bundle.patch_size}, batch {bs}, {_value(cfg.trainer.precision)}, device {device}, "
+        f"{bundle.patch_size}, batch {bs}, {enum_value(cfg.trainer.precision)}, device {device}, "
         f"{torch.get_num_threads()} threads, num_workers={cfg.data.num_workers}; {b.repeats} x (lampseg, "
         f"plain) x ({b.warmup} warm-up + {b.steps} timed steps)")
     rows: dict[str, list] = {"lampseg": [], "plain": []}
@@ -270,7 +265,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         "pass": {"overhead": overhead <= MAX_OVERHEAD, "data_wait": wait <= MAX_DATA_WAIT},
         "lampseg": lamp,
         "plain": plain,
-        "config": {"device": str(device), "precision": _value(cfg.trainer.precision),
+        "config": {"device": str(device), "precision": enum_value(cfg.trainer.precision),
                    "model": cfg.model.name, "params": count_parameters(model_a),
                    "patch_size": list(bundle.patch_size), "batch_size": bs,
                    "channels_last": bool(cfg.trainer.channels_last), "num_workers": cfg.data.num_workers,

@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from lampseg.config import enum_value
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast context for ``trainer.precision`` (fp32: no autocast; fp16 only on CUDA)."""
-    precision = str(getattr(precision, "value", precision))
+    precision = enum_value(precision)
     if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=_DTYPES[precision])
@@ -36,10 +38,10 @@ def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[
 
 
 def _forward(model: nn.Module, x: torch.Tensor, inf_cfg, roi_size: list[int], divisor: int) -> torch.Tensor:
-    if str(getattr(inf_cfg.mode, "value", inf_cfg.mode)) == "whole":
+    if enum_value(inf_cfg.mode) == "whole":
         padded, crop = pad_to_multiple(x, divisor)
         return model(padded)[crop].float()
-    blend = str(getattr(inf_cfg.blend, "value", inf_cfg.blend))
+    blend = enum_value(inf_cfg.blend)
     return sliding_window_inference(x, roi_size=roi_size, sw_batch_size=inf_cfg.sw_batch_size,
                                     predictor=lambda t: model(t).float(), overlap=inf_cfg.overlap,
                                     mode=blend, padding_mode="constant", cval=0.0).float()

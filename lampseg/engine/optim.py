@@ -6,10 +6,12 @@ import math
 import torch
 from torch import nn
 
+from lampseg.config import enum_value
+
 
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     """AdamW or SGD with Nesterov momentum, from the ``optim`` config."""
-    name = str(getattr(optim_cfg.name, "value", optim_cfg.name))
+    name = enum_value(optim_cfg.name)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
@@ -30,7 +32,7 @@ def lr_factor(epoch: int, max_epochs: int, schedule: str, warmup: int = 0, power
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_epochs: int):
     """A ``LambdaLR`` stepped once per epoch."""
-    schedule = str(getattr(optim_cfg.schedule, "value", optim_cfg.schedule))
+    schedule = enum_value(optim_cfg.schedule)
     warmup, power = optim_cfg.warmup_epochs, optim_cfg.poly_power
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, max_epochs, schedule, warmup, power))

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from lampseg.config import to_container, validate
+from lampseg.config import enum_value, to_container, validate
 from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
 from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
@@ -98,7 +98,7 @@ class _Progress:
 
 def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 on CUDA (bf16 and fp32 need none; a disabled scaler is a no-op)."""
-    fp16 = str(getattr(cfg.trainer.precision, "value", cfg.trainer.precision)) == "fp16"
+    fp16 = enum_value(cfg.trainer.precision) == "fp16"
     return torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
 
 

@@ -12,6 +12,8 @@ import torch
 from monai.losses import DiceCELoss, DiceFocalLoss
 from torch import nn
 
+from lampseg.config import enum_value
+
 
 @dataclass(frozen=True)
 class Targets:
@@ -115,7 +117,7 @@ def build_loss(optim_cfg, targets: Targets) -> nn.Module:
     sigmoid = targets.region_based
     common = dict(sigmoid=sigmoid, softmax=not sigmoid, to_onehot_y=not sigmoid,
                   smooth_nr=1e-5, smooth_dr=1e-5)
-    name = str(getattr(optim_cfg.loss, "value", optim_cfg.loss))
+    name = enum_value(optim_cfg.loss)
     if name == "dice_focal":
         return DiceFocalLoss(lambda_focal=optim_cfg.focal_weight, **common)
     return DiceCELoss(**common)

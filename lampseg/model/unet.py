@@ -6,6 +6,8 @@ import math
 from monai.networks.nets import UNet
 from torch import nn
 
+from lampseg.config import enum_value
+
 
 def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
     """Build a MONAI 3D U-Net.
@@ -18,7 +20,7 @@ def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
     Returns:
         The ``monai.networks.nets.UNet``.
     """
-    norm = str(getattr(model_cfg.norm, "value", model_cfg.norm))
+    norm = enum_value(model_cfg.norm)
     if norm == "group":
         # Group norm with at most 8 groups that divide the narrowest level.
         groups = math.gcd(8, min(model_cfg.channels))
