@@ -154,6 +154,7 @@ def test_predict_original_space(tmp_path, trained_run):
     test_images = [root / p for p in meta["test"]]
     for p in test_images:
         shutil.copy(p, inputs)
+    (inputs / f"._{train_image.name}").write_bytes(b"\0" * 4096)  # macOS resource fork, as in MSD tars
     out = tmp_path / "preds"
     lampseg("predict", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"input={inputs}", f"output={out}",
             f"run_dir={tmp_path / 'run'}")
@@ -165,6 +166,7 @@ def test_predict_original_space(tmp_path, trained_run):
         seg = np.asarray(pred.dataobj)
         assert seg.dtype == np.uint8
         assert set(np.unique(seg).tolist()) <= allowed
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in [train_image, *test_images])
     # Two epochs only: require that the prediction finds the tumour, not that it delineates it well.
     label = np.asarray(nib.load(root / "labelsTr" / f"{train_case}.nii.gz").dataobj)
     seg = np.asarray(nib.load(out / train_image.name).dataobj)

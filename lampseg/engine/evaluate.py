@@ -120,7 +120,9 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
 
 def _nifti_inputs(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        # Hidden files are skipped: MSD's archives carry macOS "._BRATS_001.nii.gz" resource forks.
+        files = sorted(p for p in path.iterdir()
+                       if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
         if not files:
             raise ConfigError(f"config key 'input': no .nii/.nii.gz files in {path}")
         return files
