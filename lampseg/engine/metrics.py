@@ -1,4 +1,8 @@
-"""Dice and HD95 per region/label (MONAI metrics) with explicit conventions for empty masks."""
+"""Dice and HD95 per region/label with explicit conventions for empty masks.
+
+Dice is counted directly on the device (MONAI's ``compute_dice`` spent ~0.5 s per BraTS-size channel in
+``masked_select`` on CPU); HD95 is MONAI's ``compute_hausdorff_distance``.
+"""
 from __future__ import annotations
 
 import math
@@ -6,7 +10,7 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance
 
 
 def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing, with_hd95: bool = True
@@ -25,20 +29,25 @@ def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing, with_hd95: bool 
     Returns:
         (dice per channel, hd95 per channel).
     """
-    p, t = pred[None].float().cpu(), truth[None].float().cpu()
-    dice = compute_dice(p, t, include_background=True, ignore_empty=False)[0].tolist()
+    p, t = pred.bool().flatten(1), truth.bool().flatten(1)
+    overlap, total = (p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()
+    dice = torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).tolist()
     hd = [math.nan] * len(dice)
-    if with_hd95:
-        for c in range(len(dice)):
-            p_any, t_any = bool(p[0, c].any()), bool(t[0, c].any())
-            if not p_any and not t_any:
-                hd[c] = 0.0
-            elif p_any and t_any:
-                with warnings.catch_warnings():  # MONAI 1.5+ deprecation noise from its own internals
-                    warnings.simplefilter("ignore", FutureWarning)
-                    hd[c] = float(compute_hausdorff_distance(
-                        p[:, c:c + 1], t[:, c:c + 1], include_background=True, percentile=95,
-                        spacing=[float(s) for s in spacing]))
+    for c in range(len(dice) if with_hd95 else 0):
+        p_any, t_any = bool(pred[c].any()), bool(truth[c].any())
+        if not p_any and not t_any:
+            hd[c] = 0.0
+        elif p_any and t_any:
+            # Crop to both masks' bounding box plus a 1-voxel border (as MONAI's get_mask_edges does) before
+            # the float copies, so whole-volume channels cost what the structures' size costs.
+            points = (pred[c] | truth[c]).nonzero()
+            box = tuple(slice(max(int(lo) - 1, 0), int(hi) + 2)
+                        for lo, hi in zip(points.min(0).values, points.max(0).values))
+            p_c, t_c = (m[c][box][None, None].float().cpu() for m in (pred, truth))
+            with warnings.catch_warnings():  # MONAI 1.5+ deprecation noise from its own internals
+                warnings.simplefilter("ignore", FutureWarning)
+                hd[c] = float(compute_hausdorff_distance(p_c, t_c, include_background=True, percentile=95,
+                                                         spacing=[float(s) for s in spacing]))
     return [float(d) for d in dice], hd
 
 
