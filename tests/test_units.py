@@ -386,3 +386,18 @@ def test_dice_hd95_match_monai_on_random_masks():
                                         percentile=95, spacing=list(spacing))[0]
     assert dice == pytest.approx(ref_dice.tolist(), abs=1e-6)
     assert hd == pytest.approx(ref_hd.tolist(), abs=1e-5)
+
+
+def test_progress_bar_on_request_and_silent_otherwise(capsys):
+    from lampseg.engine.train import _Progress
+
+    bar = _Progress("bar", total=3, epoch=7)
+    for loss in (0.5, 0.4, 0.3):
+        bar.update(loss)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "epoch 7" in err and "3/3" in err and "loss=0.3000" in err
+    quiet = _Progress("auto", total=3, epoch=1)  # pytest's stderr is not a terminal: no bar
+    quiet.update(0.1)
+    quiet.close()
+    assert quiet.bar is None and capsys.readouterr().err == ""
