@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lampseg.config import ConfigError, register_schema
     from lampseg.data.msd import DataError
+    from lampseg.engine.checkpoint import CheckpointError
 
     register_schema()
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     def app(cfg) -> None:
         try:
             _dispatch(subcommand, cfg)
-        except (ConfigError, DataError, FileNotFoundError) as e:
+        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
             if cfg.debug:
                 raise
             kind = "config error" if isinstance(e, ConfigError) else "error"

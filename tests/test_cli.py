@@ -256,3 +256,13 @@ def test_brats_regions_train_and_predict(tmp_path, trained_run):
     seg = nib.load(tmp_path / "pred" / image.name)
     assert seg.shape == nib.load(image).shape[:3]
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = lampseg("evaluate", f"ckpt={bad}", f"run_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1
+    assert str(bad) in proc.stderr and "weights_only=True" in proc.stderr and "Traceback" not in proc.stderr
+    proc = lampseg("train", f"data.root={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run2'}", check=False)
+    assert proc.returncode == 1 and "dataset.json" in proc.stderr and "Traceback" not in proc.stderr

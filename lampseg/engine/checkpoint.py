@@ -9,6 +9,10 @@ import torch
 from lampseg.io import atomic_write_bytes
 
 
+class CheckpointError(ValueError):
+    """A file is not a loadable lampseg checkpoint; the message names it."""
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Serialise ``state`` (tensors, numbers, strings, lists, dicts only) atomically."""
     buffer = io.BytesIO()
@@ -21,7 +25,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: naming the path when it does not exist.
-        ValueError: naming the path when it is not a lampseg checkpoint.
+        CheckpointError: naming the path when it is not a lampseg checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -29,7 +33,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e})") from e
+        # torch's own message suggests weights_only=False, which lampseg never does: keep only its type.
+        raise CheckpointError(f"checkpoint {path} could not be loaded with torch.load(weights_only=True) "
+                              f"({type(e).__name__}): truncated, corrupt or not a lampseg checkpoint") from e
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"checkpoint {path} is not a lampseg checkpoint (expected a dict with 'model')")
+        raise CheckpointError(f"checkpoint {path} is not a lampseg checkpoint (expected a dict with 'model')")
     return state
