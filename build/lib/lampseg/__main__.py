@@ -1,0 +1,127 @@
+"""Command line: ``python -m lampseg <subcommand> [hydra overrides]``.
+
+    python -m lampseg train                                   # synthetic data, minutes on a CPU
+    python -m lampseg train +exp=brats data.root=/data/Task01_BrainTumour
+    python -m lampseg train -m optim.lr=1e-3,3e-4              # Hydra multirun sweep
+    python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt
+    python -m lampseg predict ckpt=RUN/checkpoints/best.pt input=DIR_OR_FILE output=DIR
+    python -m lampseg synth out=PATH data.synthetic.cases=10
+    python -m lampseg bench overhead
+"""
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+SUBCOMMANDS = {
+    "train": "train a model (writes metrics.csv, summary.json, checkpoints/, progress.png, tb/)",
+    "evaluate": "Dice/HD95 of a checkpoint on a data split -> eval.json (ckpt=PATH [split=val|train|all])",
+    "predict": "segment NIfTI images in their original space (ckpt=PATH input=FILE_OR_DIR output=DIR)",
+    "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
+    "bench": "benchmarks: bench overhead (JSON + PNG under run_dir)",
+}
+USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
+
+
+def config_dir() -> str:
+    """The ``conf/`` folder: the installed ``lampseg.conf`` package (a mapping of the repo's ``conf/``), or
+    the checkout's ``conf/`` when lampseg runs from source without being installed."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "config.yaml").is_file():
+        return str(source)
+    return str(Path(str(resources.files("lampseg.conf"))).resolve())
+
+
+def _print_help() -> None:
+    print(USAGE + "\n\nsubcommands:")
+    for name, text in SUBCOMMANDS.items():
+        print(f"  {name:<9} {text}")
+    print("\nEvery subcommand takes run_dir=PATH. Config groups: data model optim trainer inference parallel "
+          "exp;\nsee `python -m lampseg train --help` and docs/.")
+
+
+def _dispatch(subcommand: str, cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from lampseg.config import validate
+
+    hydra_cfg = HydraConfig.get()
+    OmegaConf.update(cfg, "run_dir", hydra_cfg.runtime.output_dir, merge=False)
+    overrides = list(hydra_cfg.overrides.task)
+    validate(cfg)
+    if subcommand == "train":
+        from lampseg.engine.train import run
+
+        run(cfg)
+    elif subcommand == "evaluate":
+        from lampseg.engine.evaluate import run_evaluate
+
+        run_evaluate(cfg, overrides)
+    elif subcommand == "predict":
+        from lampseg.engine.evaluate import run_predict
+
+        run_predict(cfg, overrides)
+    elif subcommand == "synth":
+        print(f"synthetic dataset at {_synth_to(cfg)}")
+    elif subcommand == "bench":
+        from lampseg.bench import run_bench
+
+        run_bench(cfg)
+
+
+def _synth_to(cfg) -> Path:
+    """``synth``: write to ``out=PATH``, or the default location ``data.root=null`` trains on."""
+    from lampseg.data.pipeline import dataset_root
+    from lampseg.data.synth import generate_dataset
+
+    s = cfg.data.synthetic
+    if cfg.out is None:
+        return dataset_root(OmegaConf.merge(cfg.data, {"root": None}))
+    return generate_dataset(cfg.out, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: strip the subcommand, then let Hydra parse the overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _print_help()
+        sys.exit(0 if argv else 2)
+    subcommand = argv.pop(0)
+    if subcommand not in SUBCOMMANDS:
+        print(f"lampseg: unknown subcommand {subcommand!r}\n", file=sys.stderr)
+        _print_help()
+        sys.exit(2)
+    if subcommand == "bench":
+        if not argv or "=" in argv[0] or argv[0].startswith("-"):
+            print("usage: python -m lampseg bench NAME [overrides]; NAME: overhead", file=sys.stderr)
+            sys.exit(2)
+        argv = [f"bench.name={argv[0]}"] + argv[1:]
+
+    import hydra
+
+    from lampseg.config import ConfigError, register_schema
+    from lampseg.data.msd import DataError
+    from lampseg.engine.checkpoint import CheckpointError
+
+    register_schema()
+
+    @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+    def app(cfg) -> None:
+        try:
+            _dispatch(subcommand, cfg)
+        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+            if cfg.debug:
+                raise
+            kind = "config error" if isinstance(e, ConfigError) else "error"
+            print(f"lampseg {subcommand}: {kind}: {e}", file=sys.stderr)
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+    sys.argv = [f"lampseg-{subcommand}"] + argv
+    app()
+
+
+if __name__ == "__main__":
+    main()

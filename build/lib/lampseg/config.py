@@ -1,0 +1,290 @@
+"""Typed config schema (Hydra structured configs) and the semantic checks Hydra cannot do.
+
+The dataclasses here are registered in Hydra's ConfigStore as ``lampseg_schema``; ``conf/config.yaml``
+lists it first in its defaults, so every YAML group file and every command-line override is type-checked
+against it (unknown keys, wrong types and bad enum values fail before any work starts).
+``validate(cfg)`` then checks what types cannot express (ranges, shapes, cross-field rules).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what was expected."""
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Norm(str, Enum):
+    instance = "instance"
+    batch = "batch"
+    group = "group"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    poly = "poly"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class LossName(str, Enum):
+    dice_ce = "dice_ce"
+    dice_focal = "dice_focal"
+
+
+class InferenceMode(str, Enum):
+    whole = "whole"
+    sliding = "sliding"
+
+
+class Blend(str, Enum):
+    gaussian = "gaussian"
+    constant = "constant"
+
+
+@dataclass
+class SynthConfig:
+    """The default synthetic dataset, generated on first use when ``data.root`` is null."""
+
+    cases: int = 24
+    shape: list[int] = field(default_factory=lambda: [64, 64, 48])
+    seed: int = 0
+    layout: str = "4d"
+
+
+@dataclass
+class AugmentConfig:
+    flip_prob: float = 0.5
+    intensity_prob: float = 0.15
+    rotate_prob: float = 0.0
+    rotate_degrees: float = 15.0
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+    cache_dir: str | None = None
+    patch_size: Any = field(default_factory=lambda: [64, 64, 48])
+    batch_size: int = 2
+    num_workers: int = 0
+    samples_per_epoch: int = 100
+    modalities: list[Any] | None = None
+    folds: int = 5
+    fold: int = 0
+    foreground_ratio: float = 0.33
+    target_spacing: list[float] | None = None
+    regions: dict[str, list[int]] | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet_small"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 1
+    kernel_size: int = 3
+    norm: Norm = Norm.instance
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    momentum: float = 0.99
+    nesterov: bool = True
+    schedule: Schedule = Schedule.cosine
+    poly_power: float = 0.9
+    warmup_epochs: int = 0
+    grad_clip: float | None = 12.0
+    loss: LossName = LossName.dice_ce
+    focal_weight: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    val_every: int = 2
+    resume: str = "auto"
+    precision: Precision = Precision.bf16
+    device: str = "auto"
+    channels_last: bool = True
+    deterministic: bool = False
+    num_threads: int | None = None
+    progress: str = "auto"
+    val_max_cases: int | None = None
+    hd95: bool = True
+    stop_after_epochs: int | None = None
+
+
+@dataclass
+class InferenceConfig:
+    mode: InferenceMode = InferenceMode.whole
+    patch_size: list[int] | None = None
+    overlap: float = 0.5
+    blend: Blend = Blend.gaussian
+    sw_batch_size: int = 2
+    tta: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    dp: int = 1
+    pp: int = 1
+    engine: str = "pipelining"
+    schedule: str = "gpipe"
+    microbatches: int = 1
+    memory_gb: float | None = None
+
+
+@dataclass
+class BenchConfig:
+    """``python -m lampseg bench NAME``: what to run and how long."""
+
+    name: str | None = None
+    steps: int = 50  # timed steps per phase (50 = one default synthetic epoch: 100 samples / batch 2)
+    warmup: int = 5  # untimed steps before each timed phase
+    repeats: int = 7  # interleaved rounds (A B A B ...); medians over these
+
+
+@dataclass
+class Config:
+    run_dir: str = "outputs/run"
+    seed: int = 0
+    debug: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    # Subcommand arguments (evaluate/predict/synth); ignored by train.
+    ckpt: str | None = None
+    input: str | None = None
+    output: str | None = None
+    out: str | None = None
+    split: str = "val"
+
+
+def register_schema() -> None:
+    """Register the schema so ``conf/config.yaml`` can list ``lampseg_schema`` first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="lampseg_schema", node=Config)
+
+
+def enum_value(value: Any) -> str:
+    """A config value as a plain string (enum members of the schema, or strings from plain dicts)."""
+    return str(getattr(value, "value", value))
+
+
+def _fail(key: str, expected: str, got: Any) -> None:
+    raise ConfigError(f"config key '{key}': expected {expected}, got {got!r}")
+
+
+def _positive_ints(key: str, value: Any, length: int | None = None) -> list[int]:
+    items = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    if items is None or not items or not all(isinstance(v, int) and v > 0 for v in items):
+        _fail(key, "a list of positive integers", value)
+    if length is not None and len(items) != length:
+        _fail(key, f"{length} entries", value)
+    return items
+
+
+def patch_size_of(cfg: DictConfig) -> list[int] | None:
+    """``data.patch_size`` as three ints, or None for whole-volume training."""
+    value = cfg.data.patch_size
+    if isinstance(value, str):
+        if value != "whole":
+            _fail("data.patch_size", "a list of 3 positive integers or 'whole'", value)
+        return None
+    return _positive_ints("data.patch_size", value, 3)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges and cross-field rules that the typed schema cannot express.
+
+    Args:
+        cfg: the composed config.
+
+    Raises:
+        ConfigError: naming the first offending key.
+    """
+    d, m, o, t, i, p = cfg.data, cfg.model, cfg.optim, cfg.trainer, cfg.inference, cfg.parallel
+    patch = patch_size_of(cfg)
+    for key, value, lo in [("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
+                           ("data.samples_per_epoch", d.samples_per_epoch, 1), ("data.folds", d.folds, 2),
+                           ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
+                           ("data.synthetic.cases", d.synthetic.cases, 2), ("inference.sw_batch_size",
+                           i.sw_batch_size, 1), ("parallel.dp", p.dp, 1), ("parallel.pp", p.pp, 1),
+                           ("parallel.microbatches", p.microbatches, 1)]:
+        if value < lo:
+            _fail(key, f"an integer >= {lo}", value)
+    if not 0 <= d.fold < d.folds:
+        _fail("data.fold", f"0 <= fold < data.folds ({d.folds})", d.fold)
+    if not 0.0 <= d.foreground_ratio <= 1.0:
+        _fail("data.foreground_ratio", "a number in [0, 1]", d.foreground_ratio)
+    _positive_ints("data.synthetic.shape", d.synthetic.shape, 3)
+    if d.synthetic.layout not in ("4d", "3d"):
+        _fail("data.synthetic.layout", "'4d' or '3d'", d.synthetic.layout)
+    if d.target_spacing is not None and (len(d.target_spacing) != 3 or min(d.target_spacing) <= 0):
+        _fail("data.target_spacing", "3 positive numbers or null", list(d.target_spacing))
+    if d.regions is not None:
+        if not d.regions:
+            _fail("data.regions", "a non-empty mapping name -> label values, or null", dict(d.regions))
+        for name, labels in d.regions.items():
+            _positive_ints(f"data.regions.{name}", labels)
+    channels = _positive_ints("model.channels", m.channels)
+    strides = _positive_ints("model.strides", m.strides)
+    if len(strides) != len(channels) - 1:
+        _fail("model.strides", f"len(model.channels) - 1 = {len(channels) - 1} entries", list(strides))
+    divisor = math.prod(strides)
+    if patch is not None and any(v % divisor for v in patch):
+        _fail("data.patch_size", f"multiples of {divisor} (the product of model.strides)", list(patch))
+    if not 0.0 <= m.dropout < 1.0:
+        _fail("model.dropout", "a number in [0, 1)", m.dropout)
+    if o.lr <= 0:
+        _fail("optim.lr", "a positive number", o.lr)
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        _fail("optim.grad_clip", "a positive number or null", o.grad_clip)
+    if not 0 <= o.warmup_epochs <= t.max_epochs:
+        _fail("optim.warmup_epochs", f"0 to trainer.max_epochs ({t.max_epochs})", o.warmup_epochs)
+    if t.resume not in ("auto", "never") and not str(t.resume).endswith(".pt"):
+        _fail("trainer.resume", "'auto', 'never' or a path to a .pt checkpoint", t.resume)
+    if t.progress not in ("auto", "bar", "line", "none"):
+        _fail("trainer.progress", "one of auto|bar|line|none", t.progress)
+    if t.device not in ("auto", "cpu") and not str(t.device).startswith("cuda"):
+        _fail("trainer.device", "'auto', 'cpu' or 'cuda[:N]'", t.device)
+    if not 0.0 <= i.overlap < 1.0:
+        _fail("inference.overlap", "a number in [0, 1)", i.overlap)
+    if i.patch_size is not None:
+        _positive_ints("inference.patch_size", i.patch_size, 3)
+    if cfg.split not in ("val", "train", "all"):
+        _fail("split", "one of val|train|all", cfg.split)
+    if p.name == "single" and p.dp * p.pp != 1:
+        _fail("parallel.dp * parallel.pp", "1 with parallel=single (the only strategy so far)", p.dp * p.pp)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain resolved dict (enums as strings), for JSON, checkpoints and hashing."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,0 +1,315 @@
+"""Read and validate Medical Segmentation Decathlon (MSD) format datasets.
+
+An MSD dataset is a directory holding ``dataset.json`` (modalities, label names, training and test
+file lists, paths relative to the directory) plus the listed NIfTI files. Images are 4D
+``(X, Y, Z, C)`` or 3D ``(X, Y, Z)`` when there is a single modality; labels are 3D integer volumes.
+Every name (dataset, modalities, labels, files) comes from ``dataset.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+AFFINE_TOLERANCE = 1e-3
+MAX_LABEL = 255  # labels are stored as uint8
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image (and, for training cases, its label).
+
+    Attributes:
+        name: File stem without ``.nii.gz``/``.nii``, e.g. ``"BRATS_001"``.
+        image: Absolute path of the image file.
+        label: Absolute path of the label file, or None for test images.
+    """
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class MSDDataset:
+    """A parsed and validated MSD dataset.
+
+    Attributes:
+        root: Dataset directory (the one holding ``dataset.json``).
+        name: ``dataset.json`` ``"name"``, or the directory name when absent.
+        modalities: Modality names ordered by their integer keys (= channel index).
+        labels: Label value -> name, ordered by value; includes 0 (background).
+        cases: Training cases (with labels).
+        test: Test images (``label`` is None).
+    """
+
+    root: Path
+    name: str
+    modalities: list[str]
+    labels: dict[int, str]
+    cases: list[Case]
+    test: list[Case]
+
+    def modality_indices(self, selection: list[str | int] | None) -> list[int]:
+        """Resolve modality names (case-insensitive) or channel indices to channel indices.
+
+        Args:
+            selection: Names and/or indices; None selects all modalities in order.
+
+        Returns:
+            Channel indices in the order given.
+
+        Raises:
+            DataError: Unknown or ambiguous name, out-of-range index, duplicate or empty selection;
+                the message lists the available modalities.
+        """
+        if selection is None:
+            return list(range(len(self.modalities)))
+        available = ", ".join(f"{i}={m!r}" for i, m in enumerate(self.modalities))
+        lower = [m.lower() for m in self.modalities]
+        out: list[int] = []
+        for item in selection:
+            if isinstance(item, str) and lower.count(item.lower()) == 1:
+                index = lower.index(item.lower())
+            elif isinstance(item, str) and lower.count(item.lower()) > 1:
+                raise DataError(f"{self.root / 'dataset.json'}: modality name {item!r} is ambiguous; "
+                                f"available modalities: {available}")
+            elif (isinstance(item, (int, np.integer)) and not isinstance(item, bool)) or (
+                isinstance(item, str) and item.strip().isdigit()
+            ):
+                index = int(item)
+                if not 0 <= index < len(self.modalities):
+                    raise DataError(f"{self.root / 'dataset.json'}: modality index {index} out of range; "
+                                    f"available modalities: {available}")
+            else:
+                raise DataError(f"{self.root / 'dataset.json'}: unknown modality {item!r}; "
+                                f"available modalities: {available}")
+            if index in out:
+                raise DataError(f"modality {item!r} selected twice; available modalities: {available}")
+            out.append(index)
+        if not out:
+            raise DataError(f"empty modality selection; available modalities: {available}")
+        return out
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _int_keyed(value: Any, field: str, where: Path) -> dict[int, str]:
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{where}: {field!r} must be a non-empty object {{'0': name, ...}}, got {value!r}")
+    out: dict[int, str] = {}
+    for key, name in value.items():
+        try:
+            index = int(str(key).strip())
+        except ValueError:
+            raise DataError(f"{where}: {field!r} key {key!r} is not an integer") from None
+        if index in out:
+            raise DataError(f"{where}: {field!r} key {index} appears twice")
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where}: {field!r}[{key!r}] must be a non-empty string, got {name!r}")
+        out[index] = name
+    return dict(sorted(out.items()))
+
+
+def _resolve(root: Path, rel: Any, where: Path, what: str) -> Path:
+    if not isinstance(rel, str) or not rel.strip():
+        raise DataError(f"{where}: {what} path must be a non-empty string, got {rel!r}")
+    path = root / rel.strip()  # not resolve(): a symlinked file keeps its listed name
+    if not path.is_file():
+        raise DataError(f"{where}: listed {what} file {path} does not exist")
+    return path
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DataError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def load_dataset(root: str | Path) -> MSDDataset:
+    """Parse and validate ``root/dataset.json`` and check that every listed file exists.
+
+    Args:
+        root: Dataset directory.
+
+    Returns:
+        The parsed dataset (image data is not read).
+
+    Raises:
+        DataError: Missing or malformed ``dataset.json`` (bad JSON, duplicate keys, non-integer label or
+            modality keys, non-contiguous modality keys, missing label 0, empty/duplicate training
+            entries) or a missing listed file; the message names ``dataset.json`` or the file.
+    """
+    root = Path(root).expanduser().resolve()
+    where = root / "dataset.json"
+    if not where.is_file():
+        raise DataError(f"{where}: dataset.json not found (expected an MSD dataset directory)")
+    try:
+        meta = json.loads(where.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: expected a JSON object at top level")
+    for key in ("modality", "labels", "training"):
+        if key not in meta:
+            raise DataError(f"{where}: missing required key {key!r}")
+    modality = _int_keyed(meta["modality"], "modality", where)
+    if list(modality) != list(range(len(modality))):
+        raise DataError(f"{where}: 'modality' keys must be 0..{len(modality) - 1}, got {list(modality)}")
+    labels = _int_keyed(meta["labels"], "labels", where)
+    if 0 not in labels:
+        raise DataError(f"{where}: 'labels' must declare 0 (background), got {list(labels)}")
+    if min(labels) < 0 or max(labels) > MAX_LABEL:
+        raise DataError(f"{where}: label values must be in 0..{MAX_LABEL}, got {list(labels)}")
+    training = meta["training"]
+    if not isinstance(training, list) or not training:
+        raise DataError(f"{where}: 'training' must be a non-empty list of {{'image', 'label'}} entries")
+    cases: list[Case] = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DataError(f"{where}: training[{i}] must be {{'image': ..., 'label': ...}}, got {entry!r}")
+        image = _resolve(root, entry["image"], where, "image")
+        cases.append(Case(_case_name(image), image, _resolve(root, entry["label"], where, "label")))
+    test: list[Case] = []
+    raw_test = meta.get("test") or []
+    if not isinstance(raw_test, list):
+        raise DataError(f"{where}: 'test' must be a list, got {type(raw_test).__name__}")
+    for i, entry in enumerate(raw_test):
+        if isinstance(entry, dict):
+            if "image" not in entry:
+                raise DataError(f"{where}: test[{i}] has no 'image' key: {entry!r}")
+            entry = entry["image"]
+        image = _resolve(root, entry, where, "test image")
+        test.append(Case(_case_name(image), image, None))
+    for group, what in ((cases, "training"), (test, "test")):
+        seen: set[str] = set()
+        for case in group:
+            if case.name in seen:
+                raise DataError(f"{where}: duplicate {what} case {case.name!r} ({case.image})")
+            seen.add(case.name)
+    name = meta.get("name")
+    name = name.strip() if isinstance(name, str) and name.strip() else root.name
+    return MSDDataset(root, name, list(modality.values()), labels, cases, test)
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(str(path))
+    except Exception as err:
+        raise DataError(f"{path}: cannot read NIfTI file ({type(err).__name__}: {err})") from err
+    if not isinstance(img, nib.Nifti1Image):
+        raise DataError(f"{path}: expected a NIfTI image, got {type(img).__name__}")
+    return img
+
+
+def _data(img: nib.Nifti1Image, path: Path, dtype: Any = None) -> np.ndarray:
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except Exception as err:  # truncated gzip, EOF, bad buffer size ...
+        raise DataError(f"{path}: cannot read voxel data, file corrupt or truncated "
+                        f"({type(err).__name__}: {err})") from err
+
+
+def read_image(path: Path, n_channels: int) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read an image as a float32 channel-first array.
+
+    Args:
+        path: NIfTI file, 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` (5D ``(X, Y, Z, 1, C)`` also accepted).
+        n_channels: Expected number of channels (modalities).
+
+    Returns:
+        ``(array, image)``: contiguous float32 array ``(C, X, Y, Z)`` and the nibabel image (affine, header).
+
+    Raises:
+        DataError: Unreadable, corrupt or truncated file, or wrong dimensionality / channel count.
+    """
+    path = Path(path)
+    img = _load(path)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 5 and shape[3] == 1:
+        shape = shape[:3] + shape[4:]
+    if len(shape) == 3:
+        channels = 1
+    elif len(shape) == 4:
+        channels = shape[3]
+    else:
+        raise DataError(f"{path}: expected a 3D (X,Y,Z) or 4D (X,Y,Z,C) image, got shape {img.shape}")
+    if channels != n_channels:
+        raise DataError(f"{path}: image shape {img.shape} has {channels} channel(s), expected {n_channels} "
+                        f"(one per modality in dataset.json)")
+    data = _data(img, path, np.float32).reshape(shape)
+    data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    return np.ascontiguousarray(data), img
+
+
+def read_case(
+    case: Case, dataset: MSDDataset
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[float, float, float]]:
+    """Read and validate one case.
+
+    Args:
+        case: The case (``case.label`` None for test images).
+        dataset: Its dataset (modality count and declared labels).
+
+    Returns:
+        ``(image, label, affine, spacing)``: float32 ``(C, X, Y, Z)``, uint8 ``(X, Y, Z)`` or None,
+        the image's 4x4 affine, and the voxel spacing from the header zooms.
+
+    Raises:
+        DataError: Unreadable files, NaN/Inf in the image, bad spacing, label/image shape or affine
+            mismatch, non-integer or undeclared label values.
+    """
+    image, img = read_image(case.image, len(dataset.modalities))
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise DataError(f"{case.image}: image contains {bad} NaN/Inf voxel(s)")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise DataError(f"{case.image}: invalid voxel spacing {spacing} in header (expected 3 positive)")
+    if case.label is None:
+        return image, None, affine, spacing  # type: ignore[return-value]
+    lbl = _load(case.label)
+    lshape = tuple(int(s) for s in lbl.shape)
+    if len(lshape) == 4 and lshape[3] == 1:
+        lshape = lshape[:3]
+    if lshape != image.shape[1:]:
+        raise DataError(f"{case.label}: label shape {lbl.shape} does not match image {case.image} "
+                        f"spatial shape {image.shape[1:]}")
+    if not np.allclose(lbl.affine, affine, rtol=0.0, atol=AFFINE_TOLERANCE):
+        raise DataError(f"{case.label}: label affine differs from image {case.image} affine "
+                        f"(tolerance {AFFINE_TOLERANCE})\nlabel:\n{lbl.affine}\nimage:\n{affine}")
+    raw = _data(lbl, case.label).reshape(lshape)
+    declared = sorted(dataset.labels)
+    if not np.issubdtype(raw.dtype, np.integer):
+        finite = np.isfinite(raw)
+        nonint = raw[~finite] if not finite.all() else raw[raw != np.round(raw)]
+        if nonint.size:
+            raise DataError(f"{case.label}: label values must be integers, found "
+                            f"{np.unique(nonint)[:10].tolist()} (declared labels {declared})")
+    values = np.unique(raw)
+    undeclared = [v for v in values.tolist() if int(v) not in dataset.labels]
+    if undeclared:
+        raise DataError(f"{case.label}: label values {undeclared} are not declared in dataset.json "
+                        f"labels {declared}")
+    return image, raw.astype(np.uint8), affine, spacing  # type: ignore[return-value]

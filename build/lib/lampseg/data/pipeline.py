@@ -1,0 +1,111 @@
+"""From a config to training data: dataset root (synthetic on first use), cache, targets, channels, splits."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lampseg.config import ConfigError, patch_size_of
+from lampseg.data.cache import PreprocessConfig, PreprocessedDataset, build_cache
+from lampseg.data.msd import DataError, MSDDataset, load_dataset
+from lampseg.data.sampling import PatchDataset, build_augment, whole_volume_shape
+from lampseg.data.splits import load_or_create_splits
+from lampseg.data.synth import generate_dataset
+from lampseg.model.losses import Targets
+
+
+def lampseg_home() -> Path:
+    """Where generated datasets and preprocessing caches live: ``$LAMPSEG_HOME`` or ``~/.cache/lampseg``."""
+    return Path(os.environ.get("LAMPSEG_HOME", Path.home() / ".cache" / "lampseg")).expanduser()
+
+
+def dataset_root(data_cfg, log=print) -> Path:
+    """``data.root``, or the default synthetic dataset (generated on first use)."""
+    if data_cfg.root is not None:
+        return Path(str(data_cfg.root)).expanduser()
+    s = data_cfg.synthetic
+    shape = "x".join(str(v) for v in s.shape)
+    root = lampseg_home() / "datasets" / f"synthetic-{s.layout}-{s.cases}c-{shape}-seed{s.seed}"
+    if not (root / "dataset.json").is_file():
+        log(f"generating the synthetic dataset ({s.cases} cases of {shape}) -> {root}")
+    return generate_dataset(root, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout)
+
+
+def preprocess_config(data_cfg) -> PreprocessConfig:
+    spacing = tuple(float(v) for v in data_cfg.target_spacing) if data_cfg.target_spacing else None
+    return PreprocessConfig(target_spacing=spacing)
+
+
+@dataclass
+class DataBundle:
+    """Everything the training loop needs to know about the data."""
+
+    dataset: MSDDataset
+    cache: PreprocessedDataset
+    targets: Targets
+    channels: list[int]
+    train_cases: list[str]
+    val_cases: list[str]
+    patch_size: list[int]
+    whole_volume: bool
+
+    @property
+    def modality_names(self) -> list[str]:
+        return [self.dataset.modalities[c] for c in self.channels]
+
+
+def resolve_channels(dataset: MSDDataset, data_cfg) -> list[int]:
+    """Channel indices for ``data.modalities`` (names or indices), with an error naming the key."""
+    selection = list(data_cfg.modalities) if data_cfg.modalities is not None else None
+    try:
+        return dataset.modality_indices(selection)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.modalities': {e}") from e
+
+
+def resolve_targets(dataset: MSDDataset, data_cfg) -> Targets:
+    try:
+        return Targets.from_config(dataset.labels, data_cfg.regions)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
+    """Resolve, validate and preprocess the dataset, then split it into the configured fold.
+
+    Args:
+        cfg: the full config.
+        run_dir: where ``splits.json`` goes.
+        divisor: spatial multiple the network needs (patches and whole volumes must be multiples).
+        log: where progress lines go.
+
+    Returns:
+        The data bundle for ``run``.
+    """
+    d = cfg.data
+    dataset = load_dataset(dataset_root(d, log))
+    channels = resolve_channels(dataset, d)
+    targets = resolve_targets(dataset, d)
+    cache_root = Path(d.cache_dir).expanduser() if d.cache_dir else lampseg_home() / "preprocessed"
+    cache = build_cache(dataset, cache_root, preprocess_config(d), log=log)
+    try:
+        splits = load_or_create_splits(run_dir, cache.cases, d.folds)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    fold = splits[d.fold]
+    patch = patch_size_of(cfg)
+    whole = patch is None
+    if whole:
+        patch = whole_volume_shape([cache.image(n).shape[-3:] for n in cache.cases], divisor)
+    elif any(p % divisor for p in patch):
+        raise ConfigError(f"config key 'data.patch_size': expected multiples of {divisor} (the product of "
+                          f"model.strides), got {list(patch)}")
+    return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole)
+
+
+def training_dataset(cfg, bundle: DataBundle) -> PatchDataset:
+    """The epoch-seeded patch dataset for the training fold."""
+    return PatchDataset(bundle.cache, bundle.train_cases, bundle.patch_size, bundle.channels,
+                        cfg.data.samples_per_epoch, cfg.data.foreground_ratio,
+                        build_augment(cfg.data.augment), seed=cfg.seed, whole_volume=bundle.whole_volume,
+                        flip_prob=cfg.data.augment.flip_prob)

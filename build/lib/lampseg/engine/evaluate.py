@@ -1,0 +1,180 @@
+"""Validation during training, ``evaluate`` (eval.json) and ``predict`` (NIfTI in the input's space).
+
+    python -m lampseg evaluate ckpt=outputs/run/checkpoints/best.pt inference.mode=sliding
+    python -m lampseg predict ckpt=outputs/run/checkpoints/best.pt input=imagesTs output=preds
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from lampseg.config import Config, ConfigError
+from lampseg.data.cache import preprocess_array, restore_array
+from lampseg.data.msd import read_image
+from lampseg.engine.checkpoint import load_checkpoint
+from lampseg.engine.inference import infer
+from lampseg.engine.logs import write_json
+from lampseg.engine.metrics import dice_hd95, summarize
+from lampseg.io import atomic_write_bytes
+from lampseg.model.losses import Targets
+from lampseg.model.unet import build_model, size_divisor
+
+
+def _roi_size(cfg, patch_size: list[int]) -> list[int]:
+    return list(cfg.inference.patch_size) if cfg.inference.patch_size is not None else list(patch_size)
+
+
+def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -> tuple[list[dict], dict]:
+    """Dice/HD95 per case (in preprocessed space, spacing from the cache metadata) and their means.
+
+    Args:
+        model: the network; put in eval mode here and left in eval mode.
+        bundle: the ``DataBundle`` (cache, targets, channels, patch size).
+        cases: case names to evaluate.
+        cfg: the config (``inference.*``, ``trainer.precision``, ``trainer.hd95``).
+        device: where to run.
+
+    Returns:
+        (per-case dicts with ``case``, ``dice``, ``hd95``, ``seconds``; means from ``metrics.summarize``).
+    """
+    model.eval()
+    names, per_case = bundle.targets.names, []
+    divisor = size_divisor(cfg.model)
+    for name in cases:
+        start = time.perf_counter()
+        image = torch.from_numpy(np.stack([bundle.cache.image(name)[c] for c in bundle.channels]))[None]
+        label = torch.from_numpy(np.array(bundle.cache.label(name)))[None, None]
+        logits = infer(model, image.to(device), cfg.inference, _roi_size(cfg, bundle.patch_size), divisor,
+                       cfg.trainer.precision)
+        pred = bundle.targets.masks_from_logits(logits)[0]
+        truth = bundle.targets.masks_from_labels(label.to(device))[0]
+        meta = bundle.cache.meta(name)
+        spacing = meta.get("target_spacing") or meta["spacing"]
+        dice, hd = dice_hd95(pred, truth, spacing, cfg.trainer.hd95)
+        per_case.append({"case": name, "dice": dict(zip(names, dice)), "hd95": dict(zip(names, hd)),
+                         "seconds": time.perf_counter() - start})
+    return per_case, summarize(per_case, names)
+
+
+def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
+    """The checkpoint's training config, with the keys overridden on the command line taken from ``cfg``.
+
+    Args:
+        ckpt: a loaded checkpoint (holds ``config``).
+        cfg: the config composed for this command.
+        overrides: the command-line overrides (``key=value`` or ``group=option``).
+    """
+    merged = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra") or key == "exp":
+            continue
+        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
+    for key in ("run_dir", "ckpt", "input", "output", "split"):
+        OmegaConf.update(merged, key, cfg[key], merge=False)
+    return merged
+
+
+def load_model(ckpt: dict, cfg, device: torch.device):
+    """Rebuild the network of a checkpoint and load its weights (eval mode)."""
+    info = ckpt["data"]
+    targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
+    model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), targets
+
+
+def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
+    """``evaluate ckpt=...``: metrics of a checkpoint on the validation fold (``split=val``), the training
+    fold (``split=train``) or all cases (``split=all``); writes ``eval.json`` in ``run_dir``."""
+    from lampseg.data.pipeline import prepare_data
+    from lampseg.engine.train import resolve_device
+
+    if cfg.ckpt is None:
+        raise ConfigError("config key 'ckpt': expected the path of a checkpoint (ckpt=PATH), got None")
+    ckpt = load_checkpoint(cfg.ckpt)
+    cfg = config_from_checkpoint(ckpt, cfg, overrides)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.trainer.device)
+    bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
+    model, _ = load_model(ckpt, cfg, device)
+    cases = {"val": bundle.val_cases, "train": bundle.train_cases,
+             "all": bundle.train_cases + bundle.val_cases}[cfg.split]
+    per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device)
+    result = {"ckpt": str(cfg.ckpt), "split": cfg.split, "inference": OmegaConf.to_container(
+        cfg.inference, enum_to_str=True), "mean": means, "seconds_per_case": float(np.mean(
+            [c["seconds"] for c in per_case])), "cases": per_case}
+    write_json(run_dir / "eval.json", result)
+    names = bundle.targets.names
+    log(f"evaluated {len(per_case)} cases: mean Dice {means['dice']:.4f} ("
+        + ", ".join(f"{n} {means[f'dice_{n}']:.4f}" for n in names)
+        + f"), {result['seconds_per_case']:.2f} s/case -> {run_dir / 'eval.json'}")
+    return result
+
+
+def _nifti_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        # Hidden files are skipped: MSD's archives carry macOS "._BRATS_001.nii.gz" resource forks.
+        files = sorted(p for p in path.iterdir()
+                       if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
+        if not files:
+            raise ConfigError(f"config key 'input': no .nii/.nii.gz files in {path}")
+        return files
+    if not path.is_file():
+        raise ConfigError(f"config key 'input': {path} does not exist")
+    return [path]
+
+
+def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
+    """``predict ckpt=... input=FILE_OR_DIR output=DIR``: label NIfTIs in each input's original space
+    (preprocessing undone, the input's affine and header kept)."""
+    from lampseg.data.pipeline import preprocess_config
+    from lampseg.engine.train import resolve_device
+
+    for key in ("ckpt", "input", "output"):
+        if cfg[key] is None:
+            raise ConfigError(f"config key '{key}': expected a path ({key}=PATH), got None")
+    ckpt = load_checkpoint(cfg.ckpt)
+    cfg = config_from_checkpoint(ckpt, cfg, overrides)
+    device = resolve_device(cfg.trainer.device)
+    model, targets = load_model(ckpt, cfg, device)
+    info, out_dir = ckpt["data"], Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in _nifti_inputs(Path(cfg.input)):
+        start = time.perf_counter()
+        image, img = read_image(path, len(info["modalities"]))
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        pre, _, meta = preprocess_array(image[info["channels"]], None, spacing, preprocess_config(cfg.data))
+        logits = infer(model, torch.from_numpy(pre)[None].to(device), cfg.inference,
+                       _roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision)
+        restored = restore_array(logits[0].cpu().numpy(), meta)
+        seg = targets.labels_from_logits(torch.from_numpy(restored)[None])[0].numpy().astype(np.uint8)
+        header = img.header.copy()
+        header.set_data_dtype(np.uint8)
+        if len(header.get_data_shape()) == 4:
+            header.set_data_shape(seg.shape)
+        out = nib.Nifti1Image(seg, img.affine, header)
+        target = out_dir / path.name
+        atomic_write_bytes(target, _nifti_bytes(out, target.name))
+        written.append(target)
+        log(f"{path.name}: {time.perf_counter() - start:.2f} s -> {target}")
+    return written
+
+
+def _nifti_bytes(image: nib.Nifti1Image, name: str) -> bytes:
+    """Serialise a NIfTI image (gzipped when ``name`` ends in .gz) so it can be written atomically."""
+    import gzip
+    import io
+
+    buffer = io.BytesIO()
+    file_map = nib.Nifti1Image.make_file_map({"image": buffer, "header": buffer})
+    image.to_file_map(file_map)
+    data = buffer.getvalue()
+    return gzip.compress(data, compresslevel=1) if name.endswith(".gz") else data

@@ -1,0 +1,113 @@
+"""Run-directory logs: ``metrics.csv``, ``summary.json``, ``progress.png`` and TensorBoard events."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from lampseg.io import atomic_write_bytes, atomic_write_text
+
+BASE_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "lr", "epoch_s", "samples_per_s", "data_wait_frac"]
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic JSON write; NaN/inf become null so the file is strict JSON."""
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class RunLogger:
+    """Writes one ``metrics.csv`` row per epoch (whole file rewritten atomically) and TensorBoard scalars.
+
+    Args:
+        run_dir: the run directory.
+        names: metric names (regions or labels) for the ``val_dice_<name>`` columns.
+        history: rows restored from a checkpoint when resuming.
+    """
+
+    def __init__(self, run_dir: Path, names: list[str], history: list[dict] | None = None):
+        self.run_dir = Path(run_dir)
+        self.columns = BASE_COLUMNS + [f"val_dice_{n}" for n in names] + [f"val_hd95_{n}" for n in names]
+        self.rows: list[dict] = list(history or [])
+        self._tb = None
+
+    @property
+    def tb(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+        return self._tb
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if value is not None and math.isfinite(value):
+            self.tb.add_scalar(tag, value, step)
+
+    def log_epoch(self, row: dict) -> None:
+        """Append a row, rewrite ``metrics.csv`` and ``progress.png``, and log the row to TensorBoard."""
+        self.rows.append(row)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                             for k, v in r.items()})
+        atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                self.scalar(f"epoch/{key}", float(value), row["step"])
+        self.tb.flush()
+        self.plot()
+
+    def plot(self) -> None:
+        """``progress.png``: training loss and validation Dice per epoch."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        epochs = [r["epoch"] for r in self.rows]
+        ax1.plot(epochs, [r["train_loss"] for r in self.rows], marker=".")
+        ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+        val = [r for r in self.rows if r.get("val_dice") is not None and not math.isnan(r["val_dice"])]
+        for column in [c for c in self.columns if c.startswith("val_dice")]:
+            ax2.plot([r["epoch"] for r in val], [r.get(column) for r in val], marker=".",
+                     label=column.removeprefix("val_dice_") if column != "val_dice" else "mean",
+                     linewidth=2.5 if column == "val_dice" else 1)
+        ax2.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
+        if val:
+            ax2.legend(fontsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        atomic_write_bytes(self.run_dir / "progress.png", buffer.getvalue())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,65 @@
+"""Dice and HD95 per region/label with explicit conventions for empty masks.
+
+Dice is counted directly on the device (MONAI's ``compute_dice`` spent ~0.5 s per BraTS-size channel in
+``masked_select`` on CPU); HD95 is MONAI's ``compute_hausdorff_distance``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+
+def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing, with_hd95: bool = True
+              ) -> tuple[list[float], list[float]]:
+    """Dice and 95th-percentile Hausdorff distance (mm) per channel for one case.
+
+    Conventions: Dice is 1.0 when prediction and truth are both empty and 0.0 when only one is.
+    HD95 is 0.0 when both are empty and NaN (left out of means) when only one is.
+
+    Args:
+        pred: boolean (N, X, Y, Z) predicted masks.
+        truth: boolean (N, X, Y, Z) reference masks.
+        spacing: voxel size in mm (3 numbers), from the NIfTI header.
+        with_hd95: compute HD95 (slower) or return NaNs.
+
+    Returns:
+        (dice per channel, hd95 per channel).
+    """
+    p, t = pred.bool().flatten(1), truth.bool().flatten(1)
+    overlap, total = (p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()
+    dice = torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).tolist()
+    hd = [math.nan] * len(dice)
+    for c in range(len(dice) if with_hd95 else 0):
+        p_any, t_any = bool(pred[c].any()), bool(truth[c].any())
+        if not p_any and not t_any:
+            hd[c] = 0.0
+        elif p_any and t_any:
+            # Crop to both masks' bounding box plus a 1-voxel border (as MONAI's get_mask_edges does) before
+            # the float copies, so whole-volume channels cost what the structures' size costs.
+            points = (pred[c] | truth[c]).nonzero()
+            box = tuple(slice(max(int(lo) - 1, 0), int(hi) + 2)
+                        for lo, hi in zip(points.min(0).values, points.max(0).values))
+            p_c, t_c = (m[c][box][None, None].float().cpu() for m in (pred, truth))
+            with warnings.catch_warnings():  # MONAI 1.5+ deprecation noise from its own internals
+                warnings.simplefilter("ignore", FutureWarning)
+                hd[c] = float(compute_hausdorff_distance(p_c, t_c, include_background=True, percentile=95,
+                                                         spacing=[float(s) for s in spacing]))
+    return [float(d) for d in dice], hd
+
+
+def nanmean(values) -> float:
+    """Mean ignoring NaN; NaN when nothing is left."""
+    arr = np.asarray(list(values), dtype=float)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else math.nan
+
+
+def summarize(per_case: list[dict], names: list[str]) -> dict:
+    """Mean Dice/HD95 per name over cases, plus the overall mean Dice (``dice``)."""
+    out = {f"dice_{n}": nanmean(c["dice"][n] for c in per_case) for n in names}
+    out.update({f"hd95_{n}": nanmean(c["hd95"][n] for c in per_case) for n in names})
+    out["dice"] = nanmean(out[f"dice_{n}"] for n in names)
+    return out

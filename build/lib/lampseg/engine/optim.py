@@ -1,0 +1,38 @@
+"""Optimisers (AdamW, SGD-Nesterov) and per-epoch LR schedules (poly, cosine, constant) with warm-up."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lampseg.config import enum_value
+
+
+def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """AdamW or SGD with Nesterov momentum, from the ``optim`` config."""
+    name = enum_value(optim_cfg.name)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                               nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+
+
+def lr_factor(epoch: int, max_epochs: int, schedule: str, warmup: int = 0, power: float = 0.9) -> float:
+    """LR multiplier at the start of ``epoch`` (0-based): linear warm-up, then poly/cosine/constant decay."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(max_epochs - warmup, 1)
+    if schedule == "poly":
+        return (1 - progress) ** power
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_epochs: int):
+    """A ``LambdaLR`` stepped once per epoch."""
+    schedule = enum_value(optim_cfg.schedule)
+    warmup, power = optim_cfg.warmup_epochs, optim_cfg.poly_power
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: lr_factor(epoch, max_epochs, schedule, warmup, power))

@@ -1,0 +1,269 @@
+"""The one training function, ``run(cfg, reporter)``, shared by the CLI, torchrun workers, Ray Tune trials
+and tests.
+
+    python -m lampseg train                       # synthetic BraTS-like data, a few minutes on a CPU
+    python -m lampseg train +exp=brats data.root=/data/Task01_BrainTumour
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from lampseg.config import enum_value, to_container, validate
+from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
+from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from lampseg.engine.evaluate import evaluate_cases
+from lampseg.engine.inference import autocast
+from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
+from lampseg.engine.optim import build_optimizer, build_scheduler
+from lampseg.io import atomic_write_text
+from lampseg.model.losses import build_loss
+from lampseg.model.unet import build_model, count_parameters, size_divisor
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _rng_state() -> dict:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": keys.tolist(),
+             "numpy_pos": [int(pos), int(has_gauss), float(gauss)], "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state.get("numpy_pos", [624, 0, 0.0])  # position, so the stream continues
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), int(pos), int(has_gauss),
+                         float(gauss)))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _find_resume(cfg, run_dir: Path) -> Path | None:
+    resume = str(cfg.trainer.resume)
+    if resume == "never":
+        return None
+    if resume == "auto":
+        latest = run_dir / "checkpoints" / "latest.pt"
+        return latest if latest.is_file() else None
+    return Path(resume)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise nothing per step (one line per epoch is printed by ``run``)."""
+
+    def __init__(self, mode: str, total: int, epoch: int):
+        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on CUDA (bf16 and fp32 need none; a disabled scaler is a no-op)."""
+    fp16 = enum_value(cfg.trainer.precision) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
+
+
+def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, device, progress: _Progress,
+                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, float, float]:
+    """One epoch; returns (mean loss, steps, seconds, seconds waiting for data)."""
+    scaler = scaler or make_grad_scaler(cfg, device)
+    model.train()
+    total, steps, wait = 0.0, 0, 0.0
+    start = tick = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - tick
+        image = batch["image"].to(device, non_blocking=True)
+        if cfg.trainer.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        target = bundle.targets.loss_target(batch["label"].to(device, non_blocking=True))
+        with autocast(device, cfg.trainer.precision):
+            logits = model(image)
+        loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        value = float(loss.detach())
+        total, steps = total + value, steps + 1
+        progress.update(value)
+        tick = time.perf_counter()
+    return total / max(steps, 1), steps, time.perf_counter() - start, wait
+
+
+def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train a segmentation model as ``cfg`` says and write the run directory.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml`` + overrides); ``cfg.run_dir`` is the run directory.
+        reporter: called after every validation with the epoch's metrics (e.g. Ray Tune's report).
+        log: where progress lines go.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    divisor = size_divisor(cfg.model)
+    bundle = prepare_data(cfg, run_dir, divisor, log)
+    atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    model = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    params = count_parameters(model)
+    log(f"model {cfg.model.name}: {params:,} parameters; {len(bundle.channels)} input channels "
+        f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
+        f"({', '.join(bundle.targets.names)}); device {device}")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
+    loss_fn = build_loss(cfg.optim, bundle.targets)
+    scaler = make_grad_scaler(cfg, device)
+    state = {"epoch": 0, "step": 0, "best_val_dice": -math.inf, "best_epoch": None, "best_metrics": {},
+             "history": [], "train_time_s": 0.0, "train_samples": 0, "wall_s": 0.0}
+    resume_from = _find_resume(cfg, run_dir)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors; modules copy
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        state.update(ckpt["train_state"])
+        log(f"resumed from {resume_from} at epoch {state['epoch']}")
+    logger = RunLogger(run_dir, bundle.targets.names, state["history"])
+    dataset = training_dataset(cfg, bundle)
+    wall_start = time.perf_counter() - state["wall_s"]
+
+    def checkpoint_state() -> dict:
+        state["history"] = logger.rows
+        state["wall_s"] = time.perf_counter() - wall_start
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
+                "rng": _rng_state(),
+                "train_state": dict(state), "config": to_container(cfg),
+                "data": {"modalities": bundle.dataset.modalities, "channels": bundle.channels,
+                         "labels": {str(k): v for k, v in bundle.dataset.labels.items()},
+                         "patch_size": bundle.patch_size}}
+
+    def summary(status: str) -> dict:
+        data = {"status": status, "epochs": state["epoch"], "max_epochs": cfg.trainer.max_epochs,
+                "best_epoch": state["best_epoch"],
+                "best_val_dice": state["best_val_dice"] if state["best_epoch"] is not None else None,
+                "val_dice": {n: state["best_metrics"].get(f"dice_{n}") for n in bundle.targets.names},
+                "val_hd95": {n: state["best_metrics"].get(f"hd95_{n}") for n in bundle.targets.names},
+                "wall_s": round(time.perf_counter() - wall_start, 2),
+                "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
+                "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params, "plan": None,
+                "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
+                "modalities": bundle.modality_names, "fold": cfg.data.fold, "world_size": 1, "dp": 1, "pp": 1}
+        write_json(run_dir / "summary.json", data)
+        return data
+
+    stop_at = cfg.trainer.max_epochs
+    if cfg.trainer.stop_after_epochs is not None:
+        stop_at = min(stop_at, state["epoch"] + cfg.trainer.stop_after_epochs)
+    summary("running")
+    loader_kwargs = dict(batch_size=cfg.data.batch_size, shuffle=False, drop_last=True,
+                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                         persistent_workers=False)
+    try:
+        while state["epoch"] < stop_at:
+            epoch = state["epoch"] + 1
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, **loader_kwargs)
+            progress = _Progress(cfg.trainer.progress, len(loader), epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            loss, steps, seconds, wait = _train_epoch(model, loader, optimizer, loss_fn, bundle, cfg, device,
+                                                      progress, scaler)
+            progress.close()
+            scheduler.step()
+            state["step"] += steps
+            state["train_time_s"] += seconds
+            state["train_samples"] += steps * cfg.data.batch_size
+            row = {"epoch": epoch, "step": state["step"], "train_loss": loss, "lr": lr, "epoch_s": seconds,
+                   "samples_per_s": steps * cfg.data.batch_size / seconds, "data_wait_frac": wait / seconds,
+                   "val_dice": math.nan}
+            if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
+                cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
+                _, means = evaluate_cases(model, bundle, cases, cfg, device)
+                row["val_dice"] = means["dice"]
+                row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
+                if means["dice"] > state["best_val_dice"]:
+                    state.update(best_val_dice=means["dice"], best_epoch=epoch, best_metrics=means)
+                if reporter is not None:
+                    reporter(dict(row))
+            state["epoch"] = epoch
+            logger.log_epoch(row)
+            ckpt = checkpoint_state()
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", ckpt)
+            if state["best_epoch"] == epoch:
+                save_checkpoint(run_dir / "checkpoints" / "best.pt", ckpt)
+            names = " ".join(f"{n}={row.get(f'val_dice_{n}', math.nan):.3f}" for n in bundle.targets.names)
+            val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
+            log(f"epoch {epoch}/{cfg.trainer.max_epochs} step {state['step']} loss={loss:.4f} lr={lr:.2e} "
+                f"{seconds:.1f}s {row['samples_per_s']:.1f} samples/s{val}")
+            summary("running")
+        if state["epoch"] >= cfg.trainer.max_epochs:
+            final = checkpoint_state()
+            save_checkpoint(run_dir / "checkpoints" / "final.pt", final)
+            if not (run_dir / "checkpoints" / "best.pt").is_file():
+                save_checkpoint(run_dir / "checkpoints" / "best.pt", final)
+            result = summary("completed")
+            log(f"done: best val_dice={result['best_val_dice']} at epoch {result['best_epoch']}; "
+                f"run dir {run_dir}")
+        else:
+            result = summary("running")
+            log(f"stopped after epoch {state['epoch']} (trainer.stop_after_epochs); resume with the same "
+                f"command; run dir {run_dir}")
+        return result
+    except BaseException:
+        summary("failed")
+        raise
+    finally:
+        logger.close()
