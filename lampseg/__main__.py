@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "evaluate": "Dice/HD95 of a checkpoint on a data split -> eval.json (ckpt=PATH [split=val|train|all])",
     "predict": "segment NIfTI images in their original space (ckpt=PATH input=FILE_OR_DIR output=DIR)",
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
+    "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
     "bench": "benchmarks: bench overhead (JSON + PNG under run_dir)",
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
@@ -66,6 +67,10 @@ def _dispatch(subcommand: str, cfg) -> None:
         run_predict(cfg, overrides)
     elif subcommand == "synth":
         print(f"synthetic dataset at {_synth_to(cfg)}")
+    elif subcommand == "plan":
+        from lampseg.parallel.plan import run_plan
+
+        run_plan(cfg)
     elif subcommand == "bench":
         from lampseg.bench import run_bench
 

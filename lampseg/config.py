@@ -152,8 +152,11 @@ class ParallelConfig:
     pp: int = 1
     engine: str = "pipelining"
     schedule: str = "gpipe"
-    microbatches: int = 1
+    microbatches: int | None = None
     memory_gb: float | None = None
+    checkpoint: str = "auto"
+    profile: str = "estimate"
+    device_tflops: float = 10.0
 
 
 @dataclass
@@ -237,7 +240,7 @@ def validate(cfg: DictConfig) -> None:
                            ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
                            ("data.synthetic.cases", d.synthetic.cases, 2), ("inference.sw_batch_size",
                            i.sw_batch_size, 1), ("parallel.dp", p.dp, 1), ("parallel.pp", p.pp, 1),
-                           ("parallel.microbatches", p.microbatches, 1)]:
+                           ("parallel.microbatches", p.microbatches or 1, 1)]:
         if value < lo:
             _fail(key, f"an integer >= {lo}", value)
     if not 0 <= d.fold < d.folds:
@@ -281,8 +284,16 @@ def validate(cfg: DictConfig) -> None:
         _positive_ints("inference.patch_size", i.patch_size, 3)
     if cfg.split not in ("val", "train", "all"):
         _fail("split", "one of val|train|all", cfg.split)
-    if p.name == "single" and p.dp * p.pp != 1:
-        _fail("parallel.dp * parallel.pp", "1 with parallel=single (the only strategy so far)", p.dp * p.pp)
+    if p.microbatches is not None and d.batch_size % p.microbatches:
+        _fail("parallel.microbatches", f"a divisor of data.batch_size ({d.batch_size}) or null (auto)",
+              p.microbatches)
+    for key, value, allowed in [("parallel.schedule", p.schedule, ("gpipe", "1f1b")),
+                                ("parallel.checkpoint", p.checkpoint, ("auto", "none", "block", "all")),
+                                ("parallel.profile", p.profile, ("estimate", "measure"))]:
+        if value not in allowed:
+            _fail(key, "one of " + "|".join(allowed), value)
+    if p.memory_gb is not None and p.memory_gb <= 0:
+        _fail("parallel.memory_gb", "a positive number of GB or null", p.memory_gb)
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from lampseg.config import enum_value, to_container, validate
+from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
 from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
@@ -144,6 +144,10 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         The summary written to ``summary.json``.
     """
     validate(cfg)
+    if cfg.parallel.dp * cfg.parallel.pp != 1:
+        raise ConfigError("config keys 'parallel.dp'/'parallel.pp': training runs on one device so far "
+                          f"(parallel=single needs dp * pp = 1, got {cfg.parallel.dp * cfg.parallel.pp}); "
+                          "`python -m lampseg plan` accepts any parallel.pp")
     run_dir = Path(cfg.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:

@@ -1,0 +1,322 @@
+"""Profile a U-Net block by block and partition it into pipeline stages that fit a memory budget.
+
+    python -m lampseg plan model=unet64 data.patch_size=[240,240,160] parallel.pp=4 parallel.memory_gb=16
+
+Costs per block (per sample): forward+backward time, activation bytes saved for backward, output bytes
+(what flows on, skips included) and parameter bytes. Two sources: ``measure`` runs each block on the real
+device; ``estimate`` runs it on meta tensors (sizes without memory) and converts FLOPs to time with
+``parallel.device_tflops``, so users can plan for hardware they do not have.
+
+The partitioner picks contiguous stage boundaries minimising the slowest stage subject to every stage
+fitting the budget, then the micro-batch count and activation checkpointing policy with the lowest
+estimated step time ``(M + S - 1) * slowest micro-batch stage time``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lampseg.config import ConfigError
+from lampseg.parallel.blocks import unet_blocks
+
+GB = 1024**3
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # fp32 tensors of optimiser state per parameter
+RECOMPUTE = {"none": 1.0, "block": 4 / 3, "all": 4 / 3}  # forward recomputed once: (1 + 2 + 1) / 3
+
+
+@dataclass
+class BlockCost:
+    """Per-sample costs of one block (batch 1)."""
+
+    name: str
+    params: int
+    param_bytes: int
+    time_s: float  # forward + backward
+    flops: float  # forward
+    act_bytes: int  # saved for backward
+    in_bytes: int  # the block's input state (current activation and pending skips)
+    out_bytes: int
+
+
+@dataclass
+class Stage:
+    blocks: list[str]
+    params: int
+    static_gb: float  # parameters, gradients, optimiser state
+    activation_gb: float  # stashed activations and inputs at the peak
+    memory_gb: float
+    time_s: float  # per micro-batch, forward + backward (recompute included)
+
+
+@dataclass
+class Plan:
+    pp: int
+    microbatches: int
+    schedule: str
+    checkpoint: str
+    batch_size: int
+    input_shape: list[int]
+    memory_gb: float | None
+    source: str
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def bubble(self) -> float:
+        """Idle fraction of an ideal pipeline: (S - 1) / (M + S - 1)."""
+        return (self.pp - 1) / (self.microbatches + self.pp - 1)
+
+    @property
+    def balance(self) -> float:
+        """Mean stage time / slowest stage time (1 = perfectly balanced)."""
+        times = [s.time_s for s in self.stages]
+        return sum(times) / len(times) / max(max(times), 1e-12)
+
+    @property
+    def step_time_s(self) -> float:
+        return (self.microbatches + self.pp - 1) * max(s.time_s for s in self.stages)
+
+    def to_dict(self) -> dict:
+        derived = {"bubble": self.bubble, "balance": self.balance, "step_time_s": self.step_time_s}
+        return {**asdict(self), **derived}
+
+    def table(self) -> str:
+        """A readable stage table."""
+        lines = [f"{'stage':>5}  {'blocks':<28} {'params':>11} {'static GB':>9} {'activ. GB':>9} "
+                 f"{'total GB':>8} {'ms/mb':>8}"]
+        for i, s in enumerate(self.stages):
+            lines.append(f"{i:>5}  {','.join(s.blocks):<28} {s.params:>11,} {s.static_gb:>9.3f} "
+                         f"{s.activation_gb:>9.3f} {s.memory_gb:>8.3f} {1000 * s.time_s:>8.2f}")
+        budget = f"{self.memory_gb:g} GB" if self.memory_gb else "none"
+        lines.append(f"pp={self.pp} microbatches={self.microbatches} schedule={self.schedule} "
+                     f"checkpoint={self.checkpoint} budget/stage={budget} balance={self.balance:.2f} "
+                     f"bubble={self.bubble:.2f} est. step={self.step_time_s:.3f}s ({self.source})")
+        return "\n".join(lines)
+
+
+def _state_bytes(state) -> int:
+    tensors = (state,) if isinstance(state, torch.Tensor) else state
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def profile_blocks(model: torch.nn.Module, input_shape: list[int], source: str = "estimate",
+                   device: torch.device | str = "cpu", device_tflops: float = 10.0,
+                   dtype: torch.dtype = torch.float32, repeats: int = 2) -> list[BlockCost]:
+    """Per-sample costs of each block of a MONAI UNet.
+
+    Args:
+        model: the UNet (on the meta device for ``estimate``; any device for ``measure``).
+        input_shape: (C, X, Y, Z) of one sample.
+        source: ``estimate`` (meta tensors + FLOPs) or ``measure`` (timed on ``device``).
+        device: where to measure.
+        device_tflops: assumed sustained throughput for estimates.
+        dtype: activation dtype (autocast precision is approximated by the element size).
+        repeats: timed repetitions per block when measuring (after one warm-up).
+
+    Returns:
+        One ``BlockCost`` per block in execution order.
+    """
+    blocks, specs = unet_blocks(model)
+    device = torch.device("meta" if source == "estimate" else device)
+    state = torch.zeros([1, *input_shape], device=device, dtype=dtype)
+    costs = []
+    for block, spec in zip(blocks, specs):
+        # Mixed precision keeps fp32 master weights: count parameters before casting for activation sizes.
+        params = list(block.parameters())
+        param_count, param_bytes = sum(p.numel() for p in params), sum(p.numel() * 4 for p in params)
+        block.to(device=device, dtype=dtype)
+        inputs = tuple(t.detach().requires_grad_() for t in ((state,) if torch.is_tensor(state) else state))
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
+            saved[id(t)] = t.numel() * t.element_size()  # by tensor: one tensor saved twice counts once
+            return t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with FlopCounterMode(display=False) as counter, hooks:
+            out = block(inputs[0] if len(inputs) == 1 else inputs)
+        flops = float(counter.get_total_flops())
+        elapsed = 3 * flops / (device_tflops * 1e12)
+        if source == "measure":
+            elapsed = _time_block(block, inputs, repeats)
+        costs.append(BlockCost(spec.name, param_count, param_bytes, elapsed, flops, sum(saved.values()),
+                               _state_bytes(inputs), _state_bytes(out)))
+        state = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+    return costs
+
+
+def _time_block(block, inputs, repeats: int) -> float:
+    def step():
+        out = block(inputs[0] if len(inputs) == 1 else inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.float().sum() for o in outs).backward()
+
+    step()
+    sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def _stage(costs: list[BlockCost], index: int, stages: int, batch: int, microbatches: int, schedule: str,
+           checkpoint: str, opt_states: int) -> Stage:
+    micro = batch / microbatches
+    in_flight = min(microbatches, stages - index) if schedule == "1f1b" else microbatches
+    act = sum(c.act_bytes for c in costs)
+    if checkpoint == "none":
+        stash = in_flight * micro * act
+    elif checkpoint == "block":  # keep each block's input, recompute one block at a time
+        stash = in_flight * micro * sum(c.in_bytes for c in costs) + micro * max(c.act_bytes for c in costs)
+    else:  # "all": keep the stage input, recompute the stage for one micro-batch at a time
+        stash = in_flight * micro * costs[0].in_bytes + micro * act
+    # The stage's received input state (skips crossing it included) and its output are buffers too.
+    buffers = in_flight * micro * (costs[0].in_bytes + costs[-1].out_bytes)
+    params = sum(c.params for c in costs)
+    static = sum(c.param_bytes for c in costs) * 2 + params * 4 * opt_states  # weights, grads, state
+    activation = (stash + buffers) / GB
+    return Stage([c.name for c in costs], params, static / GB, activation, static / GB + activation,
+                 micro * sum(c.time_s for c in costs) * RECOMPUTE[checkpoint])
+
+
+def _best_split(costs, stages, batch, microbatches, schedule, checkpoint, opt_states, budget_gb):
+    """Contiguous split minimising the slowest stage with every stage within budget (DP), or None."""
+    n = len(costs)
+    inf = (math.inf, None)
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]  # best[s][j]: first j blocks in s stages
+    best[0][0] = (0.0, [])
+    for s in range(1, stages + 1):
+        for j in range(s, n - (stages - s) + 1):
+            for i in range(s - 1, j):
+                prev_time, prev_stages = best[s - 1][i]
+                if prev_stages is None:
+                    continue
+                stage = _stage(costs[i:j], s - 1, stages, batch, microbatches, schedule, checkpoint,
+                               opt_states)
+                if budget_gb is not None and stage.memory_gb > budget_gb:
+                    continue
+                slowest = max(prev_time, stage.time_s)
+                if slowest < best[s][j][0]:
+                    best[s][j] = (slowest, prev_stages + [stage])
+    return best[stages][n][1]
+
+
+class PlanError(ConfigError):
+    """No partition fits; the message says what would."""
+
+
+def make_plan(costs: list[BlockCost], pp: int, batch_size: int, memory_gb: float | None,
+              input_shape: list[int], microbatches: int | None = None, schedule: str = "gpipe",
+              checkpoint: str = "auto", optimizer: str = "adamw", source: str = "estimate",
+              divisor: int = 1) -> Plan:
+    """Choose stage boundaries, micro-batches and checkpointing.
+
+    Args:
+        costs: per-block costs from ``profile_blocks``.
+        pp: number of stages.
+        batch_size: samples per step (split into micro-batches).
+        memory_gb: budget per stage, or None for no limit.
+        input_shape: (C, X, Y, Z), recorded in the plan.
+        microbatches: fixed micro-batch count, or None to choose among the divisors of ``batch_size``.
+        schedule: gpipe | 1f1b (1F1B keeps at most S - stage micro-batches in flight).
+        checkpoint: none | block | all, or auto (the cheapest that fits).
+        optimizer: adamw | sgd (optimiser state per parameter).
+        source: where ``costs`` came from (recorded).
+        divisor: spatial multiple the network needs (for the "smaller input" hint).
+
+    Raises:
+        PlanError: when ``pp`` exceeds the number of blocks or nothing fits; says what would fit.
+    """
+    if pp > len(costs):
+        raise PlanError(f"config key 'parallel.pp': {pp} stages but the model has only {len(costs)} blocks "
+                        f"({', '.join(c.name for c in costs)}); use at most {len(costs)}")
+    counts = [microbatches] if microbatches else [m for m in range(1, batch_size + 1) if batch_size % m == 0]
+    policies = [checkpoint] if checkpoint != "auto" else list(RECOMPUTE)
+    opt_states = OPTIMIZER_STATES.get(optimizer, 2)
+    best = None
+    for policy in policies:
+        for m in counts:
+            stages = _best_split(costs, pp, batch_size, m, schedule, policy, opt_states, memory_gb)
+            if stages is None:
+                continue
+            plan = Plan(pp, m, schedule, policy, batch_size, list(input_shape), memory_gb, source, stages)
+            if best is None or plan.step_time_s < best.step_time_s - 1e-12:
+                best = plan
+    if best is None:
+        raise PlanError(_nothing_fits(costs, pp, batch_size, memory_gb, input_shape, schedule, opt_states,
+                                      divisor))
+    return best
+
+
+def _fits(costs, pp, batch, budget, schedule, opt_states) -> bool:
+    return any(_best_split(costs, pp, batch, m, schedule, policy, opt_states, budget) is not None
+               for policy in RECOMPUTE for m in range(1, batch + 1) if batch % m == 0)
+
+
+def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor) -> str:
+    smallest = min(_stage([c], 0, pp, batch, batch, schedule, "all", opt_states).memory_gb for c in costs)
+    hints = [f"more stages: parallel.pp={s}" for s in range(pp + 1, len(costs) + 1)
+             if _fits(costs, s, batch, budget, schedule, opt_states)][:1]
+    scale = 1.0  # activations scale with the number of voxels: find the largest cube that fits
+    while scale > 1e-3 and not _fits(_scaled(costs, scale), pp, batch, budget, schedule, opt_states):
+        scale *= 0.8
+    side = int((math.prod(input_shape[1:]) * scale) ** (1 / 3)) // divisor * divisor
+    if scale > 1e-3 and side > 0:
+        hints.append(f"a smaller input: about {side}^3 voxels (data.patch_size=[{side},{side},{side}])")
+    if batch > 1:
+        hints.append("a smaller data.batch_size")
+    hints.append("a smaller model (fewer channels)")
+    return (f"no split of the model into {pp} stage(s) fits parallel.memory_gb={budget:g} GB per stage for "
+            f"input {list(input_shape)} x batch {batch} (even checkpointing everything, the lightest single "
+            f"block needs {smallest:.2f} GB). Would fit: " + "; or ".join(hints))
+
+
+def _scaled(costs: list[BlockCost], scale: float) -> list[BlockCost]:
+    return [BlockCost(c.name, c.params, c.param_bytes, c.time_s * scale, c.flops * scale,
+                      int(c.act_bytes * scale), int(c.in_bytes * scale), int(c.out_bytes * scale))
+            for c in costs]
+
+
+def run_plan(cfg, log=print) -> Plan:
+    """``python -m lampseg plan``: plan the split for ``model``, ``data.*`` and ``parallel.*``; print the
+    stage table and write ``plan.json`` in ``run_dir``."""
+    from pathlib import Path
+
+    from lampseg.config import enum_value, patch_size_of, to_container
+    from lampseg.data.msd import load_dataset
+    from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets, whole_volume_shape
+    from lampseg.engine.logs import write_json
+    from lampseg.engine.train import resolve_device
+    from lampseg.model.unet import build_model, size_divisor
+
+    p = cfg.parallel
+    dataset = load_dataset(dataset_root(cfg.data, log))
+    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
+    divisor = size_divisor(cfg.model)
+    patch = patch_size_of(cfg)
+    if patch is None:  # whole volumes: the largest training image, uncropped (an upper bound)
+        import nibabel as nib
+
+        patch = whole_volume_shape([nib.load(c.image).shape[:3] for c in dataset.cases], divisor)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        enum_value(cfg.trainer.precision)]
+    device = torch.device("meta") if p.profile == "estimate" else resolve_device(cfg.trainer.device)
+    with torch.device(device):
+        model = build_model(cfg.model, len(channels), targets.out_channels)
+    input_shape = [len(channels), *patch]
+    costs = profile_blocks(model, input_shape, p.profile, device, p.device_tflops, dtype)
+    plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
+                     p.checkpoint, enum_value(cfg.optim.name), p.profile, divisor)
+    log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
+        f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
+    log(plan.table())
+    out = Path(cfg.run_dir) / "plan.json"
+    write_json(out, {"plan": plan.to_dict(), "blocks": [asdict(c) for c in costs],
+                     "model": to_container(cfg.model)})
+    log(f"wrote {out}")
+    return plan

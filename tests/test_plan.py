@@ -1,0 +1,101 @@
+"""Planner: profiling sources agree on sizes, splits balance time within the memory budget, skips count
+on every stage they cross, failures say what would fit; the ``plan`` CLI writes plan.json."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import lampseg
+from monai.networks.nets import UNet
+
+from lampseg.parallel.plan import BlockCost, PlanError, make_plan, profile_blocks
+
+MB = 2**20
+
+
+def _cost(name, time_s=1.0, act_mb=0.0, in_mb=0.0, out_mb=0.0, params=0):
+    return BlockCost(name, params, params * 4, time_s, 0.0, int(act_mb * MB), int(in_mb * MB),
+                     int(out_mb * MB))
+
+
+def test_estimate_and_measure_agree_on_sizes():
+    def model():
+        torch.manual_seed(0)
+        return UNet(3, 2, 3, (4, 8, 16), (2, 2), num_res_units=1)
+
+    measured = profile_blocks(model(), [2, 16, 16, 16], "measure", repeats=1)
+    with torch.device("meta"):
+        meta_model = model()
+    estimated = profile_blocks(meta_model, [2, 16, 16, 16], "estimate")
+    assert [c.name for c in measured] == ["down0", "down1", "bottom", "up1", "up0"]
+    for m, e in zip(measured, estimated):
+        sizes = (m.params, m.act_bytes, m.in_bytes, m.out_bytes)
+        assert sizes == (e.params, e.act_bytes, e.in_bytes, e.out_bytes)
+        assert m.time_s > 0 and e.flops > 0
+    # Skips: down1's output state carries down0's output too, and that is what the bottom block receives.
+    assert estimated[2].in_bytes == estimated[1].out_bytes > estimated[0].out_bytes
+    assert sum(c.params for c in estimated) == sum(p.numel() for p in model().parameters())
+
+
+def test_split_balances_time():
+    costs = [_cost(f"b{i}", t) for i, t in enumerate([4, 1, 1, 1, 1, 4, 4])]
+    plan = make_plan(costs, 3, 1, None, [1, 8, 8, 8], microbatches=1, checkpoint="none")
+    assert [s.blocks for s in plan.stages] == [["b0", "b1", "b2"], ["b3", "b4", "b5"], ["b6"]]
+    assert max(s.time_s for s in plan.stages) == 6
+    assert plan.bubble == pytest.approx(2 / 3)
+
+
+def test_budget_moves_boundaries_and_chooses_checkpointing():
+    costs = [_cost("big", 1, act_mb=900, in_mb=10, out_mb=10), _cost("b1", 1, act_mb=10, in_mb=10, out_mb=10),
+             _cost("b2", 1, act_mb=10, in_mb=10, out_mb=10)]
+    free = make_plan(costs, 2, 2, None, [1, 8, 8, 8], checkpoint="none", microbatches=1)
+    assert free.stages[0].blocks == ["big"]
+    with pytest.raises(PlanError):
+        make_plan(costs, 2, 2, 1.0, [1, 8, 8, 8], checkpoint="none")  # 2 x 900 MB stashed > 1 GB
+    plan = make_plan(costs, 2, 2, 1.0, [1, 8, 8, 8])  # auto: checkpointing makes it fit
+    assert plan.checkpoint in ("block", "all") and plan.microbatches == 2
+    assert all(s.memory_gb <= 1.0 for s in plan.stages)
+
+
+def test_skip_tensors_count_on_every_stage_they_cross():
+    # A large skip enters at b0's output and is carried through b1 and b2 (their input states hold it).
+    light = [_cost("b0", in_mb=1, out_mb=501), _cost("b1", in_mb=501, out_mb=501),
+             _cost("b2", in_mb=501, out_mb=1)]
+    plan = make_plan(light, 3, 1, None, [1, 8, 8, 8], microbatches=1, checkpoint="none")
+    assert plan.stages[1].activation_gb * 1024 >= 2 * 500  # received and sent on by the middle stage
+
+
+def test_impossible_budgets_say_what_would_fit():
+    with torch.device("meta"):
+        model = UNet(3, 4, 3, (32, 64, 128, 256), (2, 2, 2), num_res_units=1)
+    costs = profile_blocks(model, [4, 128, 128, 128], "estimate")
+    with pytest.raises(PlanError, match=r"parallel.pp.*at most 7") as err:
+        make_plan(costs, 8, 2, None, [4, 128, 128, 128])
+    budget = 1.01 * max(s.memory_gb for s in make_plan(costs, 4, 2, None, [4, 128, 128, 128]).stages)
+    with pytest.raises(PlanError) as err:
+        make_plan(costs, 1, 2, budget, [4, 128, 128, 128], divisor=8)
+    message = str(err.value)
+    assert f"parallel.memory_gb={budget:g}" in message and "data.patch_size=[" in message
+    stages = int(message.split("parallel.pp=")[1].split(";")[0])
+    assert 2 <= stages <= 4
+    make_plan(costs, stages, 2, budget, [4, 128, 128, 128])  # the suggested stage count fits
+    side = int(message.split("data.patch_size=[")[1].split(",")[0])
+    assert side % 8 == 0 and side < 128
+    with torch.device("meta"):
+        model = UNet(3, 4, 3, (32, 64, 128, 256), (2, 2, 2), num_res_units=1)
+    smaller = profile_blocks(model, [4, side, side, side], "estimate")
+    make_plan(smaller, 1, 2, budget, [4, side, side, side])  # and so does the suggested input
+
+
+def test_plan_cli_writes_plan_json(tmp_path):
+    out = lampseg("plan", "+exp=smoke", "parallel.pp=2", "parallel.memory_gb=1", f"run_dir={tmp_path}").stdout
+    assert "bubble=" in out and "stage" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["plan"]["pp"] == 2 and len(plan["plan"]["stages"]) == 2
+    assert [b["name"] for b in plan["blocks"]] == ["down0", "down1", "bottom", "up1", "up0"]
+    assert plan["plan"]["bubble"] == pytest.approx(1 / (plan["plan"]["microbatches"] + 1))
+    bad = lampseg("plan", "+exp=smoke", "parallel.pp=9", f"run_dir={tmp_path / 'x'}", check=False)
+    assert bad.returncode == 2 and "parallel.pp" in bad.stderr
+    bad = lampseg("train", "+exp=smoke", "parallel.pp=2", f"run_dir={tmp_path / 'y'}", check=False)
+    assert bad.returncode == 2 and "parallel.pp" in bad.stderr
