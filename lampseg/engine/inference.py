@@ -72,6 +72,7 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
         for axes in flips:
             x = torch.flip(image, axes) if axes else image
             out = _forward(model, x, inf_cfg, roi_size, divisor)
+            out = out.to(image.device)  # a pipelined model answers on its last stage's device
             out = torch.flip(out, axes) if axes else out
             total = out if total is None else total + out
     return total / len(flips)

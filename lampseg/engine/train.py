@@ -28,6 +28,7 @@ from lampseg.engine.optim import build_optimizer, build_scheduler
 from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
+from lampseg.parallel.parallelize import parallelize
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,7 +118,7 @@ def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, dev
         target = bundle.targets.loss_target(batch["label"].to(device, non_blocking=True))
         with autocast(device, cfg.trainer.precision):
             logits = model(image)
-        loss = loss_fn(logits.float(), target)
+        loss = loss_fn(logits.float(), target.to(logits.device))  # pipelines end on their last device
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.optim.grad_clip is not None:
@@ -144,10 +145,10 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         The summary written to ``summary.json``.
     """
     validate(cfg)
-    if cfg.parallel.dp * cfg.parallel.pp != 1:
-        raise ConfigError("config keys 'parallel.dp'/'parallel.pp': training runs on one device so far "
-                          f"(parallel=single needs dp * pp = 1, got {cfg.parallel.dp * cfg.parallel.pp}); "
-                          "`python -m lampseg plan` accepts any parallel.pp")
+    if cfg.parallel.dp != 1 or (cfg.parallel.pp != 1 and cfg.parallel.name != "pipeline"):
+        raise ConfigError("config keys 'parallel.dp'/'parallel.pp': data parallelism is not available yet "
+                          "and pipeline stages need parallel=pipeline (got "
+                          f"parallel={cfg.parallel.name}, dp={cfg.parallel.dp}, pp={cfg.parallel.pp})")
     run_dir = Path(cfg.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
@@ -160,10 +161,13 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     model = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
+    net, plan = parallelize(model, cfg, [len(bundle.channels), *bundle.patch_size], device)
     params = count_parameters(model)
     log(f"model {cfg.model.name}: {params:,} parameters; {len(bundle.channels)} input channels "
         f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
         f"({', '.join(bundle.targets.names)}); device {device}")
+    if plan is not None:
+        log(plan.table())
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
     loss_fn = build_loss(cfg.optim, bundle.targets)
@@ -203,9 +207,11 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 "val_hd95": {n: state["best_metrics"].get(f"hd95_{n}") for n in bundle.targets.names},
                 "wall_s": round(time.perf_counter() - wall_start, 2),
                 "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
-                "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params, "plan": None,
+                "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params,
+                "plan": plan.to_dict() if plan is not None else None,
                 "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
-                "modalities": bundle.modality_names, "fold": cfg.data.fold, "world_size": 1, "dp": 1, "pp": 1}
+                "modalities": bundle.modality_names, "fold": cfg.data.fold, "world_size": 1, "dp": 1,
+                "pp": cfg.parallel.pp if plan is not None else 1}
         write_json(run_dir / "summary.json", data)
         return data
 
@@ -223,7 +229,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             loader = DataLoader(dataset, **loader_kwargs)
             progress = _Progress(cfg.trainer.progress, len(loader), epoch)
             lr = optimizer.param_groups[0]["lr"]
-            loss, steps, seconds, wait = _train_epoch(model, loader, optimizer, loss_fn, bundle, cfg, device,
+            loss, steps, seconds, wait = _train_epoch(net, loader, optimizer, loss_fn, bundle, cfg, device,
                                                       progress, scaler)
             progress.close()
             scheduler.step()
@@ -235,7 +241,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                    "val_dice": math.nan}
             if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
                 cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
-                _, means = evaluate_cases(model, bundle, cases, cfg, device)
+                _, means = evaluate_cases(net, bundle, cases, cfg, device)
                 row["val_dice"] = means["dice"]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:
