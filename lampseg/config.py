@@ -284,6 +284,8 @@ def validate(cfg: DictConfig) -> None:
         _positive_ints("inference.patch_size", i.patch_size, 3)
     if cfg.split not in ("val", "train", "all"):
         _fail("split", "one of val|train|all", cfg.split)
+    if p.dp != 1:
+        _fail("parallel.dp", "1 (data parallelism is not available yet)", p.dp)
     if p.microbatches is not None and d.batch_size % p.microbatches:
         _fail("parallel.microbatches", f"a divisor of data.batch_size ({d.batch_size}) or null (auto)",
               p.microbatches)

@@ -145,10 +145,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         The summary written to ``summary.json``.
     """
     validate(cfg)
-    if cfg.parallel.dp != 1 or (cfg.parallel.pp != 1 and cfg.parallel.name != "pipeline"):
-        raise ConfigError("config keys 'parallel.dp'/'parallel.pp': data parallelism is not available yet "
-                          "and pipeline stages need parallel=pipeline (got "
-                          f"parallel={cfg.parallel.name}, dp={cfg.parallel.dp}, pp={cfg.parallel.pp})")
+    if cfg.parallel.pp != 1 and cfg.parallel.name != "pipeline":
+        raise ConfigError(f"config key 'parallel.pp': {cfg.parallel.pp} stages need parallel=pipeline "
+                          f"(got parallel={cfg.parallel.name})")
     run_dir = Path(cfg.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
