@@ -71,6 +71,8 @@ def test_pipeline_checkpoint_is_portable(tmp_path, unsplit):
     ckpt = first / "checkpoints" / "final.pt"
     lampseg("evaluate", f"ckpt={ckpt}", f"run_dir={tmp_path / 'ev_split'}")
     lampseg("evaluate", f"ckpt={ckpt}", "parallel=single", f"run_dir={tmp_path / 'ev_single'}")
-    split = json.loads((tmp_path / "ev_split" / "eval.json").read_text())["mean"]["dice"]
-    single = json.loads((tmp_path / "ev_single" / "eval.json").read_text())["mean"]["dice"]
-    assert split == pytest.approx(single, abs=1e-6)
+    split = json.loads((tmp_path / "ev_split" / "eval.json").read_text())
+    single = json.loads((tmp_path / "ev_single" / "eval.json").read_text())
+    assert (split["parallel"]["name"], split["parallel"]["pp"]) == ("pipeline", 2)
+    assert single["parallel"]["name"] == "single"
+    assert split["mean"]["dice"] == pytest.approx(single["mean"]["dice"], abs=1e-6)

@@ -81,12 +81,20 @@ def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
 
 
 def load_model(ckpt: dict, cfg, device: torch.device):
-    """Rebuild the network of a checkpoint and load its weights (eval mode)."""
+    """Rebuild the network of a checkpoint, load its weights (unsplit names) and apply ``cfg.parallel``
+    (pipeline stages when ``parallel=pipeline``), in eval mode.
+
+    Returns:
+        (the module to run, the targets).
+    """
+    from lampseg.parallel.parallelize import parallelize
+
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), targets
+    net, _ = parallelize(model.to(device), cfg, [len(info["channels"]), *info["patch_size"]], device)
+    return net.eval(), targets
 
 
 def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
@@ -108,7 +116,7 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
              "all": bundle.train_cases + bundle.val_cases}[cfg.split]
     per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device)
     result = {"ckpt": str(cfg.ckpt), "split": cfg.split, "inference": OmegaConf.to_container(
-        cfg.inference, enum_to_str=True), "mean": means, "seconds_per_case": float(np.mean(
+        cfg.inference, enum_to_str=True), "parallel": OmegaConf.to_container(cfg.parallel), "mean": means, "seconds_per_case": float(np.mean(
             [c["seconds"] for c in per_case])), "cases": per_case}
     write_json(run_dir / "eval.json", result)
     names = bundle.targets.names
