@@ -115,9 +115,10 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
     cases = {"val": bundle.val_cases, "train": bundle.train_cases,
              "all": bundle.train_cases + bundle.val_cases}[cfg.split]
     per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device)
-    result = {"ckpt": str(cfg.ckpt), "split": cfg.split, "inference": OmegaConf.to_container(
-        cfg.inference, enum_to_str=True), "parallel": OmegaConf.to_container(cfg.parallel), "mean": means, "seconds_per_case": float(np.mean(
-            [c["seconds"] for c in per_case])), "cases": per_case}
+    result = {"ckpt": str(cfg.ckpt), "split": cfg.split,
+              "inference": OmegaConf.to_container(cfg.inference, enum_to_str=True),
+              "parallel": OmegaConf.to_container(cfg.parallel), "mean": means,
+              "seconds_per_case": float(np.mean([c["seconds"] for c in per_case])), "cases": per_case}
     write_json(run_dir / "eval.json", result)
     names = bundle.targets.names
     log(f"evaluated {len(per_case)} cases: mean Dice {means['dice']:.4f} ("
