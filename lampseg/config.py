@@ -133,6 +133,8 @@ class TrainerConfig:
     val_max_cases: int | None = None
     hd95: bool = True
     stop_after_epochs: int | None = None
+    curriculum: list[Any] | None = None
+    curriculum_epochs: list[int] | None = None
 
 
 @dataclass
@@ -264,6 +266,21 @@ def validate(cfg: DictConfig) -> None:
     divisor = math.prod(strides)
     if patch is not None and any(v % divisor for v in patch):
         _fail("data.patch_size", f"multiples of {divisor} (the product of model.strides)", list(patch))
+    if (t.curriculum is None) != (t.curriculum_epochs is None):
+        _fail("trainer.curriculum_epochs", "epochs per phase exactly when trainer.curriculum is set",
+              t.curriculum_epochs)
+    if t.curriculum is not None:
+        if not t.curriculum or len(t.curriculum) != len(t.curriculum_epochs):
+            _fail("trainer.curriculum_epochs", f"one positive integer per trainer.curriculum phase "
+                  f"({len(t.curriculum)})", list(t.curriculum_epochs))
+        _positive_ints("trainer.curriculum_epochs", t.curriculum_epochs)
+        for k, phase in enumerate(t.curriculum):
+            if isinstance(phase, str):
+                if phase != "whole":
+                    _fail(f"trainer.curriculum[{k}]", "a list of 3 positive integers or 'whole'", phase)
+            elif any(v % divisor for v in _positive_ints(f"trainer.curriculum[{k}]", phase, 3)):
+                _fail(f"trainer.curriculum[{k}]", f"multiples of {divisor} (the product of model.strides)",
+                      list(phase))
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", "a number in [0, 1)", m.dropout)
     if o.lr <= 0:

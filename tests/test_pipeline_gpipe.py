@@ -76,3 +76,36 @@ def test_pipeline_checkpoint_is_portable(tmp_path, unsplit):
     assert (split["parallel"]["name"], split["parallel"]["pp"]) == ("pipeline", 2)
     assert single["parallel"]["name"] == "single"
     assert split["mean"]["dice"] == pytest.approx(single["mean"]["dice"], abs=1e-6)
+
+
+def test_curriculum_small_patches_then_whole_volumes_pipelined(tmp_path):
+    """LAMP's curriculum: phases of growing inputs up to whole volumes, pipelined, resumable mid-way."""
+    curriculum = ["trainer.curriculum=[[16,16,16],[32,32,32],whole]", "trainer.curriculum_epochs=[1,1,1]",
+                  "trainer.max_epochs=4", "parallel=pipeline", "parallel.pp=2"]
+    cfg = compose(*BASE, *curriculum, "trainer.stop_after_epochs=2")
+    OmegaConf.update(cfg, "run_dir", str(tmp_path), merge=False)
+    lines: list[str] = []
+    run(cfg, log=lines.append)
+    phases = [line for line in lines if line.startswith("curriculum:")]
+    assert phases == ["curriculum: from epoch 1, patches [16, 16, 16]",
+                      "curriculum: from epoch 2, patches [32, 32, 32]"]
+    cfg = compose(*BASE, *curriculum)
+    OmegaConf.update(cfg, "run_dir", str(tmp_path), merge=False)
+    lines = []
+    summary = run(cfg, log=lines.append)
+    phases = [line for line in lines if line.startswith("curriculum:")]
+    assert len(phases) == 1 and phases[0].startswith("curriculum: from epoch 3, whole volumes [")
+    assert summary["status"] == "completed" and summary["epochs"] == 4
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["trainer.curriculum=[[16,16,16],whole]"], "trainer.curriculum_epochs"),
+    (["trainer.curriculum=[[16,16,16],whole]", "trainer.curriculum_epochs=[1]"], "trainer.curriculum_epochs"),
+    (["trainer.curriculum=[[18,16,16]]", "trainer.curriculum_epochs=[1]"], "trainer.curriculum[0]"),
+    (["trainer.curriculum=[all]", "trainer.curriculum_epochs=[1]"], "trainer.curriculum[0]"),
+])
+def test_curriculum_config_errors_name_the_key(overrides, key):
+    from lampseg.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        validate(compose("+exp=smoke", *overrides))

@@ -12,6 +12,7 @@ from lampseg.data.sampling import PatchDataset, build_augment, whole_volume_shap
 from lampseg.data.splits import load_or_create_splits
 from lampseg.data.synth import generate_dataset
 from lampseg.model.losses import Targets
+from lampseg.model.unet import size_divisor
 
 
 def lampseg_home() -> Path:
@@ -101,6 +102,31 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
         raise ConfigError(f"config key 'data.patch_size': expected multiples of {divisor} (the product of "
                           f"model.strides), got {list(patch)}")
     return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole)
+
+
+def curriculum_phases(cfg, bundle: DataBundle) -> list[tuple[int, list[int], bool]]:
+    """LAMP's curriculum as ``(first epoch, patch size, whole volume)`` phases.
+
+    ``trainer.curriculum=[[64,64,64],[128,128,128],whole]`` with ``trainer.curriculum_epochs=[10,10,20]``
+    trains 10 epochs on 64^3 patches, 10 on 128^3, then whole volumes (the last phase lasts until
+    ``trainer.max_epochs``). Without a curriculum there is one phase: ``data.patch_size``.
+    """
+    curriculum = cfg.trainer.curriculum
+    if curriculum is None:
+        return [(1, list(bundle.patch_size), bundle.whole_volume)]
+    whole = whole_volume_shape([bundle.cache.image(n).shape[-3:] for n in bundle.cache.cases],
+                               size_divisor(cfg.model))
+    phases, first = [], 1
+    for patch, epochs in zip(curriculum, cfg.trainer.curriculum_epochs):
+        is_whole = isinstance(patch, str)
+        phases.append((first, whole if is_whole else [int(v) for v in patch], is_whole))
+        first += int(epochs)
+    return phases
+
+
+def phase_at(phases: list[tuple[int, list[int], bool]], epoch: int) -> tuple[int, list[int], bool]:
+    """The curriculum phase that ``epoch`` (1-based) belongs to."""
+    return [p for p in phases if p[0] <= epoch][-1]
 
 
 def training_dataset(cfg, bundle: DataBundle) -> PatchDataset:

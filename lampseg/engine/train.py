@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lampseg.config import ConfigError, enum_value, to_container, validate
-from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
+from lampseg.data.pipeline import DataBundle, curriculum_phases, phase_at, prepare_data, training_dataset
 from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
@@ -160,7 +160,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     model = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    net, plan = parallelize(model, cfg, [len(bundle.channels), *bundle.patch_size], device)
+    phases = curriculum_phases(cfg, bundle)
+    largest = max((patch for _, patch, _ in phases), key=math.prod)  # plan stages for the largest input
+    net, plan = parallelize(model, cfg, [len(bundle.channels), *largest], device)
     params = count_parameters(model)
     log(f"model {cfg.model.name}: {params:,} parameters; {len(bundle.channels)} input channels "
         f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
@@ -214,6 +216,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         write_json(run_dir / "summary.json", data)
         return data
 
+    current_phase = None
     stop_at = cfg.trainer.max_epochs
     if cfg.trainer.stop_after_epochs is not None:
         stop_at = min(stop_at, state["epoch"] + cfg.trainer.stop_after_epochs)
@@ -224,6 +227,12 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     try:
         while state["epoch"] < stop_at:
             epoch = state["epoch"] + 1
+            phase = phase_at(phases, epoch)
+            if phase != current_phase and len(phases) > 1:
+                kind = "whole volumes" if phase[2] else "patches"
+                log(f"curriculum: from epoch {epoch}, {kind} {phase[1]}")
+            current_phase = phase
+            _, dataset.patch_size, dataset.whole_volume = phase
             dataset.set_epoch(epoch)
             loader = DataLoader(dataset, **loader_kwargs)
             progress = _Progress(cfg.trainer.progress, len(loader), epoch)
