@@ -11,7 +11,7 @@ from torch import nn
 
 from lampseg.config import enum_value
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -19,7 +19,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     precision = enum_value(precision)
     if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[slice, ...]]:

@@ -282,6 +282,29 @@ def _scaled(costs: list[BlockCost], scale: float) -> list[BlockCost]:
             for c in costs]
 
 
+def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
+             device: torch.device | str = "cpu") -> tuple[Plan, list[BlockCost]]:
+    """Profile ``cfg.model`` (a fresh copy: on meta tensors, or on ``device`` with ``parallel.profile=
+    measure``) for one sample of ``input_shape`` (C, X, Y, Z) and plan it under ``cfg.parallel``.
+
+    Returns:
+        The plan and the per-block costs it was made from.
+    """
+    from lampseg.config import enum_value
+    from lampseg.engine.inference import DTYPES
+    from lampseg.model.unet import build_model, size_divisor
+
+    p = cfg.parallel
+    where = torch.device("meta") if p.profile == "estimate" else torch.device(device)
+    with where:
+        probe = build_model(cfg.model, in_channels, out_channels)
+    costs = profile_blocks(probe, input_shape, p.profile, where, p.device_tflops,
+                           DTYPES[enum_value(cfg.trainer.precision)])
+    plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
+                     p.checkpoint, enum_value(cfg.optim.name), p.profile, size_divisor(cfg.model))
+    return plan, costs
+
+
 def run_plan(cfg, log=print) -> Plan:
     """``python -m lampseg plan``: plan the split for ``model``, ``data.*`` and ``parallel.*``; print the
     stage table and write ``plan.json`` in ``run_dir``."""
@@ -292,26 +315,19 @@ def run_plan(cfg, log=print) -> Plan:
     from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets, whole_volume_shape
     from lampseg.engine.logs import write_json
     from lampseg.engine.train import resolve_device
-    from lampseg.model.unet import build_model, size_divisor
+    from lampseg.model.unet import size_divisor
 
-    p = cfg.parallel
     dataset = load_dataset(dataset_root(cfg.data, log))
     channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
-    divisor = size_divisor(cfg.model)
     patch = patch_size_of(cfg)
     if patch is None:  # whole volumes: the largest training image, uncropped (an upper bound)
         import nibabel as nib
 
-        patch = whole_volume_shape([nib.load(c.image).shape[:3] for c in dataset.cases], divisor)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        enum_value(cfg.trainer.precision)]
-    device = torch.device("meta") if p.profile == "estimate" else resolve_device(cfg.trainer.device)
-    with torch.device(device):
-        model = build_model(cfg.model, len(channels), targets.out_channels)
+        patch = whole_volume_shape([nib.load(c.image).shape[:3] for c in dataset.cases],
+                                   size_divisor(cfg.model))
     input_shape = [len(channels), *patch]
-    costs = profile_blocks(model, input_shape, p.profile, device, p.device_tflops, dtype)
-    plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
-                     p.checkpoint, enum_value(cfg.optim.name), p.profile, divisor)
+    plan, costs = plan_for(cfg, len(channels), targets.out_channels, input_shape,
+                           resolve_device(cfg.trainer.device))
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
         f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
     log(plan.table())
