@@ -93,9 +93,32 @@ def test_plan_cli_writes_plan_json(tmp_path):
     assert "bubble=" in out and "stage" in out
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["plan"]["pp"] == 2 and len(plan["plan"]["stages"]) == 2
+    assert plan["largest_cube"] % 4 == 0 and plan["largest_cube"] >= 32 and "largest cubic input" in out
     assert [b["name"] for b in plan["blocks"]] == ["down0", "down1", "bottom", "up1", "up0"]
     assert plan["plan"]["bubble"] == pytest.approx(1 / (plan["plan"]["microbatches"] + 1))
     bad = lampseg("plan", "+exp=smoke", "parallel.pp=9", f"run_dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "parallel.pp" in bad.stderr
     bad = lampseg("train", "+exp=smoke", "parallel.pp=2", f"run_dir={tmp_path / 'y'}", check=False)
     assert bad.returncode == 2 and "parallel.pp" in bad.stderr
+
+
+def test_largest_cube_grows_with_stages_and_really_fits():
+    """LAMP's point: more stages, larger inputs; the size found fits when profiled at that size."""
+    from lampseg.parallel.plan import largest_cube
+
+    def unet():
+        with torch.device("meta"):
+            return UNet(3, 4, 3, (16, 32, 64, 128), (2, 2, 2), num_res_units=1)
+
+    shape = [4, 64, 64, 64]
+    costs = profile_blocks(unet(), shape, "estimate")
+    budget = 0.25
+    sides = [largest_cube(costs, pp, 2, budget, shape, divisor=8) for pp in (1, 2, 4)]
+    assert 0 < sides[0] <= sides[1] <= sides[2] and sides[0] < sides[2]
+    for pp, side in zip((1, 2, 4), sides):
+        fitting = [4, side, side, side]
+        make_plan(profile_blocks(unet(), fitting, "estimate"), pp, 2, budget, fitting)
+        bigger = side + 8
+        with pytest.raises(PlanError):
+            make_plan(profile_blocks(unet(), [4, bigger, bigger, bigger], "estimate"), pp, 2, budget,
+                      [4, bigger, bigger, bigger])

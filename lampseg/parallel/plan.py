@@ -262,11 +262,8 @@ def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, d
     smallest = min(_stage([c], 0, pp, batch, batch, schedule, "all", opt_states).memory_gb for c in costs)
     hints = [f"more stages: parallel.pp={s}" for s in range(pp + 1, len(costs) + 1)
              if _fits(costs, s, batch, budget, schedule, opt_states)][:1]
-    scale = 1.0  # activations scale with the number of voxels: find the largest cube that fits
-    while scale > 1e-3 and not _fits(_scaled(costs, scale), pp, batch, budget, schedule, opt_states):
-        scale *= 0.8
-    side = int((math.prod(input_shape[1:]) * scale) ** (1 / 3)) // divisor * divisor
-    if scale > 1e-3 and side > 0:
+    side = largest_cube(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor)
+    if side:
         hints.append(f"a smaller input: about {side}^3 voxels (data.patch_size=[{side},{side},{side}])")
     if batch > 1:
         hints.append("a smaller data.batch_size")
@@ -274,6 +271,24 @@ def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, d
     return (f"no split of the model into {pp} stage(s) fits parallel.memory_gb={budget:g} GB per stage for "
             f"input {list(input_shape)} x batch {batch} (even checkpointing everything, the lightest single "
             f"block needs {smallest:.2f} GB). Would fit: " + "; or ".join(hints))
+
+
+def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, input_shape: list[int],
+                 schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1, limit: int = 4096) -> int:
+    """Side of the largest cubic input (a multiple of ``divisor``) whose plan fits ``budget`` GB per stage
+    with ``pp`` stages; 0 when none does. Activation, state and time costs scale with the number of voxels
+    (parameters do not), so the costs profiled at ``input_shape`` are rescaled rather than re-measured.
+    """
+    voxels = math.prod(input_shape[1:])
+    lo, hi = 0, limit // divisor  # in units of divisor; lo always fits (or is 0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        side = mid * divisor
+        if _fits(_scaled(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * divisor
 
 
 def _scaled(costs: list[BlockCost], scale: float) -> list[BlockCost]:
@@ -331,8 +346,15 @@ def run_plan(cfg, log=print) -> Plan:
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
         f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
     log(plan.table())
+    cube = None
+    if cfg.parallel.memory_gb is not None:
+        cube = largest_cube(costs, plan.pp, cfg.data.batch_size, cfg.parallel.memory_gb, input_shape,
+                            plan.schedule, OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2),
+                            size_divisor(cfg.model))
+        log(f"largest cubic input that fits {cfg.parallel.memory_gb:g} GB per stage with pp={plan.pp}: "
+            f"{cube}^3 (batch {cfg.data.batch_size})")
     out = Path(cfg.run_dir) / "plan.json"
-    write_json(out, {"plan": plan.to_dict(), "blocks": [asdict(c) for c in costs],
+    write_json(out, {"plan": plan.to_dict(), "largest_cube": cube, "blocks": [asdict(c) for c in costs],
                      "model": to_container(cfg.model)})
     log(f"wrote {out}")
     return plan
