@@ -34,7 +34,6 @@ from pathlib import Path
 import monai
 import torch
 from monai.data import DataLoader as MonaiDataLoader
-from monai.losses import DiceCELoss, DiceFocalLoss
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
@@ -75,16 +74,6 @@ def _lampseg_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result
-
-
-def _plain_loss(cfg: DictConfig, bundle: DataBundle) -> nn.Module:
-    """The MONAI loss a hand-written loop would construct (the arguments ``build_loss`` uses)."""
-    sigmoid = bundle.targets.region_based
-    common = dict(sigmoid=sigmoid, softmax=not sigmoid, to_onehot_y=not sigmoid, smooth_nr=1e-5,
-                  smooth_dr=1e-5)
-    if enum_value(cfg.optim.loss) == "dice_focal":
-        return DiceFocalLoss(lambda_focal=cfg.optim.focal_weight, **common)
-    return DiceCELoss(**common)
 
 
 def _plain_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
@@ -225,7 +214,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         model_a = model_a.to(memory_format=torch.channels_last_3d)
     model_b = copy.deepcopy(model_a)
     opt_a, opt_b = build_optimizer(model_a, cfg.optim), build_optimizer(model_b, cfg.optim)
-    loss_a, loss_b = build_loss(cfg.optim, bundle.targets), _plain_loss(cfg, bundle)
+    # Both loops use the same MONAI loss object type (build_loss returns DiceCELoss/DiceFocalLoss as is).
+    loss_a, loss_b = build_loss(cfg.optim, bundle.targets), build_loss(cfg.optim, bundle.targets)
     fp16 = enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda"
     scaler_a = make_grad_scaler(cfg, device)  # one for the whole run, as run() does
     scaler_b = torch.amp.GradScaler(device.type, enabled=fp16)  # disabled: every call is a pass-through

@@ -226,6 +226,7 @@ class PreprocessedDataset:
         self.config: dict = done["config"]
         self._known = set(self.cases)
         self._meta: dict[str, dict] = {}
+        self._foreground: dict[str, np.ndarray] = {}
 
     def _path(self, name: str, suffix: str) -> Path:
         if name not in self._known:
@@ -247,8 +248,11 @@ class PreprocessedDataset:
         return self._meta[name]
 
     def foreground(self, name: str) -> np.ndarray:
-        """(N, 4) int32 rows (label value, x, y, z) of foreground voxels for patch sampling."""
-        return np.load(self._path(name, "fg.npy"))
+        """(N, 4) int32 rows (label value, x, y, z) of foreground voxels for patch sampling (read once per
+        case: the sampler asks for it for every foreground patch)."""
+        if name not in self._foreground:
+            self._foreground[name] = np.load(self._path(name, "fg.npy"))
+        return self._foreground[name]
 
     def __len__(self) -> int:
         return len(self.cases)
