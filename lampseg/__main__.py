@@ -88,6 +88,22 @@ def _synth_to(cfg) -> Path:
     return generate_dataset(cfg.out, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout)
 
 
+def _torchrun_argv(argv: list[str]) -> list[str]:
+    """Under torchrun: join the job, give every rank rank 0's run directory (each would otherwise stamp
+    its own time) and let only rank 0 write Hydra's files and log."""
+    import time
+
+    from lampseg.parallel import distributed
+
+    distributed.init_from_env()
+    if not any(a.startswith("run_dir=") for a in argv):
+        argv = argv + [f"run_dir={distributed.broadcast_object(time.strftime('outputs/%Y-%m-%d/%H-%M-%S'))}"]
+    if distributed.rank() > 0:
+        argv = argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled",
+                       "hydra/hydra_logging=disabled"]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: strip the subcommand, then let Hydra parse the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -124,8 +140,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"lampseg {subcommand}: {kind}: {e}", file=sys.stderr)
             sys.exit(2 if isinstance(e, ConfigError) else 1)
 
+    from lampseg.parallel import distributed
+
+    if distributed.launched_by_torchrun():
+        argv = _torchrun_argv(argv)
     sys.argv = [f"lampseg-{subcommand}"] + argv
-    app()
+    failed = True
+    try:
+        app()
+        failed = False
+    finally:
+        distributed.shutdown(failed)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from lampseg.engine.train import run
 # full-size steps of random sign, so tiny summation-order differences would not stay tiny.
 BASE = ["+exp=smoke", "optim=sgd", "trainer.precision=fp32", "trainer.deterministic=true",
         "trainer.max_epochs=2", "trainer.hd95=false", "trainer.num_threads=1", "data.samples_per_epoch=4"]
+GPIPE = ["parallel=pipeline", "parallel.engine=gpipe"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def unsplit(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("pp,microbatches", [(2, 1), (2, 2), (4, 2)])
 def test_gpipe_training_matches_unsplit(tmp_path, unsplit, pp, microbatches):
-    summary = _train(tmp_path, "parallel=pipeline", f"parallel.pp={pp}",
+    summary = _train(tmp_path, *GPIPE, f"parallel.pp={pp}",
                      f"parallel.microbatches={microbatches}")
     plan = summary["plan"]
     assert summary["pp"] == pp and len(plan["stages"]) == pp and plan["microbatches"] == microbatches
@@ -63,9 +64,9 @@ def test_gpipe_training_matches_unsplit(tmp_path, unsplit, pp, microbatches):
 def test_pipeline_checkpoint_is_portable(tmp_path, unsplit):
     """A pp=2 checkpoint resumes under pp=4 and evaluates (whole volume) with or without stages."""
     first = tmp_path / "pp2"
-    _train(first, "parallel=pipeline", "parallel.pp=2")
+    _train(first, *GPIPE, "parallel.pp=2")
     latest = first / "checkpoints" / "latest.pt"
-    summary = _train(tmp_path / "pp4", "parallel=pipeline", "parallel.pp=4", "trainer.max_epochs=3",
+    summary = _train(tmp_path / "pp4", *GPIPE, "parallel.pp=4", "trainer.max_epochs=3",
                      f"trainer.resume={latest}")
     assert summary["epochs"] == 3 and summary["pp"] == 4
     ckpt = first / "checkpoints" / "final.pt"
@@ -81,7 +82,7 @@ def test_pipeline_checkpoint_is_portable(tmp_path, unsplit):
 def test_curriculum_small_patches_then_whole_volumes_pipelined(tmp_path):
     """LAMP's curriculum: phases of growing inputs up to whole volumes, pipelined, resumable mid-way."""
     curriculum = ["trainer.curriculum=[[16,16,16],[32,32,32],whole]", "trainer.curriculum_epochs=[1,1,1]",
-                  "trainer.max_epochs=4", "parallel=pipeline", "parallel.pp=2"]
+                  "trainer.max_epochs=4", *GPIPE, "parallel.pp=2"]
     cfg = compose(*BASE, *curriculum, "trainer.stop_after_epochs=2")
     OmegaConf.update(cfg, "run_dir", str(tmp_path), merge=False)
     lines: list[str] = []

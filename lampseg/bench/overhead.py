@@ -44,7 +44,14 @@ from lampseg.data.sampling import PatchDataset
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import write_json
 from lampseg.engine.optim import build_optimizer
-from lampseg.engine.train import _Progress, _train_epoch, make_grad_scaler, resolve_device, seed_everything
+from lampseg.engine.train import (
+    _Progress,
+    _train_epoch,
+    local_step,
+    make_grad_scaler,
+    resolve_device,
+    seed_everything,
+)
 from lampseg.io import atomic_write_bytes
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
@@ -69,8 +76,8 @@ def _lampseg_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: 
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
-    result = _train_epoch(model, loader, optimizer, loss_fn, bundle, cfg, device, _Progress("none", 0, 0),
-                          scaler)
+    step = local_step(model, optimizer, loss_fn, cfg, device, scaler)
+    result = _train_epoch(model, step, loader, bundle, cfg, device, _Progress("none", 0, 0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result

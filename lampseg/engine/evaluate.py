@@ -23,6 +23,7 @@ from lampseg.engine.metrics import dice_hd95, summarize
 from lampseg.io import atomic_write_bytes
 from lampseg.model.losses import Targets
 from lampseg.model.unet import build_model, size_divisor
+from lampseg.parallel import distributed
 
 
 def _roi_size(cfg, patch_size: list[int]) -> list[int]:
@@ -80,28 +81,31 @@ def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
     return merged
 
 
-def load_model(ckpt: dict, cfg, device: torch.device):
+def load_model(ckpt: dict, cfg):
     """Rebuild the network of a checkpoint, load its weights (unsplit names) and apply ``cfg.parallel``
-    (pipeline stages when ``parallel=pipeline``), in eval mode.
+    (pipeline stages when ``parallel=pipeline``; under torchrun this rank's stage), in eval mode.
 
     Returns:
-        (the module to run, the targets).
+        (the module to run, the targets, this process's device).
     """
-    from lampseg.parallel.parallelize import parallelize
+    from lampseg.engine.train import resolve_device
+    from lampseg.parallel.parallelize import parallelize, uses_process_group
 
+    if not uses_process_group(cfg):
+        distributed.check_world(1, 1)
+    device = distributed.local_device(resolve_device(cfg.trainer.device))
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
     model.load_state_dict(ckpt["model"])
     net, _ = parallelize(model.to(device), cfg, [len(info["channels"]), *info["patch_size"]], device)
-    return net.eval(), targets
+    return net.eval(), targets, device
 
 
 def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
     """``evaluate ckpt=...``: metrics of a checkpoint on the validation fold (``split=val``), the training
     fold (``split=train``) or all cases (``split=all``); writes ``eval.json`` in ``run_dir``."""
     from lampseg.data.pipeline import prepare_data
-    from lampseg.engine.train import resolve_device
 
     if cfg.ckpt is None:
         raise ConfigError("config key 'ckpt': expected the path of a checkpoint (ckpt=PATH), got None")
@@ -109,9 +113,11 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
     cfg = config_from_checkpoint(ckpt, cfg, overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.trainer.device)
-    bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
-    model, _ = load_model(ckpt, cfg, device)
+    model, _, device = load_model(ckpt, cfg)  # under torchrun: this rank's pipeline stage
+    main = distributed.is_main()
+    log = log if main else (lambda *_: None)
+    with distributed.main_first():
+        bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
     cases = {"val": bundle.val_cases, "train": bundle.train_cases,
              "all": bundle.train_cases + bundle.val_cases}[cfg.split]
     per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device)
@@ -119,7 +125,8 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
               "inference": OmegaConf.to_container(cfg.inference, enum_to_str=True),
               "parallel": OmegaConf.to_container(cfg.parallel), "mean": means,
               "seconds_per_case": float(np.mean([c["seconds"] for c in per_case])), "cases": per_case}
-    write_json(run_dir / "eval.json", result)
+    if main:
+        write_json(run_dir / "eval.json", result)
     names = bundle.targets.names
     log(f"evaluated {len(per_case)} cases: mean Dice {means['dice']:.4f} ("
         + ", ".join(f"{n} {means[f'dice_{n}']:.4f}" for n in names)
@@ -144,15 +151,15 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
     """``predict ckpt=... input=FILE_OR_DIR output=DIR``: label NIfTIs in each input's original space
     (preprocessing undone, the input's affine and header kept)."""
     from lampseg.data.pipeline import preprocess_config
-    from lampseg.engine.train import resolve_device
 
     for key in ("ckpt", "input", "output"):
         if cfg[key] is None:
             raise ConfigError(f"config key '{key}': expected a path ({key}=PATH), got None")
     ckpt = load_checkpoint(cfg.ckpt)
     cfg = config_from_checkpoint(ckpt, cfg, overrides)
-    device = resolve_device(cfg.trainer.device)
-    model, targets = load_model(ckpt, cfg, device)
+    model, targets, device = load_model(ckpt, cfg)
+    main = distributed.is_main()  # under torchrun every rank runs its stage, rank 0 writes
+    log = log if main else (lambda *_: None)
     info, out_dir = ckpt["data"], Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -171,7 +178,8 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
             header.set_data_shape(seg.shape)
         out = nib.Nifti1Image(seg, img.affine, header)
         target = out_dir / path.name
-        atomic_write_bytes(target, _nifti_bytes(out, target.name))
+        if main:
+            atomic_write_bytes(target, _nifti_bytes(out, target.name))
         written.append(target)
         log(f"{path.name}: {time.perf_counter() - start:.2f} s -> {target}")
     return written

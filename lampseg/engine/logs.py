@@ -46,10 +46,12 @@ class RunLogger:
         run_dir: the run directory.
         names: metric names (regions or labels) for the ``val_dice_<name>`` columns.
         history: rows restored from a checkpoint when resuming.
+        write: False keeps the rows without writing anything (ranks other than 0).
     """
 
-    def __init__(self, run_dir: Path, names: list[str], history: list[dict] | None = None):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, names: list[str], history: list[dict] | None = None,
+                 write: bool = True):
+        self.run_dir, self.write = Path(run_dir), write
         self.columns = BASE_COLUMNS + [f"val_dice_{n}" for n in names] + [f"val_hd95_{n}" for n in names]
         self.rows: list[dict] = list(history or [])
         self._tb = None
@@ -69,6 +71,8 @@ class RunLogger:
     def log_epoch(self, row: dict) -> None:
         """Append a row, rewrite ``metrics.csv`` and ``progress.png``, and log the row to TensorBoard."""
         self.rows.append(row)
+        if not self.write:
+            return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()

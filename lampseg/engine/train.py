@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader
 
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.data.pipeline import DataBundle, curriculum_phases, phase_at, prepare_data, training_dataset
-from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from lampseg.engine.checkpoint import (
+    load_checkpoint,
+    load_optimizer_state_by_name,
+    merge_optimizer_states,
+    optimizer_state_by_name,
+    save_checkpoint,
+)
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
@@ -28,7 +34,8 @@ from lampseg.engine.optim import build_optimizer, build_scheduler
 from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
-from lampseg.parallel.parallelize import parallelize
+from lampseg.parallel import distributed
+from lampseg.parallel.parallelize import parallelize, uses_process_group
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,19 +110,10 @@ def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
 
 
-def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, device, progress: _Progress,
-                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, int, float, float]:
-    """One epoch; returns (mean loss, steps, seconds, seconds waiting for data)."""
-    scaler = scaler or make_grad_scaler(cfg, device)
-    model.train()
-    total, steps, wait = 0.0, 0, 0.0
-    start = tick = time.perf_counter()
-    for batch in loader:
-        wait += time.perf_counter() - tick
-        image = batch["image"].to(device, non_blocking=True)
-        if cfg.trainer.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        target = bundle.targets.loss_target(batch["label"].to(device, non_blocking=True))
+def local_step(model, optimizer, loss_fn, cfg, device: torch.device, scaler: torch.amp.GradScaler
+               ) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """One optimiser step on a model that runs in this process (unsplit, or torchgpipe over devices)."""
+    def step(image: torch.Tensor, target: torch.Tensor) -> float:
         with autocast(device, cfg.trainer.precision):
             logits = model(image)
         loss = loss_fn(logits.float(), target.to(logits.device))  # pipelines end on their last device
@@ -126,7 +124,38 @@ def _train_epoch(model, loader, optimizer, loss_fn, bundle: DataBundle, cfg, dev
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        value = float(loss.detach())
+        return float(loss.detach())
+
+    return step
+
+
+def pipelined_step(net, optimizer, loss_fn, cfg) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """One optimiser step of this rank's stage (``PipelinedUNet``): the schedule runs forward and backward
+    over micro-batches, gradients are clipped by the norm over all stages, each rank steps its stage."""
+    def step(image: torch.Tensor, target: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = net.train_step(image, target, loss_fn)
+        if cfg.optim.grad_clip is not None:
+            net.clip_grad_norm_(cfg.optim.grad_clip)
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def _train_epoch(model, step, loader, bundle: DataBundle, cfg, device, progress: _Progress
+                 ) -> tuple[float, int, float, float]:
+    """One epoch of ``step(image, target)``; returns (mean loss, steps, seconds, seconds waiting for data)."""
+    model.train()
+    total, steps, wait = 0.0, 0, 0.0
+    start = tick = time.perf_counter()
+    for batch in loader:
+        wait += time.perf_counter() - tick
+        image = batch["image"].to(device, non_blocking=True)
+        if cfg.trainer.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        target = bundle.targets.loss_target(batch["label"].to(device, non_blocking=True))
+        value = step(image, target)
         total, steps = total + value, steps + 1
         progress.update(value)
         tick = time.perf_counter()
@@ -148,15 +177,25 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     if cfg.parallel.pp != 1 and cfg.parallel.name != "pipeline":
         raise ConfigError(f"config key 'parallel.pp': {cfg.parallel.pp} stages need parallel=pipeline "
                           f"(got parallel={cfg.parallel.name})")
+    staged = uses_process_group(cfg)  # one pipeline stage per torchrun process
+    if not staged:
+        distributed.check_world(1, 1)  # several processes of an unsplit run would overwrite each other
+    main = distributed.is_main()  # only rank 0 writes files and prints
+    log = log if main else (lambda *_: None)
     run_dir = Path(cfg.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    device = resolve_device(cfg.trainer.device)
+    device = distributed.local_device(resolve_device(cfg.trainer.device))
+    if staged and enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda":
+        raise ConfigError("config key 'trainer.precision': fp16 loss scaling is not coordinated across "
+                          "pipeline stages; use bf16 or fp32 with parallel.engine=pipelining")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     divisor = size_divisor(cfg.model)
-    bundle = prepare_data(cfg, run_dir, divisor, log)
-    atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+    with distributed.main_first():  # rank 0 builds the cache and splits.json, the others read them
+        bundle = prepare_data(cfg, run_dir, divisor, log)
+    if main:
+        atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
     model = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -169,7 +208,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         f"({', '.join(bundle.targets.names)}); device {device}")
     if plan is not None:
         log(plan.table())
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(net if staged else model, cfg.optim)  # a stage's parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
     loss_fn = build_loss(cfg.optim, bundle.targets)
     scaler = make_grad_scaler(cfg, device)
@@ -179,20 +218,28 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors; modules copy
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state_by_name(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         state.update(ckpt["train_state"])
         log(f"resumed from {resume_from} at epoch {state['epoch']}")
-    logger = RunLogger(run_dir, bundle.targets.names, state["history"])
+    logger = RunLogger(run_dir, bundle.targets.names, state["history"], write=main)
     dataset = training_dataset(cfg, bundle)
     wall_start = time.perf_counter() - state["wall_s"]
 
-    def checkpoint_state() -> dict:
+    def checkpoint_state() -> dict | None:
+        """The checkpoint on rank 0 (stages gathered under unsplit names); None on other ranks."""
         state["history"] = logger.rows
         state["wall_s"] = time.perf_counter() - wall_start
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        weights, optim_state = model.state_dict(), optimizer_state_by_name(model, optimizer)
+        if staged:
+            weights = net.full_state_dict()
+            parts = net.gather_on_first(optim_state)
+            optim_state = merge_optimizer_states(parts) if parts is not None else None
+        if not main:
+            return None
+        return {"model": weights, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
                 "rng": _rng_state(),
                 "train_state": dict(state), "config": to_container(cfg),
@@ -211,11 +258,16 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params,
                 "plan": plan.to_dict() if plan is not None else None,
                 "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
-                "modalities": bundle.modality_names, "fold": cfg.data.fold, "world_size": 1, "dp": 1,
-                "pp": cfg.parallel.pp if plan is not None else 1}
-        write_json(run_dir / "summary.json", data)
+                "modalities": bundle.modality_names, "fold": cfg.data.fold,
+                "world_size": distributed.world_size(), "dp": 1,
+                "pp": cfg.parallel.pp if plan is not None else 1, "engine": engine}
+        if main:
+            write_json(run_dir / "summary.json", data)
         return data
 
+    engine = enum_value(cfg.parallel.engine) if plan is not None else None
+    step = pipelined_step(net, optimizer, loss_fn, cfg) if staged else local_step(net, optimizer, loss_fn,
+                                                                                 cfg, device, scaler)
     current_phase = None
     stop_at = cfg.trainer.max_epochs
     if cfg.trainer.stop_after_epochs is not None:
@@ -235,10 +287,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             _, dataset.patch_size, dataset.whole_volume = phase
             dataset.set_epoch(epoch)
             loader = DataLoader(dataset, **loader_kwargs)
-            progress = _Progress(cfg.trainer.progress, len(loader), epoch)
+            progress = _Progress(cfg.trainer.progress if main else "none", len(loader), epoch)
             lr = optimizer.param_groups[0]["lr"]
-            loss, steps, seconds, wait = _train_epoch(net, loader, optimizer, loss_fn, bundle, cfg, device,
-                                                      progress, scaler)
+            loss, steps, seconds, wait = _train_epoch(net, step, loader, bundle, cfg, device, progress)
             progress.close()
             scheduler.step()
             state["step"] += steps
@@ -254,14 +305,15 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:
                     state.update(best_val_dice=means["dice"], best_epoch=epoch, best_metrics=means)
-                if reporter is not None:
+                if reporter is not None and main:
                     reporter(dict(row))
             state["epoch"] = epoch
             logger.log_epoch(row)
             ckpt = checkpoint_state()
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", ckpt)
-            if state["best_epoch"] == epoch:
-                save_checkpoint(run_dir / "checkpoints" / "best.pt", ckpt)
+            if main:
+                save_checkpoint(run_dir / "checkpoints" / "latest.pt", ckpt)
+                if state["best_epoch"] == epoch:
+                    save_checkpoint(run_dir / "checkpoints" / "best.pt", ckpt)
             names = " ".join(f"{n}={row.get(f'val_dice_{n}', math.nan):.3f}" for n in bundle.targets.names)
             val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
             log(f"epoch {epoch}/{cfg.trainer.max_epochs} step {state['step']} loss={loss:.4f} lr={lr:.2e} "
@@ -269,9 +321,10 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             summary("running")
         if state["epoch"] >= cfg.trainer.max_epochs:
             final = checkpoint_state()
-            save_checkpoint(run_dir / "checkpoints" / "final.pt", final)
-            if not (run_dir / "checkpoints" / "best.pt").is_file():
-                save_checkpoint(run_dir / "checkpoints" / "best.pt", final)
+            if main:
+                save_checkpoint(run_dir / "checkpoints" / "final.pt", final)
+                if not (run_dir / "checkpoints" / "best.pt").is_file():
+                    save_checkpoint(run_dir / "checkpoints" / "best.pt", final)
             result = summary("completed")
             log(f"done: best val_dice={result['best_val_dice']} at epoch {result['best_epoch']}; "
                 f"run dir {run_dir}")

@@ -1,0 +1,125 @@
+"""Exact byte counts of tensors and the peak memory a block of code allocates, on CUDA or CPU.
+
+    with PeakMemory("cpu") as peak:
+        loss = model(x).mean()
+        loss.backward()
+    print(peak.gb)
+
+CUDA reads the caching allocator's peak counter. CPU has no such counter, so the block runs under the
+PyTorch profiler with ``profile_memory=True`` and the peak is the largest prefix sum of its allocation
+and free events. Caveats on CPU: only frees of memory allocated inside the block count (the profiler does
+not reliably know the size of older blocks), so freeing a tensor that existed at entry does not make room
+the way it does on CUDA, and the result is the peak of what the block itself allocated; memory that
+bypasses the c10 CPU allocator is not seen (oneDNN/ideep buffers go through it and are); the profiler
+adds about 1 s the first time in a process and a few ms per block after, and prints two kineto log lines
+to stderr per block; CPU blocks do not nest (one profiler at a time).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+GB = 1024**3
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by ``tensors``, counting every storage once.
+
+    Views, tied weights and tensors sharing a storage count once, with the storage's full size; ``None``
+    entries (e.g. missing gradients) are skipped. Distributed tensors count their local shard.
+
+    Args:
+        tensors: Tensors such as parameters, gradients and optimiser state values.
+
+    Returns:
+        The total size in bytes of the distinct storages.
+    """
+    sizes: dict[tuple[str, int], int] = {}
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        to_local = getattr(tensor, "to_local", None)  # DTensor: count the shard this rank holds
+        storage = (to_local() if callable(to_local) else tensor).untyped_storage()
+        ptr = storage.data_ptr()
+        # Meta storages all have data_ptr 0: tell them apart by the storage object instead.
+        key = (str(storage.device), ptr) if ptr else ("storage", storage._cdata)
+        sizes[key] = max(sizes.get(key, 0), storage.nbytes())
+    return sum(sizes.values())
+
+
+def _allocations(nodes: Iterable, device_type: str) -> Iterator[tuple[int, int, int]]:
+    """(start time ns, pointer, signed bytes) of the allocation/free events on ``device_type`` in a tree."""
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == device_type:
+            yield node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size
+
+
+def _peak(events: Iterable[tuple[int, int, int]]) -> int:
+    """Largest running total of the blocks allocated in ``events``; frees of other blocks are ignored."""
+    live: dict[int, int] = {}
+    total = peak = 0
+    for _, ptr, nbytes in sorted(events, key=lambda event: event[0]):
+        if nbytes > 0:
+            live[ptr] = nbytes
+            total += nbytes
+            peak = max(peak, total)
+        elif ptr in live:
+            total -= live.pop(ptr)
+    return peak
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory allocated during a block, above what was held at entry.
+
+    Args:
+        device: The device to watch (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device`` or an index).
+
+    Attributes:
+        bytes: Peak bytes allocated during the last completed block, above the amount at entry (>= 0).
+    """
+
+    def __init__(self, device: torch.device | str | int = "cpu") -> None:
+        self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"PeakMemory supports cpu and cuda devices, not {self.device}")
+        self.bytes = 0
+        self._start = 0
+        self._profiler: profile | None = None
+
+    @property
+    def gb(self) -> float:
+        """Peak in GiB (1024**3 bytes)."""
+        return self.bytes / GB
+
+    def __enter__(self) -> PeakMemory:
+        self.bytes = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        if torch._C._autograd._profiler_enabled():
+            raise RuntimeError("PeakMemory on CPU needs the PyTorch profiler, which is already running")
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)
+            return
+        assert self._profiler is not None
+        prof, self._profiler = self._profiler, None
+        prof.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            return
+        self.bytes = _peak(_allocations(prof.profiler.kineto_results.experimental_event_tree(), "cpu"))
