@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,26 @@ def lampseg(*args: str, cwd: str | Path | None = None, check: bool = True,
     if check and proc.returncode != 0:
         pytest.fail(f"lampseg {' '.join(map(str, args))} exited {proc.returncode}\n"
                     f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
+    return proc
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT_S
+             ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC -m lampseg ARGS`` on 127.0.0.1, one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lampseg", *map(str, args)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun x{nproc} lampseg {' '.join(map(str, args))} exited {proc.returncode}\n"
+                    f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
 
 

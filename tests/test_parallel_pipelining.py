@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 WORKER = Path(__file__).parent / "workers" / "pipelining_equivalence.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipelining_stages_match_unsplit_model(stages):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stages}",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER)],
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER)],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
