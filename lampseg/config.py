@@ -169,6 +169,10 @@ class BenchConfig:
     steps: int = 50  # timed steps per phase (50 = one default synthetic epoch: 100 samples / batch 2)
     warmup: int = 5  # untimed steps before each timed phase
     repeats: int = 7  # interleaved rounds (A B A B ...); medians over these
+    pp: list[int] = field(default_factory=lambda: [1, 2, 4])  # bench pipeline: stages
+    microbatches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # bench pipeline
+    memory_gb: float = 16.0  # bench pipeline: per-stage budget for the largest-cube column
+    timeout_s: float = 1800.0  # bench pipeline: per torchrun job
 
 
 @dataclass

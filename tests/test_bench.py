@@ -53,4 +53,31 @@ def test_bench_overhead_writes_consistent_json_and_png(tmp_path: Path) -> None:
 def test_bench_unknown_name_lists_available(tmp_path: Path) -> None:
     proc = _lampseg(["bench", "nosuch", f"run_dir={tmp_path / 'run'}"], tmp_path / "home", tmp_path)
     assert proc.returncode == 2
-    assert "overhead" in proc.stderr and "nosuch" in proc.stderr
+    assert "overhead" in proc.stderr and "pipeline" in proc.stderr and "nosuch" in proc.stderr
+
+
+def test_bench_pipeline_measures_memory_against_the_plan(tmp_path: Path) -> None:
+    """bench pipeline: one torchrun job per pp; every (pp, M) reports each stage's measured and planned
+    peak memory, the step time and the bubble; the planner is within the issue's 20 % of the measurement."""
+    run_dir = tmp_path / "run"
+    proc = _lampseg(["bench", "pipeline", "+exp=smoke", "bench.pp=[1,2]", "bench.microbatches=[1,2]",
+                     "bench.steps=1", "bench.warmup=0", f"run_dir={run_dir}"], tmp_path / "home", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((run_dir / "bench_pipeline.json").read_text())
+    assert (run_dir / "bench_pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["config"]["batch_size"] == 2
+    configs = {(c["pp"], c["microbatches"]): c for c in result["configs"]}
+    assert set(configs) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for (pp, micro), c in configs.items():
+        assert [r["stage"] for r in c["stages"]] == list(range(pp))
+        assert sum(len(r["blocks"]) for r in c["stages"]) == 5
+        assert c["bubble_ideal"] == pytest.approx((pp - 1) / (micro + pp - 1))
+        assert c["efficiency"] == pytest.approx(configs[(1, micro)]["step_s"] / (pp * c["step_s"]))
+        for r in c["stages"]:
+            assert 0 < r["static_gb"] < r["measured_gb"] and r["planned_gb"] > 0
+        assert c["memory_error_max"] == pytest.approx(
+            max(abs(r["planned_gb"] / r["measured_gb"] - 1) for r in c["stages"]))
+    assert result["memory_error_max"] <= 0.20
+    assert result["pass"]["memory_within_20pct"] is True
+    cubes = result["largest_cube"]
+    assert 0 < cubes["1"] <= cubes["2"]

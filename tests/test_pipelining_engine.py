@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose, lampseg, load_check_run_dir, torchrun
+from conftest import REPO, compose, free_port, lampseg, load_check_run_dir, torchrun
 from omegaconf import OmegaConf
 
 from lampseg.engine.train import run
@@ -68,6 +71,9 @@ def test_pipelining_training_matches_unsplit(tmp_path, unsplit, pp, schedule, mi
     assert (summary["status"], summary["world_size"], summary["pp"], summary["engine"]) == (
         "completed", pp, pp, "pipelining")
     assert (len(plan["stages"]), plan["microbatches"], plan["schedule"]) == (pp, microbatches, schedule)
+    memory = summary["stage_memory"]  # measured on the second step, next to the plan
+    assert [m["stage"] for m in memory] == list(range(pp))
+    assert all(0 < m["static_gb"] < m["measured_gb"] and m["planned_gb"] > 0 for m in memory), memory
     assert _losses(tmp_path) == pytest.approx(_losses(unsplit), rel=1e-5)
     _assert_same_weights(_weights(tmp_path / "checkpoints" / "final.pt"),
                          _weights(unsplit / "checkpoints" / "final.pt"))
@@ -122,3 +128,24 @@ def test_pipelining_misuse_is_a_config_error(tmp_path):
     proc = torchrun(2, "train", "+exp=smoke", f"run_dir={tmp_path / 'c'}", check=False)
     assert proc.returncode != 0 and "WORLD_SIZE is 2" in proc.stderr
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_pipelining_across_two_nodes(tmp_path, unsplit):
+    """Two torchrun 'nodes' (one process each) meeting at a c10d rendezvous on 127.0.0.1: one stage per
+    node, the unsplit model's losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=lampseg-test",
+               "-m", "lampseg", "train", *BASE, *PIPE, "parallel.pp=2", "parallel.microbatches=2",
+               f"run_dir={tmp_path / 'mn'}"]
+    nodes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    summary = json.loads((tmp_path / "mn" / "summary.json").read_text())
+    assert (summary["status"], summary["world_size"], summary["pp"]) == ("completed", 2, 2)
+    assert _losses(tmp_path / "mn") == pytest.approx(_losses(unsplit), rel=1e-5)

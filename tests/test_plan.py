@@ -66,13 +66,28 @@ def test_skip_tensors_count_on_every_stage_they_cross():
     assert plan.stages[1].activation_gb * 1024 >= 2 * 500  # received and sent on by the middle stage
 
 
+def test_skip_crossing_a_stage_is_one_tensor_not_two():
+    """The middle stage's received skip leaves it unchanged: its output holds the same tensor, so it is
+    counted once there (plus the gradient buffer for it coming back from the next stage)."""
+    def block(name, through):
+        return BlockCost(name, 0, 0, 1.0, 0.0, 0, 501 * MB, 501 * MB, in_sizes=[500 * MB, MB],
+                         through=through)
+
+    crossing = [block("b0", [0, -1]), block("b1", [0, -1]), block("b2", [0, -1])]
+    copying = [block("b0", [-1, -1]), block("b1", [-1, -1]), block("b2", [-1, -1])]
+    middle = [make_plan(c, 3, 1, None, [1, 8, 8, 8], microbatches=1, checkpoint="none").stages[1]
+              for c in (crossing, copying)]
+    assert (middle[1].activation_gb - middle[0].activation_gb) * 1024 == pytest.approx(500)
+
+
 def test_impossible_budgets_say_what_would_fit():
     with torch.device("meta"):
         model = UNet(3, 4, 3, (32, 64, 128, 256), (2, 2, 2), num_res_units=1)
     costs = profile_blocks(model, [4, 128, 128, 128], "estimate")
     with pytest.raises(PlanError, match=r"parallel.pp.*at most 7") as err:
         make_plan(costs, 8, 2, None, [4, 128, 128, 128])
-    budget = 1.01 * max(s.memory_gb for s in make_plan(costs, 4, 2, None, [4, 128, 128, 128]).stages)
+    four = make_plan(costs, 4, 2, None, [4, 128, 128, 128], checkpoint="all")
+    budget = 1.01 * max(s.memory_gb for s in four.stages)
     with pytest.raises(PlanError) as err:
         make_plan(costs, 1, 2, budget, [4, 128, 128, 128], divisor=8)
     message = str(err.value)
@@ -122,3 +137,17 @@ def test_largest_cube_grows_with_stages_and_really_fits():
         with pytest.raises(PlanError):
             make_plan(profile_blocks(unet(), [4, bigger, bigger, bigger], "estimate"), pp, 2, budget,
                       [4, bigger, bigger, bigger])
+
+
+def test_1f1b_plans_at_least_as_many_microbatches_as_stages():
+    costs = [_cost(f"b{i}", 1, act_mb=10, in_mb=1, out_mb=1) for i in range(4)]
+    plan = make_plan(costs, 2, 4, None, [1, 8, 8, 8], schedule="1f1b")
+    assert plan.microbatches >= 2
+    with pytest.raises(PlanError, match="parallel.microbatches"):
+        make_plan(costs, 4, 2, None, [1, 8, 8, 8], schedule="1f1b")
+    with pytest.raises(PlanError, match="parallel.microbatches"):
+        make_plan(costs, 2, 4, None, [1, 8, 8, 8], microbatches=1, schedule="1f1b")
+    # 1F1B keeps fewer micro-batches in flight on later stages: the last stage needs less than GPipe's.
+    gpipe = make_plan(costs, 2, 4, None, [1, 8, 8, 8], microbatches=4, schedule="gpipe", checkpoint="none")
+    one = make_plan(costs, 2, 4, None, [1, 8, 8, 8], microbatches=4, schedule="1f1b", checkpoint="none")
+    assert one.stages[-1].activation_gb < gpipe.stages[-1].activation_gb

@@ -18,7 +18,13 @@ def _overhead(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
-BENCHMARKS: dict[str, Callable[[DictConfig], dict]] = {"overhead": _overhead}
+def _pipeline(cfg: DictConfig) -> dict:
+    from lampseg.bench.pipeline import run
+
+    return run(cfg)
+
+
+BENCHMARKS: dict[str, Callable[[DictConfig], dict]] = {"overhead": _overhead, "pipeline": _pipeline}
 
 
 def run_bench(cfg: DictConfig) -> dict:

@@ -201,7 +201,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         model = model.to(memory_format=torch.channels_last_3d)
     phases = curriculum_phases(cfg, bundle)
     largest = max((patch for _, patch, _ in phases), key=math.prod)  # plan stages for the largest input
-    net, plan = parallelize(model, cfg, [len(bundle.channels), *largest], device)
+    net, plan = parallelize(model, cfg, [len(bundle.channels), *largest], device, bundle.targets)
     params = count_parameters(model)
     log(f"model {cfg.model.name}: {params:,} parameters; {len(bundle.channels)} input channels "
         f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
@@ -256,7 +256,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 "wall_s": round(time.perf_counter() - wall_start, 2),
                 "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
                 "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params,
-                "plan": plan.to_dict() if plan is not None else None,
+                "plan": plan.to_dict() if plan is not None else None, "stage_memory": stage_memory["rows"],
                 "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
                 "modalities": bundle.modality_names, "fold": cfg.data.fold,
                 "world_size": distributed.world_size(), "dp": 1,
@@ -268,6 +268,16 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     engine = enum_value(cfg.parallel.engine) if plan is not None else None
     step = pipelined_step(net, optimizer, loss_fn, cfg) if staged else local_step(net, optimizer, loss_fn,
                                                                                  cfg, device, scaler)
+    stage_memory: dict = {"calls": 0, "rows": None}
+    if staged:  # measure each stage's peak memory on the second step (optimiser state exists by then)
+        plain_step = step
+
+        def step(image: torch.Tensor, target: torch.Tensor) -> float:
+            stage_memory["calls"] += 1
+            if stage_memory["calls"] != 2:
+                return plain_step(image, target)
+            loss, stage_memory["mine"] = net.measure_step(plain_step, optimizer, image, target)
+            return loss
     current_phase = None
     stop_at = cfg.trainer.max_epochs
     if cfg.trainer.stop_after_epochs is not None:
@@ -291,6 +301,12 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             lr = optimizer.param_groups[0]["lr"]
             loss, steps, seconds, wait = _train_epoch(net, step, loader, bundle, cfg, device, progress)
             progress.close()
+            if "mine" in stage_memory:  # gathered once (a collective: every rank gets here together)
+                stage_memory["rows"] = net.gather_on_first(stage_memory.pop("mine"))
+                if main:
+                    log("stage memory, planned / measured (step 2): " + ", ".join(
+                        f"stage {r['stage']} {r['planned_gb'] * 1024:.1f} / {r['measured_gb'] * 1024:.1f} MB"
+                        for r in stage_memory["rows"]))
             scheduler.step()
             state["step"] += steps
             state["train_time_s"] += seconds

@@ -25,18 +25,19 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(timeout_s: float | None = None) -> bool:
+def init_from_env(timeout_s: float | None = None, alone: bool = False) -> bool:
     """Join the torchrun job once (no-op when not launched by torchrun or already joined).
 
     Args:
         timeout_s: collective timeout; default ``$LAMPSEG_DIST_TIMEOUT`` or 600 s.
+        alone: also join a job of one process (``torchrun --nproc_per_node 1``).
 
     Returns:
         Whether a process group is active.
     """
     if dist.is_initialized():
         return True
-    if not launched_by_torchrun():
+    if not (launched_by_torchrun() or (alone and "RANK" in os.environ)):
         return False
     timeout = timedelta(seconds=float(timeout_s or os.environ.get("LAMPSEG_DIST_TIMEOUT", 600)))
     backend = "gloo"

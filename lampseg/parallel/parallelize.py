@@ -49,7 +49,7 @@ def uses_process_group(cfg) -> bool:
     return True
 
 
-def parallelize(model: nn.Module, cfg, input_shape: list[int], device: torch.device
+def parallelize(model: nn.Module, cfg, input_shape: list[int], device: torch.device, targets=None
                 ) -> tuple[nn.Module, Plan | None]:
     """The module to run forward passes with, and the plan (None when not pipelined).
 
@@ -58,6 +58,7 @@ def parallelize(model: nn.Module, cfg, input_shape: list[int], device: torch.dev
         cfg: the full config (``parallel.*``, ``data.batch_size``, ``trainer.precision``, ``model``).
         input_shape: (C, X, Y, Z) of one training sample.
         device: the run's device (the first stage's device when pipelined).
+        targets: the label mapping (``Targets``) when training: the plan then counts the loss's memory.
 
     Raises:
         ConfigError: for an engine that is not available or too few devices.
@@ -71,12 +72,12 @@ def parallelize(model: nn.Module, cfg, input_shape: list[int], device: torch.dev
 
         plan = None  # rank 0 plans: a measured profile differs between ranks, the split must not
         if distributed.is_main():
-            plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device)
+            plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
         plan = distributed.broadcast_object(plan)
         with torch.device("meta"):
             probe = build_model(cfg.model, input_shape[0], int(model.out_channels))
         return PipelinedUNet(model, probe, plan, device, cfg.trainer.precision), plan
-    plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device)
+    plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
     from torchgpipe import GPipe
 
     balance = [len(stage.blocks) for stage in plan.stages]

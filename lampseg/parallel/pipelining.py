@@ -11,6 +11,7 @@ Checkpoints are gathered on rank 0 under the unsplit parameter names.
 """
 from __future__ import annotations
 
+import gc
 import math
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from lampseg.config import ConfigError, enum_value
 from lampseg.engine.inference import DTYPES, autocast
 from lampseg.parallel.blocks import unet_blocks
+from lampseg.parallel.memory import GB, PeakMemory, tensor_bytes
 from lampseg.parallel.plan import Plan
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -151,6 +153,7 @@ class PipelinedUNet(nn.Module):
     def _schedule(self, batch_shape: tuple[int, ...], loss_fn):
         key = tuple(batch_shape)
         if key not in self._schedules:
+            self.release_buffers()  # a new input size (curriculum phase): the old buffers are dead weight
             micro = list(batch_shape)
             if micro[0] % self.plan.microbatches:
                 raise ConfigError(f"config key 'data.batch_size': {micro[0]} is not divisible by the plan's "
@@ -167,6 +170,10 @@ class PipelinedUNet(nn.Module):
                 stage, self.plan.microbatches, loss_fn=lambda out, target: loss_fn(out.float(), target))
         return self._schedules[key]
 
+    def release_buffers(self) -> None:
+        """Drop the schedule and its per-micro-batch communication buffers (rebuilt on the next step)."""
+        self._schedules.clear()
+
     def train_step(self, image: torch.Tensor, target: torch.Tensor, loss_fn) -> float:
         """Forward and backward of one batch through the pipeline (gradients land in this stage's
         parameters, averaged over micro-batches); every rank passes the same batch.
@@ -176,17 +183,43 @@ class PipelinedUNet(nn.Module):
         """
         schedule = self._schedule(tuple(image.shape), loss_fn)
         losses: list[torch.Tensor] = []
-        if self.is_first:
-            schedule.step(image.to(self.device))
-        elif self.is_last:
-            schedule.step(target=target.to(self.device), losses=losses)
-        else:
-            schedule.step()
+        inputs = (image.to(self.device),) if self.is_first else ()
+        kwargs = {"target": target.to(self.device), "losses": losses} if self.is_last else {}
+        schedule.step(*inputs, **kwargs)
         value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.is_last:
             value += sum(float(v.detach()) for v in losses) / len(losses)
         dist.broadcast(value, src=self._global(self.pp - 1), group=self.group)
         return float(value)
+
+    def measure_step(self, step, optimizer: torch.optim.Optimizer, image: torch.Tensor, target: torch.Tensor
+                     ) -> tuple[float, dict]:
+        """Run ``step(image, target)`` (one optimiser step, on every rank) and measure this stage's peak
+        memory: on CUDA the peak allocated; on CPU what the stage holds at entry (weights, optimiser state,
+        its share of the batch) plus the peak the step allocates (``PeakMemory``). Gradients and the
+        schedule's buffers are released first so that they are allocated, and seen, inside the step.
+
+        Returns:
+            The step's loss and ``{"stage", "blocks", "planned_gb", "measured_gb", "static_gb"}``.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        self.release_buffers()
+        gc.collect()
+        params = tensor_bytes(self.parameters())
+        opt_state = tensor_bytes(v for state in optimizer.state.values() for v in state.values()
+                                 if torch.is_tensor(v))
+        if self.device.type == "cuda":
+            held = torch.cuda.memory_allocated(self.device)
+        else:  # the profiler sees allocations only: add what is already there
+            held = (params + opt_state + (tensor_bytes([image]) if self.is_first else 0)
+                    + (tensor_bytes([target]) if self.is_last else 0))
+        with PeakMemory(self.device) as peak:
+            loss = step(image, target)
+        grads = tensor_bytes(p.grad for p in self.parameters())
+        stage = self.plan.stages[self.pp_rank]
+        return loss, {"stage": self.pp_rank, "blocks": list(stage.blocks), "planned_gb": stage.memory_gb,
+                      "measured_gb": (held + peak.bytes) / GB, "planned_static_gb": stage.static_gb,
+                      "static_gb": (params + grads + opt_state) / GB}
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip by the global gradient norm over all stages (what the unsplit model would clip by)."""

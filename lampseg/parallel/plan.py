@@ -37,9 +37,16 @@ class BlockCost:
     param_bytes: int
     time_s: float  # forward + backward
     flops: float  # forward
-    act_bytes: int  # saved for backward
+    act_bytes: int  # saved for backward (the loss's saved tensors included for the last block)
     in_bytes: int  # the block's input state (current activation and pending skips)
     out_bytes: int
+    saved_in_bytes: int = 0  # part of act_bytes that is the block's own input (a stage's received buffer)
+    work_bytes: int = 0  # largest saved tensor (~ the backward's gradient buffers, per sample)
+    workspace_bytes: int = 0  # measured only: kernel workspace beyond that (e.g. CPU fp32 im2col), per call
+    in_sizes: list[int] = field(default_factory=list)  # bytes of each input state tensor
+    through: list[int] = field(default_factory=list)  # per input tensor: its position in the output, or -1
+    extra_in_bytes: int = 0  # first block: the fp32 image the pipeline keeps for the whole batch
+    extra_out_bytes: int = 0  # last block: the loss target kept for the whole batch
 
 
 @dataclass
@@ -104,7 +111,8 @@ def _state_bytes(state) -> int:
 
 def profile_blocks(model: torch.nn.Module, input_shape: list[int], source: str = "estimate",
                    device: torch.device | str = "cpu", device_tflops: float = 10.0,
-                   dtype: torch.dtype = torch.float32, repeats: int = 2) -> list[BlockCost]:
+                   dtype: torch.dtype = torch.float32, repeats: int = 2, loss_fn=None,
+                   target_fn=None) -> list[BlockCost]:
     """Per-sample costs of each block of a MONAI UNet.
 
     Args:
@@ -115,6 +123,8 @@ def profile_blocks(model: torch.nn.Module, input_shape: list[int], source: str =
         device_tflops: assumed sustained throughput for estimates.
         dtype: activation dtype (autocast precision is approximated by the element size).
         repeats: timed repetitions per block when measuring (after one warm-up).
+        loss_fn: the training loss; what it saves for backward is added to the last block's.
+        target_fn: ``(B, 1, X, Y, Z)`` label map on a device -> the loss target (with ``loss_fn``).
 
     Returns:
         One ``BlockCost`` per block in execution order.
@@ -130,22 +140,66 @@ def profile_blocks(model: torch.nn.Module, input_shape: list[int], source: str =
         block.to(device=device, dtype=dtype)
         inputs = tuple(t.detach().requires_grad_() for t in ((state,) if torch.is_tensor(state) else state))
         saved: dict[int, int] = {}
-
-        def pack(t: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
-            saved[id(t)] = t.numel() * t.element_size()  # by tensor: one tensor saved twice counts once
-            return t
-
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        with FlopCounterMode(display=False) as counter, hooks:
+        with FlopCounterMode(display=False) as counter, _counting_saved(saved):
             out = block(inputs[0] if len(inputs) == 1 else inputs)
         flops = float(counter.get_total_flops())
         elapsed = 3 * flops / (device_tflops * 1e12)
+        workspace = 0
         if source == "measure":
             elapsed = _time_block(block, inputs, repeats)
-        costs.append(BlockCost(spec.name, param_count, param_bytes, elapsed, flops, sum(saved.values()),
-                               _state_bytes(inputs), _state_bytes(out)))
+            workspace = _measured_workspace_bytes(block, inputs, sum(saved.values()),
+                                                  max(saved.values(), default=0))
+        outs = out if isinstance(out, tuple) else (out,)
+        out_ids = [id(t) for t in outs]
+        costs.append(BlockCost(
+            spec.name, param_count, param_bytes, elapsed, flops, sum(saved.values()), _state_bytes(inputs),
+            _state_bytes(out), saved_in_bytes=sum(saved.get(_storage_key(t), 0) for t in inputs),
+            work_bytes=max(saved.values(), default=0), workspace_bytes=workspace,
+            in_sizes=[_state_bytes(t) for t in inputs],
+            through=[out_ids.index(id(t)) if id(t) in out_ids else -1 for t in inputs]))
         state = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+    costs[0].extra_in_bytes = math.prod(input_shape) * 4  # the fp32 image batch stays on stage 0
+    if loss_fn is not None:
+        logits = state.float().requires_grad_()
+        target = target_fn(torch.zeros([1, 1, *input_shape[1:]], dtype=torch.long, device=device))
+        saved = {}
+        with _counting_saved(saved):
+            loss_fn(logits, target)
+        last = costs[-1]
+        last.act_bytes += sum(saved.values())
+        last.work_bytes = max(last.work_bytes, *saved.values())
+        last.extra_out_bytes = _state_bytes(target)
     return costs
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the storage, not the tensor: views of one buffer count once
+
+
+def _counting_saved(saved: dict[int, int]):
+    """Record the bytes of every storage autograd saves for backward (each storage once)."""
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[_storage_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _measured_workspace_bytes(block, inputs, saved_bytes: int, largest_saved: int) -> int:
+    """What a block's forward + backward allocates beyond its saved tensors, output, output and input
+    gradients and parameter gradients: convolution workspaces (e.g. CPU fp32 im2col buffers)."""
+    from lampseg.parallel.memory import PeakMemory, tensor_bytes
+
+    block.zero_grad(set_to_none=True)
+    for t in inputs:
+        t.grad = None
+    with PeakMemory(inputs[0].device) as peak:
+        out = block(inputs[0] if len(inputs) == 1 else inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    accounted = (saved_bytes + 2 * _state_bytes(outs) + _state_bytes(inputs)
+                 + tensor_bytes(p.grad for p in block.parameters()))
+    return max(0, peak.bytes - accounted - largest_saved)  # largest_saved: counted as work_bytes
 
 
 def _time_block(block, inputs, repeats: int) -> float:
@@ -164,22 +218,46 @@ def _time_block(block, inputs, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _through_bytes(costs: list[BlockCost]) -> int:
+    """Bytes of the stage's input tensors that leave it unchanged (skips crossing the stage)."""
+    positions = list(range(len(costs[0].in_sizes)))
+    for c in costs:
+        positions = [c.through[p] if p >= 0 and p < len(c.through) else -1 for p in positions]
+    return sum(size for size, p in zip(costs[0].in_sizes, positions) if p >= 0)
+
+
 def _stage(costs: list[BlockCost], index: int, stages: int, batch: int, microbatches: int, schedule: str,
            checkpoint: str, opt_states: int) -> Stage:
+    """Peak memory and time of one stage (a pipelining rank) holding ``costs``' blocks.
+
+    Per micro-batch in flight (all M with GPipe, at most S - stage with 1F1B): the tensors saved for
+    backward and the stage's output (skips that merely cross the stage counted once). For the whole
+    batch, allocated once per micro-batch and reused: the received input state and the received output
+    gradient (not on the first / last stage), and the image (first) or loss target (last). One micro-batch
+    at a time: the input gradient being sent back, the backward's working buffers (~ the largest saved
+    tensor) and any recomputation.
+    """
     micro = batch / microbatches
     in_flight = min(microbatches, stages - index) if schedule == "1f1b" else microbatches
-    act = sum(c.act_bytes for c in costs)
+    first, last = index == 0, index == stages - 1
+    act = sum(c.act_bytes for c in costs) - (0 if first else costs[0].saved_in_bytes)
+    recv = 0 if first else costs[0].in_bytes
+    output = costs[-1].out_bytes - _through_bytes(costs)
+    working = max(c.work_bytes for c in costs)
+    workspace = max(c.workspace_bytes for c in costs)
     if checkpoint == "none":
-        stash = in_flight * micro * act
-    elif checkpoint == "block":  # keep each block's input, recompute one block at a time
-        stash = in_flight * micro * sum(c.in_bytes for c in costs) + micro * max(c.act_bytes for c in costs)
-    else:  # "all": keep the stage input, recompute the stage for one micro-batch at a time
-        stash = in_flight * micro * costs[0].in_bytes + micro * act
-    # The stage's received input state (skips crossing it included) and its output are buffers too.
-    buffers = in_flight * micro * (costs[0].in_bytes + costs[-1].out_bytes)
+        kept, recomputed = act, 0
+    elif checkpoint == "block":  # keep the blocks' outputs (each next block's input), recompute one block
+        kept = sum(c.out_bytes - _through_bytes([c]) for c in costs[:-1])
+        recomputed = max(c.act_bytes for c in costs)
+    else:  # "all": keep only the received input, recompute the whole stage for one micro-batch at a time
+        kept, recomputed = 0, act
+    whole_batch = (recv + (0 if last else costs[-1].out_bytes) + (costs[0].extra_in_bytes if first else 0)
+                   + (costs[-1].extra_out_bytes if last else 0))
+    activation = (in_flight * micro * (kept + output) + batch * whole_batch
+                  + micro * (recv + working + recomputed) + workspace) / GB
     params = sum(c.params for c in costs)
     static = sum(c.param_bytes for c in costs) * 2 + params * 4 * opt_states  # weights, grads, state
-    activation = (stash + buffers) / GB
     return Stage([c.name for c in costs], params, static / GB, activation, static / GB + activation,
                  micro * sum(c.time_s for c in costs) * RECOMPUTE[checkpoint])
 
@@ -236,6 +314,12 @@ def make_plan(costs: list[BlockCost], pp: int, batch_size: int, memory_gb: float
         raise PlanError(f"config key 'parallel.pp': {pp} stages but the model has only {len(costs)} blocks "
                         f"({', '.join(c.name for c in costs)}); use at most {len(costs)}")
     counts = [microbatches] if microbatches else [m for m in range(1, batch_size + 1) if batch_size % m == 0]
+    if schedule == "1f1b" and pp > 1:
+        counts = [m for m in counts if m >= pp]
+        if not counts:
+            got = microbatches if microbatches else f"data.batch_size={batch_size}"
+            raise PlanError(f"config key 'parallel.microbatches': parallel.schedule=1f1b needs at least as "
+                            f"many micro-batches as stages ({pp}); got {got}")
     policies = [checkpoint] if checkpoint != "auto" else list(RECOMPUTE)
     opt_states = OPTIMIZER_STATES.get(optimizer, 2)
     best = None
@@ -292,15 +376,21 @@ def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, inp
 
 
 def _scaled(costs: list[BlockCost], scale: float) -> list[BlockCost]:
-    return [BlockCost(c.name, c.params, c.param_bytes, c.time_s * scale, c.flops * scale,
-                      int(c.act_bytes * scale), int(c.in_bytes * scale), int(c.out_bytes * scale))
+    def n(v: float) -> int:
+        return int(v * scale)
+
+    return [BlockCost(c.name, c.params, c.param_bytes, c.time_s * scale, c.flops * scale, n(c.act_bytes),
+                      n(c.in_bytes), n(c.out_bytes), n(c.saved_in_bytes), n(c.work_bytes),
+                      n(c.workspace_bytes), [n(v) for v in c.in_sizes], list(c.through), n(c.extra_in_bytes),
+                      n(c.extra_out_bytes))
             for c in costs]
 
 
 def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
-             device: torch.device | str = "cpu") -> tuple[Plan, list[BlockCost]]:
+             device: torch.device | str = "cpu", targets=None) -> tuple[Plan, list[BlockCost]]:
     """Profile ``cfg.model`` (a fresh copy: on meta tensors, or on ``device`` with ``parallel.profile=
     measure``) for one sample of ``input_shape`` (C, X, Y, Z) and plan it under ``cfg.parallel``.
+    With ``targets`` (``lampseg.model.losses.Targets``) the training loss's memory counts on the last stage.
 
     Returns:
         The plan and the per-block costs it was made from.
@@ -313,8 +403,13 @@ def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
     where = torch.device("meta") if p.profile == "estimate" else torch.device(device)
     with where:
         probe = build_model(cfg.model, in_channels, out_channels)
+    loss_fn = target_fn = None
+    if targets is not None:
+        from lampseg.model.losses import build_loss
+
+        loss_fn, target_fn = build_loss(cfg.optim, targets), targets.loss_target
     costs = profile_blocks(probe, input_shape, p.profile, where, p.device_tflops,
-                           DTYPES[enum_value(cfg.trainer.precision)])
+                           DTYPES[enum_value(cfg.trainer.precision)], loss_fn=loss_fn, target_fn=target_fn)
     plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
                      p.checkpoint, enum_value(cfg.optim.name), p.profile, size_divisor(cfg.model))
     return plan, costs
@@ -342,7 +437,7 @@ def run_plan(cfg, log=print) -> Plan:
                                    size_divisor(cfg.model))
     input_shape = [len(channels), *patch]
     plan, costs = plan_for(cfg, len(channels), targets.out_channels, input_shape,
-                           resolve_device(cfg.trainer.device))
+                           resolve_device(cfg.trainer.device), targets)
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
         f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
     log(plan.table())
