@@ -77,6 +77,38 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose("config", overrides=list(overrides))
 
 
+def train_here(run_dir: str | Path, *overrides: str, log=None) -> dict:
+    """``run()`` in this process on the composed config, writing to ``run_dir``; returns the summary."""
+    from omegaconf import OmegaConf
+
+    from lampseg.engine.train import run
+
+    cfg = compose(*overrides)
+    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
+    return run(cfg, log=log or (lambda _: None))
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The ``train_loss`` column of a run's ``metrics.csv``."""
+    import csv
+
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_globals():
+    """``trainer.deterministic`` and ``trainer.num_threads`` set process-wide torch state; restore it."""
+    import torch
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.set_num_threads(threads)
+
+
 def load_check_run_dir():
     """The shared ``check_run_dir`` tool as a module (skips the test when the tool is absent)."""
     if not CHECK_RUN_DIR.is_file():

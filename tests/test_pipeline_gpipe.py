@@ -2,16 +2,12 @@
 (fp32), portable checkpoints, and pipelined evaluation."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, lampseg
-from omegaconf import OmegaConf
-
-from lampseg.engine.train import run
+from conftest import compose, lampseg, train_here, train_losses
 
 # SGD, not AdamW: conv biases before instance norm get ~1e-9 gradients that Adam would scale up to
 # full-size steps of random sign, so tiny summation-order differences would not stay tiny.
@@ -20,23 +16,8 @@ BASE = ["+exp=smoke", "optim=sgd", "trainer.precision=fp32", "trainer.determinis
 GPIPE = ["parallel=pipeline", "parallel.engine=gpipe"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    enabled, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(enabled)
-    torch.set_num_threads(threads)
-
-
 def _train(run_dir: Path, *overrides: str) -> dict:
-    cfg = compose(*BASE, *overrides)
-    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
-    return run(cfg, log=lambda _: None)
-
-
-def _losses(run_dir: Path) -> list[float]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+    return train_here(run_dir, *BASE, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +34,7 @@ def test_gpipe_training_matches_unsplit(tmp_path, unsplit, pp, microbatches):
     plan = summary["plan"]
     assert summary["pp"] == pp and len(plan["stages"]) == pp and plan["microbatches"] == microbatches
     assert sum(len(s["blocks"]) for s in plan["stages"]) == 5
-    assert _losses(tmp_path) == pytest.approx(_losses(unsplit), rel=1e-5)
+    assert train_losses(tmp_path) == pytest.approx(train_losses(unsplit), rel=1e-5)
     ref = torch.load(unsplit / "checkpoints" / "final.pt", weights_only=True)["model"]
     got = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)["model"]
     assert got.keys() == ref.keys()  # unsplit parameter names
@@ -83,17 +64,13 @@ def test_curriculum_small_patches_then_whole_volumes_pipelined(tmp_path):
     """LAMP's curriculum: phases of growing inputs up to whole volumes, pipelined, resumable mid-way."""
     curriculum = ["trainer.curriculum=[[16,16,16],[32,32,32],whole]", "trainer.curriculum_epochs=[1,1,1]",
                   "trainer.max_epochs=4", *GPIPE, "parallel.pp=2"]
-    cfg = compose(*BASE, *curriculum, "trainer.stop_after_epochs=2")
-    OmegaConf.update(cfg, "run_dir", str(tmp_path), merge=False)
     lines: list[str] = []
-    run(cfg, log=lines.append)
+    train_here(tmp_path, *BASE, *curriculum, "trainer.stop_after_epochs=2", log=lines.append)
     phases = [line for line in lines if line.startswith("curriculum:")]
     assert phases == ["curriculum: from epoch 1, patches [16, 16, 16]",
                       "curriculum: from epoch 2, patches [32, 32, 32]"]
-    cfg = compose(*BASE, *curriculum)
-    OmegaConf.update(cfg, "run_dir", str(tmp_path), merge=False)
     lines = []
-    summary = run(cfg, log=lines.append)
+    summary = train_here(tmp_path, *BASE, *curriculum, log=lines.append)
     phases = [line for line in lines if line.startswith("curriculum:")]
     assert len(phases) == 1 and phases[0].startswith("curriculum: from epoch 3, whole volumes [")
     assert summary["status"] == "completed" and summary["epochs"] == 4

@@ -3,7 +3,6 @@ CPU). Training follows the unsplit model's trajectory, resumes, and its checkpoi
 either engine; evaluate and predict run pipelined; misuse is a clear config error."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -14,10 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose, free_port, lampseg, load_check_run_dir, torchrun
-from omegaconf import OmegaConf
-
-from lampseg.engine.train import run
+from conftest import REPO, compose, free_port, lampseg, load_check_run_dir, torchrun, train_here, train_losses
 
 # fp32 + SGD (see test_pipeline_gpipe.py); a small clip norm so the all-reduced global norm matters.
 BASE = ["+exp=smoke", "optim=sgd", "optim.grad_clip=0.1", "trainer.precision=fp32",
@@ -26,23 +22,8 @@ BASE = ["+exp=smoke", "optim=sgd", "optim.grad_clip=0.1", "trainer.precision=fp3
 PIPE = ["parallel=pipeline", "parallel.engine=pipelining"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    enabled, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(enabled)
-    torch.set_num_threads(threads)
-
-
 def _train_here(run_dir: Path, *overrides: str) -> dict:
-    cfg = compose(*BASE, "trainer.num_threads=1", *overrides)
-    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
-    return run(cfg, log=lambda _: None)
-
-
-def _losses(run_dir: Path) -> list[float]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f)]
+    return train_here(run_dir, *BASE, "trainer.num_threads=1", *overrides)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +55,7 @@ def test_pipelining_training_matches_unsplit(tmp_path, unsplit, pp, schedule, mi
     memory = summary["stage_memory"]  # measured on the second step, next to the plan
     assert [m["stage"] for m in memory] == list(range(pp))
     assert all(0 < m["static_gb"] < m["measured_gb"] and m["planned_gb"] > 0 for m in memory), memory
-    assert _losses(tmp_path) == pytest.approx(_losses(unsplit), rel=1e-5)
+    assert train_losses(tmp_path) == pytest.approx(train_losses(unsplit), rel=1e-5)
     _assert_same_weights(_weights(tmp_path / "checkpoints" / "final.pt"),
                          _weights(unsplit / "checkpoints" / "final.pt"))
     assert load_check_run_dir().check(tmp_path) == []
@@ -148,4 +129,20 @@ def test_pipelining_across_two_nodes(tmp_path, unsplit):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     summary = json.loads((tmp_path / "mn" / "summary.json").read_text())
     assert (summary["status"], summary["world_size"], summary["pp"]) == ("completed", 2, 2)
-    assert _losses(tmp_path / "mn") == pytest.approx(_losses(unsplit), rel=1e-5)
+    assert train_losses(tmp_path / "mn") == pytest.approx(train_losses(unsplit), rel=1e-5)
+
+
+def test_pipelining_curriculum_up_to_whole_volumes_via_launch_script(tmp_path):
+    """``launch/pipeline_local.sh`` (torchrun --standalone, one stage per process) with LAMP's curriculum:
+    each phase's input size gets its own schedule and buffers; the run ends on whole volumes."""
+    env = {**os.environ, "PP": "2", "RUN_DIR": str(tmp_path), "OMP_THREADS": "1"}
+    proc = subprocess.run(["bash", "launch/pipeline_local.sh", *BASE, "parallel.microbatches=2",
+                           "trainer.curriculum=[[16,16,16],whole]", "trainer.curriculum_epochs=[1,1]"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    phases = [line for line in proc.stdout.splitlines() if line.startswith("curriculum:")]
+    assert phases[0] == "curriculum: from epoch 1, patches [16, 16, 16]"
+    assert phases[1].startswith("curriculum: from epoch 2, whole volumes [")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    whole = json.loads(phases[1].split("whole volumes ")[1])
+    assert summary["status"] == "completed" and summary["plan"]["input_shape"][1:] == whole  # planned for it

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose, lampseg
+from conftest import compose, lampseg, train_here
 from omegaconf import OmegaConf
 
 from lampseg.engine.checkpoint import save_checkpoint
@@ -25,22 +25,9 @@ DETERMINISTIC = ["+exp=smoke", "trainer.precision=fp32", "trainer.deterministic=
                  "trainer.val_every=2", "trainer.hd95=false", "trainer.num_threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """``trainer.deterministic`` and ``trainer.num_threads`` set process-wide torch state; restore it."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    torch.set_num_threads(threads)
-
-
 def _train(run_dir: Path, *overrides: str) -> tuple[dict, list[str]]:
-    cfg = compose(*overrides)
-    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
     lines: list[str] = []
-    return run(cfg, log=lines.append), lines
+    return train_here(run_dir, *overrides, log=lines.append), lines
 
 
 def _rows(run_dir: Path) -> list[dict]:
