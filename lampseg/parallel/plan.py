@@ -233,7 +233,8 @@ def _stage(costs: list[BlockCost], index: int, stages: int, batch: int, microbat
     Per micro-batch in flight (all M with GPipe, at most S - stage with 1F1B): the tensors saved for
     backward and the stage's output (skips that merely cross the stage counted once). For the whole
     batch, allocated once per micro-batch and reused: the received input state and the received output
-    gradient (not on the first / last stage), and the image (first) or loss target (last). One micro-batch
+    gradient (not on the first / last stage), and the image (first) or the loss target and every
+    micro-batch's output (last: the schedule returns them). One micro-batch
     at a time: the input gradient being sent back, the backward's working buffers (~ the largest saved
     tensor) and any recomputation.
     """
@@ -252,9 +253,10 @@ def _stage(costs: list[BlockCost], index: int, stages: int, batch: int, microbat
         recomputed = max(c.act_bytes for c in costs)
     else:  # "all": keep only the received input, recompute the whole stage for one micro-batch at a time
         kept, recomputed = 0, act
+    # The last stage keeps every micro-batch's output (the schedule returns them merged) and the target.
     whole_batch = (recv + (0 if last else costs[-1].out_bytes) + (costs[0].extra_in_bytes if first else 0)
-                   + (costs[-1].extra_out_bytes if last else 0))
-    activation = (in_flight * micro * (kept + output) + batch * whole_batch
+                   + (costs[-1].extra_out_bytes + output if last else 0))
+    activation = (in_flight * micro * (kept + (0 if last else output)) + batch * whole_batch
                   + micro * (recv + working + recomputed) + workspace) / GB
     params = sum(c.params for c in costs)
     static = sum(c.param_bytes for c in costs) * 2 + params * 4 * opt_states  # weights, grads, state
