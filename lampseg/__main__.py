@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "predict": "segment NIfTI images in their original space (ckpt=PATH input=FILE_OR_DIR output=DIR)",
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
-    "bench": "benchmarks: bench overhead|pipeline (JSON + PNG under run_dir)",
+    "bench": "benchmarks: bench overhead|pipeline|inference|context (JSON + PNG under run_dir)",
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
 
@@ -74,7 +74,7 @@ def _dispatch(subcommand: str, cfg) -> None:
     elif subcommand == "bench":
         from lampseg.bench import run_bench
 
-        run_bench(cfg)
+        run_bench(cfg, overrides)
 
 
 def _synth_to(cfg) -> Path:
@@ -85,7 +85,8 @@ def _synth_to(cfg) -> Path:
     s = cfg.data.synthetic
     if cfg.out is None:
         return dataset_root(OmegaConf.merge(cfg.data, {"root": None}))
-    return generate_dataset(cfg.out, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout)
+    return generate_dataset(cfg.out, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout,
+                            context=s.context)
 
 
 def _torchrun_argv(argv: list[str]) -> list[str]:
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if subcommand == "bench":
         if not argv or "=" in argv[0] or argv[0].startswith("-"):
-            print("usage: python -m lampseg bench NAME [overrides]; NAME: overhead, pipeline",
+            print("usage: python -m lampseg bench NAME [overrides]; "
+                  "NAME: overhead, pipeline, inference, context",
                   file=sys.stderr)
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]

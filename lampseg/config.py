@@ -65,6 +65,7 @@ class SynthConfig:
     shape: list[int] = field(default_factory=lambda: [64, 64, 48])
     seed: int = 0
     layout: str = "4d"
+    context: str = "none"  # or laterality: the core's label depends on the side of the head
 
 
 @dataclass
@@ -173,6 +174,11 @@ class BenchConfig:
     microbatches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # bench pipeline
     memory_gb: float = 16.0  # bench pipeline: per-stage budget for the largest-cube column
     timeout_s: float = 1800.0  # bench pipeline: per torchrun job
+    windows: list[int] = field(default_factory=lambda: [64, 96, 128])  # bench inference: sliding windows
+    overlaps: list[float] = field(default_factory=lambda: [0.25, 0.5])  # bench inference
+    cases: int = 0  # bench inference: validation cases (0: all)
+    patch_sizes: list[Any] = field(default_factory=lambda: [16, 32, "whole"])  # bench context: cube sides
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # bench context: first-level channels
 
 
 @dataclass
@@ -256,6 +262,8 @@ def validate(cfg: DictConfig) -> None:
     _positive_ints("data.synthetic.shape", d.synthetic.shape, 3)
     if d.synthetic.layout not in ("4d", "3d"):
         _fail("data.synthetic.layout", "'4d' or '3d'", d.synthetic.layout)
+    if d.synthetic.context not in ("none", "laterality"):
+        _fail("data.synthetic.context", "'none' or 'laterality'", d.synthetic.context)
     if d.target_spacing is not None and (len(d.target_spacing) != 3 or min(d.target_spacing) <= 0):
         _fail("data.target_spacing", "3 positive numbers or null", list(d.target_spacing))
     if d.regions is not None:

@@ -81,3 +81,54 @@ def test_bench_pipeline_measures_memory_against_the_plan(tmp_path: Path) -> None
     assert result["pass"]["memory_within_20pct"] is True
     cubes = result["largest_cube"]
     assert 0 < cubes["1"] <= cubes["2"]
+
+
+def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Path, trained_run: Path
+                                                                   ) -> None:
+    run_dir, ckpt = tmp_path / "run", trained_run / "checkpoints" / "best.pt"
+    proc = _lampseg(["bench", "inference", f"ckpt={ckpt}",
+                     "bench.windows=[16,32]", "bench.overlaps=[0.5]", f"run_dir={run_dir}"],
+                    Path(os.environ["LAMPSEG_HOME"]), tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((run_dir / "bench_inference.json").read_text())
+    assert (run_dir / "bench_inference.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    modes = result["modes"]
+    assert [(m["mode"], m["window"], m["overlap"]) for m in modes] == [
+        ("whole", None, None), ("sliding", 16, 0.5), ("sliding", 32, 0.5)]
+    cases = result["config"]["cases"]
+    assert cases and result["config"]["train_patch_size"] == [32, 32, 32]
+    voxels = sum(x * y * z for x, y, z in result["config"]["volume_shapes"])
+    for m in modes:
+        assert len(m["seconds"]) == len(cases) and all(s > 0 for s in m["seconds"])
+        assert m["voxels_per_s"] == pytest.approx(voxels / sum(m["seconds"]))
+        assert m["whole_speedup"] == pytest.approx(m["seconds_per_volume"] / modes[0]["seconds_per_volume"])
+        assert set(m["dice_per_region"]) == {"edema", "non-enhancing tumor", "enhancing tumour"}
+        assert 0 <= m["dice"] <= 1 and m["peak_memory_mb"] > 0
+    assert result["target"] is None  # no 96^3 / 0.5 row in this run
+    bad = _lampseg(["bench", "inference", f"ckpt={ckpt}", "bench.windows=[18]",
+                    f"run_dir={tmp_path / 'bad'}"], Path(os.environ["LAMPSEG_HOME"]), tmp_path)
+    assert bad.returncode == 2 and "bench.windows" in bad.stderr
+
+
+def test_bench_context_trains_each_width_and_input_size_and_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["bench", "context", "+exp=smoke", "data.synthetic.context=laterality", "data.augment.flip_prob=0",
+            "bench.patch_sizes=[16,whole]", "bench.widths=[4]", "trainer.max_epochs=1", "trainer.hd95=false",
+            f"run_dir={run_dir}"]
+    proc = _lampseg(args, Path(os.environ["LAMPSEG_HOME"]), tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((run_dir / "bench_context.json").read_text())
+    assert (run_dir / "bench_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = result["rows"]
+    assert [(r["width"], r["input"]) for r in rows] == [(4, 16), (4, "whole")]
+    assert rows[0]["channels"] == [4, 8, 16] and rows[0]["input_voxels"] == 16**3
+    assert rows[1]["input_voxels"] > 16**3 and rows[0]["params"] == rows[1]["params"]
+    for r in rows:
+        assert 0 <= r["val_dice"] <= 1 and r["epochs"] == 1
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert summary["best_val_dice"] == r["val_dice"]
+    again = _lampseg(args, Path(os.environ["LAMPSEG_HOME"]), tmp_path)  # finished trainings are not redone
+    assert again.returncode == 0 and "epoch 1/1" not in again.stdout
+    rerun = json.loads((run_dir / "bench_context.json").read_text())["rows"]
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in rerun] == [
+        {k: v for k, v in r.items() if k != "wall_s"} for r in rows]

@@ -205,3 +205,34 @@ def test_crash_leaves_no_partial_dataset(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(RuntimeError, match="disk full"):
         generate_dataset(tmp_path / "ds", cases=2, shape=SHAPE)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_laterality_context_labels_by_side_not_by_look(tmp_path):
+    """context=laterality: cores look the same (t1gd) whether labelled 2 or 3; 3 sits left of 2."""
+    import nibabel as nib
+    import numpy as np
+
+    from lampseg.data.synth import generate_dataset
+
+    plain = generate_dataset(tmp_path / "plain", cases=4, shape=(48, 48, 32), seed=3)
+    side = generate_dataset(tmp_path / "side", cases=4, shape=(48, 48, 32), seed=3, context="laterality")
+    assert "context=laterality" in (side / "dataset.json").read_text()
+
+    def stats(root):
+        t1gd, xs = {2: [], 3: []}, {2: [], 3: []}
+        for i in range(1, 5):
+            image = np.asarray(nib.load(root / "imagesTr" / f"BRATS_{i:03d}.nii.gz").dataobj)
+            label = np.asarray(nib.load(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz").dataobj)
+            for lab in (2, 3):
+                t1gd[lab].append(image[..., 2][label == lab])
+                xs[lab].append(np.nonzero(label == lab)[0])
+        return ({k: float(np.concatenate(v).mean()) for k, v in t1gd.items()},
+                {k: float(np.concatenate(v).mean()) for k, v in xs.items()})
+
+    look, _ = stats(plain)
+    assert look[3] > 1.5 * look[2]  # normally the enhancing rim is what t1gd shows
+    look, where = stats(side)
+    assert abs(look[3] / look[2] - 1) < 0.1  # with laterality it looks like the rest of the core
+    assert where[3] < 24 < where[2]  # and its label says which side of the head it is on
+    with pytest.raises(ValueError, match="context"):
+        generate_dataset(tmp_path / "bad", cases=2, shape=(16, 16, 16), context="up")

@@ -12,26 +12,41 @@ from omegaconf import DictConfig
 from lampseg.config import ConfigError
 
 
-def _overhead(cfg: DictConfig) -> dict:
+def _overhead(cfg: DictConfig, overrides: list[str]) -> dict:
     from lampseg.bench.overhead import run
 
     return run(cfg)
 
 
-def _pipeline(cfg: DictConfig) -> dict:
+def _pipeline(cfg: DictConfig, overrides: list[str]) -> dict:
     from lampseg.bench.pipeline import run
 
     return run(cfg)
 
 
-BENCHMARKS: dict[str, Callable[[DictConfig], dict]] = {"overhead": _overhead, "pipeline": _pipeline}
+def _inference(cfg: DictConfig, overrides: list[str]) -> dict:
+    from lampseg.bench.inference import run
+
+    return run(cfg, overrides)
 
 
-def run_bench(cfg: DictConfig) -> dict:
+def _context(cfg: DictConfig, overrides: list[str]) -> dict:
+    from lampseg.bench.context import run
+
+    return run(cfg)
+
+
+BENCHMARKS: dict[str, Callable[[DictConfig, list[str]], dict]] = {
+    "overhead": _overhead, "pipeline": _pipeline, "inference": _inference, "context": _context}
+
+
+def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Run the benchmark named ``cfg.bench.name``.
 
     Args:
         cfg: the composed config; ``cfg.bench`` holds the benchmark name and its step counts.
+        overrides: the command line's overrides (``bench inference`` keeps the checkpoint's config
+            except for these).
 
     Returns:
         The benchmark's result (what it wrote as JSON).
@@ -43,4 +58,4 @@ def run_bench(cfg: DictConfig) -> dict:
     if name not in BENCHMARKS:
         raise ConfigError(f"config key 'bench.name': expected one of {', '.join(sorted(BENCHMARKS))}, "
                           f"got {name!r}")
-    return BENCHMARKS[name](cfg)
+    return BENCHMARKS[name](cfg, list(overrides or []))

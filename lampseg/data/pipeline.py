@@ -26,10 +26,12 @@ def dataset_root(data_cfg, log=print) -> Path:
         return Path(str(data_cfg.root)).expanduser()
     s = data_cfg.synthetic
     shape = "x".join(str(v) for v in s.shape)
-    root = lampseg_home() / "datasets" / f"synthetic-{s.layout}-{s.cases}c-{shape}-seed{s.seed}"
+    context = "" if s.context == "none" else f"-{s.context}"
+    root = lampseg_home() / "datasets" / f"synthetic-{s.layout}-{s.cases}c-{shape}-seed{s.seed}{context}"
     if not (root / "dataset.json").is_file():
         log(f"generating the synthetic dataset ({s.cases} cases of {shape}) -> {root}")
-    return generate_dataset(root, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout)
+    return generate_dataset(root, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout,
+                            context=s.context)
 
 
 def preprocess_config(data_cfg) -> PreprocessConfig:

@@ -20,6 +20,13 @@ T2w      Core (labels 2 and 3) bright, edema moderately bright: separates core f
          but not ET from the non-enhancing core; ventricles (CSF) are bright too.
 ======== =====================================================================================
 
+``context="laterality"`` makes long-range context necessary: a tumour's core looks the same in every
+modality wherever it is (the non-enhancing core's intensities), but it is labelled enhancing (3) when the
+tumour sits in the left half of the head (x below the head's centre) and non-enhancing (2) in the right
+half. Edema and the core's extent stay local, so whole-tumour and tumour-core Dice do not need context;
+telling 2 from 3 needs to see where the head's midline is, which a small patch inside the tumour
+cannot. (Left-right flipping augmentation must be off for such data: it would swap the sides.)
+
 Cases are generated independently from ``np.random.SeedSequence([seed, case_index])`` (and one
 sub-stream per modality), so the same arguments always give identical arrays and a modality
 subset has exactly the channels of the full dataset.
@@ -37,7 +44,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MODALITIES", "LABELS", "MODALITY_INFORMATIVENESS", "generate_dataset"]
+__all__ = ["MODALITIES", "LABELS", "MODALITY_INFORMATIVENESS", "CONTEXTS", "generate_dataset"]
 
 MODALITIES: tuple[str, ...] = ("FLAIR", "T1w", "t1gd", "T2w")
 LABELS: dict[str, str] = {
@@ -59,6 +66,7 @@ _WM = np.array([420.0, 640.0, 620.0, 380.0])
 _TUMOUR = {1: np.array([900.0, np.nan, np.nan, 700.0]),
            2: np.array([900.0, np.nan, 300.0, 1000.0]),
            3: np.array([900.0, np.nan, 1150.0, 980.0])}
+CONTEXTS = ("none", "laterality")
 _HEALTHY_FACTOR = np.array([1.0, 0.96, 1.0, 1.0])  # where _TUMOUR is NaN
 _NOISE_SIGMA = np.array([25.0, 25.0, 25.0, 25.0])
 
@@ -81,7 +89,7 @@ def _ellipsoid(grid: list[np.ndarray], centre, radii) -> np.ndarray:
 
 
 def _case(seed: int, index: int, shape: tuple[int, int, int],
-          channels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+          channels: tuple[int, ...], context: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Synthesises one case: image (X, Y, Z, len(channels)) float32 and label (X, Y, Z) uint8."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
     grid = _grid(shape)
@@ -110,7 +118,7 @@ def _case(seed: int, index: int, shape: tuple[int, int, int],
 
     # Tumours: distorted nested ellipsoids placed anywhere inside the brain (either hemisphere).
     edema_noise, core_noise = _smooth_noise(rng, shape, sigma), _smooth_noise(rng, shape, sigma)
-    wt, tc, et = (np.zeros(shape, bool) for _ in range(3))
+    wt, tc, et, left = (np.zeros(shape, bool) for _ in range(4))
     unit = min(half)  # tumour sizes relative to the smallest half-extent, in voxels
     for _ in range(int(rng.integers(1, 4))):
         u = rng.standard_normal(3)
@@ -125,9 +133,15 @@ def _case(seed: int, index: int, shape: tuple[int, int, int],
         tc |= d_core < 1.0
         inner = min(rng.uniform(0.68, 0.85), 1.0 - 1.5 / r_core)  # rim >= ~1.5 voxels thick
         et |= (d_core < 1.0) & (d_core > inner)
+        if centre[0] < head_c[0]:
+            left |= d_core < 1.0
     wt &= brain
     tc &= ndimage.binary_erosion(wt)  # the core is always enveloped by edema
     et &= tc
+    tumour = _TUMOUR
+    if context == "laterality":  # the whole core: enhancing on the left, non-enhancing on the right, alike
+        et = tc & left
+        tumour = {**_TUMOUR, 3: _TUMOUR[2]}
     label = np.zeros(shape, np.uint8)
     label[wt] = 1
     label[tc] = 2
@@ -138,7 +152,7 @@ def _case(seed: int, index: int, shape: tuple[int, int, int],
     for out_c, mod in enumerate(channels):
         mrng = np.random.default_rng(np.random.SeedSequence([seed, index, 1000 + mod]))
         chan = clean[..., mod].copy()
-        for lab, values in _TUMOUR.items():
+        for lab, values in tumour.items():
             sel = label == lab
             v = values[mod]
             chan[sel] = chan[sel] * _HEALTHY_FACTOR[mod] if np.isnan(v) else v * tumour_tex[sel]
@@ -187,7 +201,7 @@ def _resolve_modalities(layout: str, modalities: tuple[str, ...] | None) -> tupl
 def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, int] = (64, 64, 48),
                      spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), seed: int = 0,
                      layout: str = "4d", modalities: tuple[str, ...] | None = None,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, context: str = "none") -> Path:
     """Writes the dataset and returns its root (the folder holding dataset.json).
 
     Generation is atomic: everything is written into a temporary sibling folder that is then
@@ -206,6 +220,8 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
         modalities: Subset of ``MODALITIES`` to write, in that order (names matched
             case-insensitively); None means all four.
         overwrite: Regenerate and replace ``out`` even if it already holds a dataset.
+        context: ``"none"``, or ``"laterality"``: the tumour core's label depends on which half of the
+            head it is in, not on how it looks (see the module docstring).
 
     Returns:
         The dataset root ``out`` as a Path.
@@ -228,6 +244,8 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
         raise ValueError(f"layout must be '4d' or '3d', got {layout!r}")
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     channels = _resolve_modalities(layout, modalities)
 
     if (out / "dataset.json").is_file() and not overwrite:
@@ -243,7 +261,7 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
         n_test = max(1, cases // 10)
         training, test = [], []
         for i in range(cases + n_test):
-            image, label = _case(int(seed), i, shape, channels)
+            image, label = _case(int(seed), i, shape, channels, context)
             if layout == "3d":
                 image = image[..., 0]
             name = f"BRATS_{i + 1:03d}.nii.gz"
@@ -257,7 +275,8 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
         meta = {
             "name": "SyntheticBraTS",
             "description": "Synthetic MSD Task01 BrainTumour-style data generated by lampseg.data.synth "
-                           f"(seed={int(seed)}, shape={list(shape)}, spacing={list(spacing)})",
+                           f"(seed={int(seed)}, shape={list(shape)}, spacing={list(spacing)}, "
+                           f"context={context})",
             "reference": "lampseg.data.synth",
             "licence": "CC-BY-SA 4.0",
             "release": "1.0",

@@ -1,0 +1,179 @@
+"""``python -m lampseg bench inference ckpt=RUN/checkpoints/best.pt``: LAMP's speed claim, whole-volume vs
+sliding-window inference, on your own checkpoint and validation volumes.
+
+    python -m lampseg bench inference ckpt=RUN/checkpoints/best.pt bench.windows=[64,96,128] \
+        bench.overlaps=[0.25,0.5]
+
+For the whole volume (padded to the network's divisibility, one forward pass, pipelined when the
+checkpoint's config says so) and for every sliding window size x overlap (MONAI, Gaussian blending,
+``inference.sw_batch_size`` windows per pass), on the validation cases (``bench.cases``, 0 = all): seconds per
+volume (median over cases, after one untimed warm-up case per mode), voxels per second, Dice per region, and
+peak memory of one volume (measured in a separate pass: the CPU measurement runs under the profiler).
+Writes ``bench_inference.json`` and ``bench_inference.png`` (time vs Dice) in ``run_dir``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from lampseg.config import ConfigError, enum_value
+from lampseg.engine.logs import write_json
+from lampseg.io import atomic_write_bytes
+
+SPEEDUP_TARGET = 3.0  # whole volume vs the 96^3 / overlap 0.5 sliding window
+DICE_TOLERANCE = 0.01
+
+
+def _modes(windows: list[int], overlaps: list[float]) -> list[dict]:
+    modes = [{"name": "whole", "mode": "whole", "window": None, "overlap": None}]
+    modes += [{"name": f"sliding {w}^3 / {o:g}", "mode": "sliding", "window": w, "overlap": o}
+              for w in windows for o in overlaps]
+    return modes
+
+
+def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: int):
+    from lampseg.engine.inference import infer
+
+    image = torch.from_numpy(np.stack([bundle.cache.image(name)[c] for c in bundle.channels]))[None]
+    image = image.to(device)
+    roi = list(cfg.inference.patch_size or bundle.patch_size)
+    start = time.perf_counter()
+    logits = infer(model, image, cfg.inference, roi, divisor, cfg.trainer.precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return logits, time.perf_counter() - start, math.prod(image.shape[-3:])
+
+
+def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
+    """Run the benchmark (module docstring); returns what it writes as JSON.
+
+    Raises:
+        ConfigError: without ``ckpt``, or for window sizes that are not multiples of the network's
+            divisibility.
+    """
+    from lampseg.data.pipeline import prepare_data
+    from lampseg.engine.checkpoint import load_checkpoint
+    from lampseg.engine.evaluate import config_from_checkpoint, load_model
+    from lampseg.engine.metrics import dice_hd95
+    from lampseg.model.unet import size_divisor
+    from lampseg.parallel import distributed
+    from lampseg.parallel.memory import PeakMemory
+
+    if cfg.ckpt is None:
+        raise ConfigError("config key 'ckpt': bench inference needs a trained checkpoint (ckpt=PATH)")
+    b = cfg.bench
+    ckpt = load_checkpoint(cfg.ckpt)
+    cfg = config_from_checkpoint(ckpt, cfg, list(overrides or []))
+    divisor = size_divisor(cfg.model)
+    bad = [w for w in b.windows if w % divisor]
+    if bad or not b.windows or not b.overlaps or not all(0 <= o < 1 for o in b.overlaps):
+        raise ConfigError(f"config keys 'bench.windows'/'bench.overlaps': expected window sizes that are "
+                          f"multiples of {divisor} and overlaps in [0, 1), got {list(b.windows)}/"
+                          f"{list(b.overlaps)}")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, _, device = load_model(ckpt, cfg)
+    main = distributed.is_main()
+    log = log if main else (lambda *_: None)
+    with distributed.main_first():
+        bundle = prepare_data(cfg, run_dir, divisor, log)
+    cases = sorted(bundle.val_cases)[: b.cases or None]
+    names = bundle.targets.names
+    log(f"bench inference: {cfg.ckpt} ({cfg.model.name}), {len(cases)} validation case(s), "
+        f"{enum_value(cfg.trainer.precision)}, device {device}, TTA {bool(cfg.inference.tta)}")
+    rows = []
+    start_all = time.perf_counter()
+    for mode in _modes(list(b.windows), list(b.overlaps)):
+        OmegaConf.update(cfg, "inference.mode", mode["mode"], merge=False)
+        if mode["window"] is not None:
+            OmegaConf.update(cfg, "inference.patch_size", [mode["window"]] * 3, merge=False)
+            OmegaConf.update(cfg, "inference.overlap", mode["overlap"], merge=False)
+        _infer_case(model, bundle, cases[0], cfg, device, divisor)  # warm-up (allocator, kernels)
+        seconds, dice, voxels = [], [], 0
+        for name in cases:
+            logits, elapsed, n = _infer_case(model, bundle, name, cfg, device, divisor)
+            truth = torch.from_numpy(np.array(bundle.cache.label(name)))[None, None].to(device)
+            pred = bundle.targets.masks_from_logits(logits)[0]
+            meta = bundle.cache.meta(name)
+            d, _ = dice_hd95(pred, bundle.targets.masks_from_labels(truth)[0],
+                             meta.get("target_spacing") or meta["spacing"], False)
+            seconds.append(elapsed)
+            dice.append(d)
+            voxels += n
+        largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
+        with PeakMemory(device) as peak:
+            _infer_case(model, bundle, largest, cfg, device, divisor)
+        per_region = {n: float(np.nanmean([d[i] for d in dice])) for i, n in enumerate(names)}
+        row = {**mode, "seconds_per_volume": statistics.median(seconds), "seconds": seconds,
+               "voxels_per_s": voxels / sum(seconds), "dice": float(np.nanmean(list(per_region.values()))),
+               "dice_per_region": per_region, "peak_memory_mb": peak.bytes / 2**20}
+        rows.append(row)
+        log(f"  {mode['name']:<22} {row['seconds_per_volume']:7.3f} s/volume  "
+            f"{row['voxels_per_s'] / 1e6:6.2f} "
+            f"Mvox/s  Dice {row['dice']:.4f}  peak {row['peak_memory_mb']:.0f} MB")
+    whole = rows[0]
+    for row in rows:
+        row["whole_speedup"] = row["seconds_per_volume"] / whole["seconds_per_volume"]
+        row["dice_minus_whole"] = row["dice"] - whole["dice"]
+    reference = next((r for r in rows if r["window"] == 96 and r["overlap"] == 0.5), None)
+    target = None
+    if reference is not None:
+        target = {"speedup_vs_96_0.5": reference["whole_speedup"],
+                  "dice_difference": abs(reference["dice"] - whole["dice"]),
+                  "pass": reference["whole_speedup"] >= SPEEDUP_TARGET
+                  and abs(reference["dice"] - whole["dice"]) <= DICE_TOLERANCE}
+    result = {"benchmark": "inference", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "ckpt": str(cfg.ckpt), "modes": rows, "target": target,
+              "targets": {"speedup_min": SPEEDUP_TARGET, "dice_difference_max": DICE_TOLERANCE},
+              "config": {"model": cfg.model.name, "train_patch_size": list(ckpt["data"]["patch_size"]),
+                         "cases": cases,
+                         "volume_shapes": [list(bundle.cache.image(c).shape[-3:]) for c in cases],
+                         "precision": enum_value(cfg.trainer.precision), "device": str(device),
+                         "sw_batch_size": cfg.inference.sw_batch_size,
+                         "blend": enum_value(cfg.inference.blend),
+                         "tta": bool(cfg.inference.tta), "parallel": OmegaConf.to_container(cfg.parallel),
+                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+              "wall_s": round(time.perf_counter() - start_all, 1)}
+    if main:
+        json_path, png_path = run_dir / "bench_inference.json", run_dir / "bench_inference.png"
+        write_json(json_path, result)
+        atomic_write_bytes(png_path, _plot(result))
+        if target is not None:
+            log(f"whole volume vs sliding 96^3 / 0.5: {target['speedup_vs_96_0.5']:.2f}x faster, "
+                f"Dice difference "
+                f"{target['dice_difference']:.4f} -> {'pass' if target['pass'] else 'FAIL'} (target >= "
+                f"{SPEEDUP_TARGET:g}x at <= {DICE_TOLERANCE:g})")
+        log(f"wrote {json_path} and {png_path}")
+    return result
+
+
+def _plot(result: dict) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result["modes"]:
+        marker = "*" if row["mode"] == "whole" else "o"
+        ax.scatter(row["seconds_per_volume"], row["dice"], marker=marker, s=120 if marker == "*" else 40)
+        ax.annotate(row["name"], (row["seconds_per_volume"], row["dice"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per volume (median)")
+    ax.set_ylabel("mean Dice")
+    ax.set_title(f"bench inference: {result['config']['model']} on {result['config']['device']}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
