@@ -153,3 +153,21 @@ def test_sigkill_then_same_command_matches_uninterrupted(tmp_path):
     final_clean = _load(clean / "checkpoints" / "final.pt")
     for name, tensor in final_clean["model"].items():
         assert torch.allclose(tensor, final_killed["model"][name], rtol=0, atol=1e-6), name
+
+
+def test_resume_with_more_epochs_uses_the_new_schedule_at_once(tmp_path):
+    """Extending ``trainer.max_epochs`` on resume: the first resumed epoch already runs at the new
+    schedule's rate (poly decay had reached 0 at the old end)."""
+    from lampseg.config import enum_value
+    from lampseg.engine.optim import lr_factor
+
+    short = ["+exp=smoke", "trainer.num_threads=1", "trainer.hd95=false", "optim.warmup_epochs=0"]
+    train_here(tmp_path, *short, "trainer.max_epochs=2")
+    train_here(tmp_path, *short, "trainer.max_epochs=4")
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cfg = compose(*short)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    expected = cfg.optim.lr * lr_factor(2, 4, enum_value(cfg.optim.schedule), 0, cfg.optim.poly_power)
+    assert float(rows[2]["lr"]) == pytest.approx(expected)
+    assert float(rows[2]["lr"]) > 0

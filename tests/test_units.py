@@ -117,6 +117,25 @@ def test_tta_with_voxelwise_model_is_identity(mode):
     assert torch.allclose(plain, tta, atol=1e-5)
 
 
+def test_tta_undoes_each_mirroring_on_its_own_axes():
+    """A model that is not mirror-symmetric (it adds a position ramp): TTA averages x + flip(ramp) over the
+    8 mirrorings, which is only what comes out if every prediction is flipped back on the right axes."""
+    import itertools
+
+    class Ramp(torch.nn.Module):
+        def forward(self, x):
+            x_, y_, z_ = (torch.arange(n, dtype=x.dtype) for n in x.shape[-3:])
+            ramp = x_[:, None, None] + 10 * y_[None, :, None] + 100 * z_[None, None, :]
+            return x.sum(1, keepdim=True) + ramp
+
+    image = torch.randn(1, 2, 4, 8, 12)
+    ramp = Ramp()(torch.zeros(1, 1, 4, 8, 12))
+    flips = [axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)]
+    expected = image.sum(1, keepdim=True) + sum(torch.flip(ramp, a) if a else ramp for a in flips) / 8
+    got = infer(Ramp(), image, _inference_cfg("whole", tta=True), [4, 8, 12], divisor=4)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 

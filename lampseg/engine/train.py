@@ -220,6 +220,8 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         model.load_state_dict(ckpt["model"])
         load_optimizer_state_by_name(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)  # a changed trainer.max_epochs applies at once
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         state.update(ckpt["train_state"])
