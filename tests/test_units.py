@@ -421,3 +421,32 @@ def test_progress_bar_on_request_and_silent_otherwise(capsys):
     quiet.update(0.1)
     quiet.close()
     assert quiet.bar is None and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_step_with_non_finite_gradients_is_skipped_not_applied(clip):
+    """bf16/fp32 have no GradScaler to catch overflow: the step must leave the weights untouched (clipping
+    an infinite norm would otherwise turn every weight into NaN) and report NaN so the epoch counts it."""
+    import math
+
+    from lampseg.engine.train import local_step, make_grad_scaler
+
+    cfg = compose("+exp=smoke", "trainer.precision=fp32",
+                  f"optim.grad_clip={'null' if clip is None else clip}")
+    model = torch.nn.Conv3d(2, 3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = {"value": math.inf}
+
+    def loss_fn(out, target):
+        return (out * scale["value"]).mean()
+
+    cpu = torch.device("cpu")
+    step = local_step(model, optimizer, loss_fn, cfg, cpu, make_grad_scaler(cfg, cpu))
+    image, target = torch.randn(1, 2, 4, 4, 4), torch.zeros(1)
+    assert math.isnan(step(image, target))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    scale["value"] = 1.0
+    assert math.isfinite(step(image, target))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -125,13 +125,13 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     reference = next((r for r in rows if r["window"] == 96 and r["overlap"] == 0.5), None)
     target = None
     if reference is not None:
-        target = {"speedup_vs_96_0.5": reference["whole_speedup"],
-                  "dice_difference": abs(reference["dice"] - whole["dice"]),
-                  "pass": reference["whole_speedup"] >= SPEEDUP_TARGET
-                  and abs(reference["dice"] - whole["dice"]) <= DICE_TOLERANCE}
+        # One-sided: whole-volume inference may not lose more than 0.01 Dice (gaining is LAMP's point).
+        loss = reference["dice"] - whole["dice"]
+        target = {"speedup_vs_96_0.5": reference["whole_speedup"], "dice_loss_vs_96_0.5": loss,
+                  "pass": reference["whole_speedup"] >= SPEEDUP_TARGET and loss <= DICE_TOLERANCE}
     result = {"benchmark": "inference", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "ckpt": str(cfg.ckpt), "modes": rows, "target": target,
-              "targets": {"speedup_min": SPEEDUP_TARGET, "dice_difference_max": DICE_TOLERANCE},
+              "targets": {"speedup_min": SPEEDUP_TARGET, "dice_loss_max": DICE_TOLERANCE},
               "config": {"model": cfg.model.name, "train_patch_size": list(ckpt["data"]["patch_size"]),
                          "cases": cases,
                          "volume_shapes": [list(bundle.cache.image(c).shape[-3:]) for c in cases],
@@ -146,10 +146,9 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
         write_json(json_path, result)
         atomic_write_bytes(png_path, _plot(result))
         if target is not None:
-            log(f"whole volume vs sliding 96^3 / 0.5: {target['speedup_vs_96_0.5']:.2f}x faster, "
-                f"Dice difference "
-                f"{target['dice_difference']:.4f} -> {'pass' if target['pass'] else 'FAIL'} (target >= "
-                f"{SPEEDUP_TARGET:g}x at <= {DICE_TOLERANCE:g})")
+            log(f"whole volume vs sliding 96^3 / 0.5: {target['speedup_vs_96_0.5']:.2f}x faster, Dice "
+                f"{-target['dice_loss_vs_96_0.5']:+.4f} -> {'pass' if target['pass'] else 'FAIL'} (target: "
+                f">= {SPEEDUP_TARGET:g}x, losing at most {DICE_TOLERANCE:g} Dice)")
         log(f"wrote {json_path} and {png_path}")
     return result
 

@@ -130,12 +130,12 @@ def _plain_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn
 
 def _loop_stats(rows: list[tuple[float, int, float, float]], batch_size: int) -> dict:
     """Per-repeat and median step time, data-wait fraction and loss of one loop."""
-    step_s = [seconds / steps for _, steps, seconds, _ in rows]
-    wait = [w / seconds for _, _, seconds, w in rows]
+    step_s = [r[2] / r[1] for r in rows]  # rows: (loss, steps, seconds, wait[, skipped])
+    wait = [r[3] / r[2] for r in rows]
     median = statistics.median(step_s)
     return {"step_s_median": median, "step_s": step_s, "step_s_min": min(step_s), "step_s_max": max(step_s),
             "data_wait_frac_median": statistics.median(wait), "data_wait_frac": wait,
-            "samples_per_s": batch_size / median, "loss": [loss for loss, *_ in rows]}
+            "samples_per_s": batch_size / median, "loss": [r[0] for r in rows]}
 
 
 def _overrides() -> list[str]:

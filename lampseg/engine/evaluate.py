@@ -98,6 +98,8 @@ def load_model(ckpt: dict, cfg):
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
     model.load_state_dict(ckpt["model"])
+    if cfg.trainer.channels_last:  # as trained: the faster 3D convolution layout (bf16 on CPU especially)
+        model = model.to(memory_format=torch.channels_last_3d)
     net, _ = parallelize(model.to(device), cfg, [len(info["channels"]), *info["patch_size"]], device)
     return net.eval(), targets, device
 

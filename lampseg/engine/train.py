@@ -112,16 +112,25 @@ def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
 
 def local_step(model, optimizer, loss_fn, cfg, device: torch.device, scaler: torch.amp.GradScaler
                ) -> Callable[[torch.Tensor, torch.Tensor], float]:
-    """One optimiser step on a model that runs in this process (unsplit, or torchgpipe over devices)."""
+    """One optimiser step on a model that runs in this process (unsplit, or torchgpipe over devices).
+
+    The step returns the loss, or NaN when it skipped the update because the loss or the gradient norm
+    was not finite (fp16's GradScaler skips such steps itself; bf16/fp32 need this check, or one
+    overflowing step turns every weight into NaN through gradient clipping).
+    """
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+
     def step(image: torch.Tensor, target: torch.Tensor) -> float:
         with autocast(device, cfg.trainer.precision):
             logits = model(image)
         loss = loss_fn(logits.float(), target.to(logits.device))  # pipelines end on their last device
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg.optim.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if not scaler.is_enabled() and not (math.isfinite(float(norm)) and math.isfinite(float(loss))):
+            optimizer.zero_grad(set_to_none=True)
+            return math.nan
         scaler.step(optimizer)
         scaler.update()
         return float(loss.detach())
@@ -132,11 +141,15 @@ def local_step(model, optimizer, loss_fn, cfg, device: torch.device, scaler: tor
 def pipelined_step(net, optimizer, loss_fn, cfg) -> Callable[[torch.Tensor, torch.Tensor], float]:
     """One optimiser step of this rank's stage (``PipelinedUNet``): the schedule runs forward and backward
     over micro-batches, gradients are clipped by the norm over all stages, each rank steps its stage."""
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+
     def step(image: torch.Tensor, target: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = net.train_step(image, target, loss_fn)
-        if cfg.optim.grad_clip is not None:
-            net.clip_grad_norm_(cfg.optim.grad_clip)
+        norm = net.clip_grad_norm_(max_norm)  # the same all-reduced value on every rank: they agree to skip
+        if not (math.isfinite(norm) and math.isfinite(loss)):
+            optimizer.zero_grad(set_to_none=True)
+            return math.nan
         optimizer.step()
         return loss
 
@@ -144,10 +157,15 @@ def pipelined_step(net, optimizer, loss_fn, cfg) -> Callable[[torch.Tensor, torc
 
 
 def _train_epoch(model, step, loader, bundle: DataBundle, cfg, device, progress: _Progress
-                 ) -> tuple[float, int, float, float]:
-    """One epoch of ``step(image, target)``; returns (mean loss, steps, seconds, seconds waiting for data)."""
+                 ) -> tuple[float, int, float, float, int]:
+    """One epoch of ``step(image, target)``.
+
+    Returns:
+        (mean loss over the steps taken, batches, seconds, seconds waiting for data, steps skipped for
+        non-finite loss or gradients).
+    """
     model.train()
-    total, steps, wait = 0.0, 0, 0.0
+    total, steps, wait, skipped = 0.0, 0, 0.0, 0
     start = tick = time.perf_counter()
     for batch in loader:
         wait += time.perf_counter() - tick
@@ -156,10 +174,15 @@ def _train_epoch(model, step, loader, bundle: DataBundle, cfg, device, progress:
             image = image.contiguous(memory_format=torch.channels_last_3d)
         target = bundle.targets.loss_target(batch["label"].to(device, non_blocking=True))
         value = step(image, target)
-        total, steps = total + value, steps + 1
-        progress.update(value)
+        steps += 1
+        if math.isnan(value):
+            skipped += 1
+        else:
+            total += value
+            progress.update(value)
         tick = time.perf_counter()
-    return total / max(steps, 1), steps, time.perf_counter() - start, wait
+    mean = total / (steps - skipped) if steps > skipped else math.nan
+    return mean, steps, time.perf_counter() - start, wait, skipped
 
 
 def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
@@ -258,6 +281,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 "wall_s": round(time.perf_counter() - wall_start, 2),
                 "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
                 "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params,
+                "skipped_steps": state.get("skipped_steps", 0),
                 "plan": plan.to_dict() if plan is not None else None, "stage_memory": stage_memory["rows"],
                 "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
                 "modalities": bundle.modality_names, "fold": cfg.data.fold,
@@ -301,7 +325,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             loader = DataLoader(dataset, **loader_kwargs)
             progress = _Progress(cfg.trainer.progress if main else "none", len(loader), epoch)
             lr = optimizer.param_groups[0]["lr"]
-            loss, steps, seconds, wait = _train_epoch(net, step, loader, bundle, cfg, device, progress)
+            loss, steps, seconds, wait, skipped = _train_epoch(net, step, loader, bundle, cfg, device,
+                                                               progress)
+            state["skipped_steps"] = state.get("skipped_steps", 0) + skipped
             progress.close()
             if "mine" in stage_memory:  # gathered once (a collective: every rank gets here together)
                 stage_memory["rows"] = net.gather_on_first(stage_memory.pop("mine"))
@@ -334,8 +360,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                     save_checkpoint(run_dir / "checkpoints" / "best.pt", ckpt)
             names = " ".join(f"{n}={row.get(f'val_dice_{n}', math.nan):.3f}" for n in bundle.targets.names)
             val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
+            skip = f" (skipped {skipped} step(s): non-finite loss or gradients)" if skipped else ""
             log(f"epoch {epoch}/{cfg.trainer.max_epochs} step {state['step']} loss={loss:.4f} lr={lr:.2e} "
-                f"{seconds:.1f}s {row['samples_per_s']:.1f} samples/s{val}")
+                f"{seconds:.1f}s {row['samples_per_s']:.1f} samples/s{val}{skip}")
             summary("running")
         if state["epoch"] >= cfg.trainer.max_epochs:
             final = checkpoint_state()
