@@ -128,12 +128,13 @@ def local_step(model, optimizer, loss_fn, cfg, device: torch.device, scaler: tor
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if not scaler.is_enabled() and not (math.isfinite(float(norm)) and math.isfinite(float(loss))):
+        value = float(loss.detach())
+        if not scaler.is_enabled() and not (math.isfinite(float(norm)) and math.isfinite(value)):
             optimizer.zero_grad(set_to_none=True)
             return math.nan
         scaler.step(optimizer)
         scaler.update()
-        return float(loss.detach())
+        return value
 
     return step
 
