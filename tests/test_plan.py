@@ -9,7 +9,8 @@ import torch
 from conftest import lampseg
 from monai.networks.nets import UNet
 
-from lampseg.parallel.plan import BlockCost, PlanError, make_plan, profile_blocks
+from lampseg.parallel.plan import PlanError, make_plan
+from lampseg.parallel.profile import BlockCost, profile_blocks
 
 MB = 2**20
 
