@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError, validate
-from lampseg.engine.logs import write_json
+from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.io import atomic_write_bytes
 
 
@@ -98,13 +98,7 @@ def _whole(cfg) -> list[int]:
 
 
 def _plot(result: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for width in result["config"]["widths"]:
         rows = sorted((r for r in result["rows"] if r["width"] == width), key=lambda r: r["input_voxels"])
@@ -118,7 +112,4 @@ def _plot(result: dict) -> bytes:
     ax.legend()
     ax.set_title("bench context: Dice vs input context and width")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, 110)

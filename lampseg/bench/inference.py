@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError, enum_value
-from lampseg.engine.logs import write_json
+from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.io import atomic_write_bytes
 
 SPEEDUP_TARGET = 3.0  # whole volume vs the 96^3 / overlap 0.5 sliding window
@@ -39,11 +39,11 @@ def _modes(windows: list[int], overlaps: list[float]) -> list[dict]:
 
 
 def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: int):
+    from lampseg.engine.evaluate import case_image, roi_size
     from lampseg.engine.inference import infer
 
-    image = torch.from_numpy(np.stack([bundle.cache.image(name)[c] for c in bundle.channels]))[None]
-    image = image.to(device)
-    roi = list(cfg.inference.patch_size or bundle.patch_size)
+    image = case_image(bundle, name).to(device)
+    roi = roi_size(cfg, bundle.patch_size)
     start = time.perf_counter()
     logits = infer(model, image, cfg.inference, roi, divisor, cfg.trainer.precision)
     if device.type == "cuda":
@@ -60,8 +60,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     """
     from lampseg.data.pipeline import prepare_data
     from lampseg.engine.checkpoint import load_checkpoint
-    from lampseg.engine.evaluate import config_from_checkpoint, load_model
-    from lampseg.engine.metrics import dice_hd95
+    from lampseg.engine.evaluate import case_scores, config_from_checkpoint, load_model
     from lampseg.model.unet import size_divisor
     from lampseg.parallel import distributed
     from lampseg.parallel.memory import PeakMemory
@@ -99,11 +98,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
         seconds, dice, voxels = [], [], 0
         for name in cases:
             logits, elapsed, n = _infer_case(model, bundle, name, cfg, device, divisor)
-            truth = torch.from_numpy(np.array(bundle.cache.label(name)))[None, None].to(device)
-            pred = bundle.targets.masks_from_logits(logits)[0]
-            meta = bundle.cache.meta(name)
-            d, _ = dice_hd95(pred, bundle.targets.masks_from_labels(truth)[0],
-                             meta.get("target_spacing") or meta["spacing"], False)
+            d, _ = case_scores(bundle, name, logits, with_hd95=False)
             seconds.append(elapsed)
             dice.append(d)
             voxels += n
@@ -154,13 +149,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
 
 
 def _plot(result: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in result["modes"]:
         marker = "*" if row["mode"] == "whole" else "o"
@@ -172,7 +161,4 @@ def _plot(result: dict) -> bytes:
     ax.set_ylabel("mean Dice")
     ax.set_title(f"bench inference: {result['config']['model']} on {result['config']['device']}")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, 110)

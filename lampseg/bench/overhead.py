@@ -22,7 +22,6 @@ ratio of the fastest rounds (``overhead_min``; noise only ever adds time).
 from __future__ import annotations
 
 import copy
-import io
 import os
 import platform
 import statistics
@@ -42,7 +41,7 @@ from lampseg.config import ConfigError, enum_value, validate
 from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
 from lampseg.data.sampling import PatchDataset
 from lampseg.engine.inference import autocast
-from lampseg.engine.logs import write_json
+from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.engine.optim import build_optimizer
 from lampseg.engine.train import (
     _Progress,
@@ -150,11 +149,7 @@ def _overrides() -> list[str]:
 
 def _plot(result: dict) -> bytes:
     """PNG bytes: median step time per loop with the data wait stacked under compute, and every repeat."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = ["lampseg", "plain"]
     labels = ["lampseg _train_epoch", "plain MONAI loop"]
     total = [result[n]["step_s_median"] * 1e3 for n in names]
@@ -183,10 +178,7 @@ def _plot(result: dict) -> bytes:
              f"{cfg['precision']} {cfg['device']} num_workers={cfg['num_workers']} "
              f"{cfg['repeats']} x {cfg['steps']} steps", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, 90)
 
 
 def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:

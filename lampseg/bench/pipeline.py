@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
-from lampseg.engine.logs import write_json
+from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.io import atomic_write_bytes, atomic_write_text
 
 MEMORY_TOLERANCE = 0.20  # planned within 20 % of measured
@@ -163,13 +163,7 @@ def _summarise(rows: list[dict], cfg, cubes: dict[int, int], device: str) -> dic
 
 
 def _plot(result: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     configs = result["configs"]
     labels, measured, planned = [], [], []
@@ -200,10 +194,7 @@ def _plot(result: dict) -> bytes:
     fig.suptitle(f"bench pipeline: {result['config']['model']} {result['config']['patch_size']} "
                  f"batch {result['config']['batch_size']} on {result['config']['device']}")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, 110)
 
 
 def run(cfg, log=print) -> dict:

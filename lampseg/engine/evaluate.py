@@ -26,7 +26,8 @@ from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel import distributed
 
 
-def _roi_size(cfg, patch_size: list[int]) -> list[int]:
+def roi_size(cfg, patch_size: list[int]) -> list[int]:
+    """Sliding-window size: ``inference.patch_size``, or the training patch."""
     return list(cfg.inference.patch_size) if cfg.inference.patch_size is not None else list(patch_size)
 
 
@@ -48,18 +49,33 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -
     divisor = size_divisor(cfg.model)
     for name in cases:
         start = time.perf_counter()
-        image = torch.from_numpy(np.stack([bundle.cache.image(name)[c] for c in bundle.channels]))[None]
-        label = torch.from_numpy(np.array(bundle.cache.label(name)))[None, None]
-        logits = infer(model, image.to(device), cfg.inference, _roi_size(cfg, bundle.patch_size), divisor,
+        image = case_image(bundle, name).to(device)
+        logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), divisor,
                        cfg.trainer.precision)
-        pred = bundle.targets.masks_from_logits(logits)[0]
-        truth = bundle.targets.masks_from_labels(label.to(device))[0]
-        meta = bundle.cache.meta(name)
-        spacing = meta.get("target_spacing") or meta["spacing"]
-        dice, hd = dice_hd95(pred, truth, spacing, cfg.trainer.hd95)
+        dice, hd = case_scores(bundle, name, logits, cfg.trainer.hd95)
         per_case.append({"case": name, "dice": dict(zip(names, dice)), "hd95": dict(zip(names, hd)),
                          "seconds": time.perf_counter() - start})
     return per_case, summarize(per_case, names)
+
+
+def case_image(bundle, name: str) -> torch.Tensor:
+    """A cached case's selected channels as a (1, C, X, Y, Z) tensor (preprocessed space)."""
+    return torch.from_numpy(np.stack([bundle.cache.image(name)[c] for c in bundle.channels]))[None]
+
+
+def case_scores(bundle, name: str, logits: torch.Tensor, with_hd95: bool) -> tuple[list[float], list[float]]:
+    """Dice and HD95 (mm, spacing from the cache metadata) per region/label of ``logits`` for a cached case.
+
+    Args:
+        bundle: the ``DataBundle``.
+        name: the case.
+        logits: (1, K, X, Y, Z) network outputs in the case's preprocessed space.
+        with_hd95: compute HD95 (NaN otherwise).
+    """
+    label = torch.from_numpy(np.array(bundle.cache.label(name)))[None, None].to(logits.device)
+    meta = bundle.cache.meta(name)
+    return dice_hd95(bundle.targets.masks_from_logits(logits)[0], bundle.targets.masks_from_labels(label)[0],
+                     meta.get("target_spacing") or meta["spacing"], with_hd95)
 
 
 def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
@@ -91,8 +107,7 @@ def load_model(ckpt: dict, cfg):
     from lampseg.engine.train import resolve_device
     from lampseg.parallel.parallelize import parallelize, uses_process_group
 
-    if not uses_process_group(cfg):
-        distributed.check_world(1, 1)
+    uses_process_group(cfg)  # under torchrun: joins the job first, so the device is this rank's
     device = distributed.local_device(resolve_device(cfg.trainer.device))
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
@@ -171,7 +186,7 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         pre, _, meta = preprocess_array(image[info["channels"]], None, spacing, preprocess_config(cfg.data))
         logits = infer(model, torch.from_numpy(pre)[None].to(device), cfg.inference,
-                       _roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision)
+                       roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision)
         restored = restore_array(logits[0].cpu().numpy(), meta)
         seg = targets.labels_from_logits(torch.from_numpy(restored)[None])[0].numpy().astype(np.uint8)
         header = img.header.copy()

@@ -39,6 +39,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (PNG files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig, dpi: int) -> bytes:
+    """The figure as PNG bytes (for an atomic write); the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
 class RunLogger:
     """Writes one ``metrics.csv`` row per epoch (whole file rewritten atomically) and TensorBoard scalars.
 
@@ -88,12 +106,7 @@ class RunLogger:
 
     def plot(self) -> None:
         """``progress.png``: training loss and validation Dice per epoch."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 4))
         epochs = [r["epoch"] for r in self.rows]
         ax1.plot(epochs, [r["train_loss"] for r in self.rows], marker=".")
         ax1.set(xlabel="epoch", ylabel="train loss", title="Training loss")
@@ -106,10 +119,7 @@ class RunLogger:
         if val:
             ax2.legend(fontsize=8)
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
-        plt.close(fig)
-        atomic_write_bytes(self.run_dir / "progress.png", buffer.getvalue())
+        atomic_write_bytes(self.run_dir / "progress.png", figure_png(fig, 80))
 
     def close(self) -> None:
         if self._tb is not None:

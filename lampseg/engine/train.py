@@ -202,8 +202,6 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         raise ConfigError(f"config key 'parallel.pp': {cfg.parallel.pp} stages need parallel=pipeline "
                           f"(got parallel={cfg.parallel.name})")
     staged = uses_process_group(cfg)  # one pipeline stage per torchrun process
-    if not staged:
-        distributed.check_world(1, 1)  # several processes of an unsplit run would overwrite each other
     main = distributed.is_main()  # only rank 0 writes files and prints
     log = log if main else (lambda *_: None)
     run_dir = Path(cfg.run_dir)
@@ -237,7 +235,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     loss_fn = build_loss(cfg.optim, bundle.targets)
     scaler = make_grad_scaler(cfg, device)
     state = {"epoch": 0, "step": 0, "best_val_dice": -math.inf, "best_epoch": None, "best_metrics": {},
-             "history": [], "train_time_s": 0.0, "train_samples": 0, "wall_s": 0.0}
+             "history": [], "train_time_s": 0.0, "train_samples": 0, "wall_s": 0.0, "skipped_steps": 0}
     resume_from = _find_resume(cfg, run_dir)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors; modules copy
@@ -258,9 +256,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         """The checkpoint on rank 0 (stages gathered under unsplit names); None on other ranks."""
         state["history"] = logger.rows
         state["wall_s"] = time.perf_counter() - wall_start
-        weights, optim_state = model.state_dict(), optimizer_state_by_name(model, optimizer)
+        optim_state = optimizer_state_by_name(model, optimizer)
+        weights = net.full_state_dict() if staged else model.state_dict()
         if staged:
-            weights = net.full_state_dict()
             parts = net.gather_on_first(optim_state)
             optim_state = merge_optimizer_states(parts) if parts is not None else None
         if not main:
@@ -282,7 +280,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 "wall_s": round(time.perf_counter() - wall_start, 2),
                 "train_samples_per_s": state["train_samples"] / max(state["train_time_s"], 1e-9),
                 "peak_memory_mb": round(peak_memory_mb(device), 1), "params": params,
-                "skipped_steps": state.get("skipped_steps", 0),
+                "skipped_steps": state["skipped_steps"],
                 "plan": plan.to_dict() if plan is not None else None, "stage_memory": stage_memory["rows"],
                 "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
                 "modalities": bundle.modality_names, "fold": cfg.data.fold,
@@ -328,7 +326,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             lr = optimizer.param_groups[0]["lr"]
             loss, steps, seconds, wait, skipped = _train_epoch(net, step, loader, bundle, cfg, device,
                                                                progress)
-            state["skipped_steps"] = state.get("skipped_steps", 0) + skipped
+            state["skipped_steps"] += skipped
             progress.close()
             if "mine" in stage_memory:  # gathered once (a collective: every rank gets here together)
                 stage_memory["rows"] = net.gather_on_first(stage_memory.pop("mine"))

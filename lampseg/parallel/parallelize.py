@@ -33,13 +33,16 @@ def pipeline_devices(pp: int, device: torch.device) -> list[torch.device]:
 
 
 def uses_process_group(cfg) -> bool:
-    """Whether ``cfg`` runs one stage per process; if so, join the torchrun job and check its size.
+    """Whether ``cfg`` runs one stage per process; if so, join the torchrun job and check its size,
+    otherwise check that this is the only process (copies of an in-process run would overwrite each
+    other's files).
 
     Raises:
         ConfigError: for the pipelining engine outside torchrun, or a world size other than dp x pp.
     """
     p = cfg.parallel
     if p.name != "pipeline" or enum_value(p.engine) != "pipelining":
+        distributed.check_world(1, 1)
         return False
     if not distributed.init_from_env():
         raise ConfigError(f"config key 'parallel.engine': 'pipelining' runs one stage per process; launch "
