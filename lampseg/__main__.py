@@ -89,15 +89,26 @@ def _synth_to(cfg) -> Path:
                             context=s.context)
 
 
+def _override(argv: list[str], key: str) -> str | None:
+    """The value of a ``key=value`` override on the command line (None when absent)."""
+    values = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+") == key and "=" in a]
+    return values[-1] if values else None
+
+
 def _torchrun_argv(argv: list[str]) -> list[str]:
-    """Under torchrun: join the job, give every rank rank 0's run directory (each would otherwise stamp
-    its own time) and let only rank 0 write Hydra's files and log."""
+    """Under torchrun: join the job (``parallel.backend`` and ``parallel.timeout_s`` are read from the
+    command line here, before Hydra composes the config), give every rank rank 0's run directory (each
+    would otherwise stamp its own time) and let only rank 0 write Hydra's files and log."""
+    import os
     import time
 
     from lampseg.parallel import distributed
 
-    distributed.init_from_env()
-    if not any(a.startswith("run_dir=") for a in argv):
+    timeout = _override(argv, "parallel.timeout_s")
+    if timeout is not None:
+        os.environ["LAMPSEG_DIST_TIMEOUT"] = timeout
+    distributed.init_from_env(backend=_override(argv, "parallel.backend"))
+    if _override(argv, "run_dir") is None:
         argv = argv + [f"run_dir={distributed.broadcast_object(time.strftime('outputs/%Y-%m-%d/%H-%M-%S'))}"]
     if distributed.rank() > 0:
         argv = argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled",
@@ -132,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
 
     register_schema()
 
+    from torch.distributed import DistError
+
+    from lampseg.parallel import distributed
+
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
     def app(cfg) -> None:
         try:
@@ -142,8 +157,12 @@ def main(argv: list[str] | None = None) -> None:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"lampseg {subcommand}: {kind}: {e}", file=sys.stderr)
             sys.exit(2 if isinstance(e, ConfigError) else 1)
-
-    from lampseg.parallel import distributed
+        except DistError as e:  # a peer died or stalled: say so, and how to resume, instead of a traceback
+            if cfg.debug:
+                raise
+            message = distributed.failure_message(e, cfg.run_dir)
+            print(f"lampseg {subcommand}: error: {message}", file=sys.stderr)
+            sys.exit(1)
 
     if distributed.launched_by_torchrun():
         argv = _torchrun_argv(argv)

@@ -57,6 +57,10 @@ class Blend(str, Enum):
     constant = "constant"
 
 
+LR_SCALING = ("none", "linear", "sqrt")
+BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")
+
+
 @dataclass
 class SynthConfig:
     """The default synthetic dataset, generated on first use when ``data.root`` is null."""
@@ -116,6 +120,7 @@ class OptimConfig:
     poly_power: float = 0.9
     warmup_epochs: int = 0
     grad_clip: float | None = 12.0
+    lr_scaling: str = "none"  # data parallelism: lr x dp (linear), x sqrt(dp) (sqrt) or unchanged (none)
     loss: LossName = LossName.dice_ce
     focal_weight: float = 0.5
 
@@ -151,9 +156,11 @@ class InferenceConfig:
 @dataclass
 class ParallelConfig:
     name: str = "single"
-    dp: int = 1
+    dp: int | None = 1  # null: WORLD_SIZE / pp
     pp: int = 1
     engine: str = "pipelining"
+    backend: str = "auto"  # auto: nccl for CUDA tensors, gloo for CPU tensors
+    timeout_s: float = 600.0  # collective timeout
     schedule: str = "gpipe"
     microbatches: int | None = None
     memory_gb: float | None = None
@@ -251,7 +258,7 @@ def validate(cfg: DictConfig) -> None:
                            ("data.samples_per_epoch", d.samples_per_epoch, 1), ("data.folds", d.folds, 2),
                            ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
                            ("data.synthetic.cases", d.synthetic.cases, 2), ("inference.sw_batch_size",
-                           i.sw_batch_size, 1), ("parallel.dp", p.dp, 1), ("parallel.pp", p.pp, 1),
+                           i.sw_batch_size, 1), ("parallel.dp", p.dp or 1, 1), ("parallel.pp", p.pp, 1),
                            ("parallel.microbatches", p.microbatches or 1, 1)]:
         if value < lo:
             _fail(key, f"an integer >= {lo}", value)
@@ -313,8 +320,14 @@ def validate(cfg: DictConfig) -> None:
         _positive_ints("inference.patch_size", i.patch_size, 3)
     if cfg.split not in ("val", "train", "all"):
         _fail("split", "one of val|train|all", cfg.split)
-    if p.dp != 1:
-        _fail("parallel.dp", "1 (data parallelism is not available yet)", p.dp)
+    if p.dp is not None and p.dp < 1:
+        _fail("parallel.dp", "an integer >= 1, or null (WORLD_SIZE / parallel.pp)", p.dp)
+    if o.lr_scaling not in LR_SCALING:
+        _fail("optim.lr_scaling", "one of " + "|".join(LR_SCALING), o.lr_scaling)
+    if p.backend not in BACKENDS:
+        _fail("parallel.backend", "one of " + "|".join(BACKENDS), p.backend)
+    if p.timeout_s <= 0:
+        _fail("parallel.timeout_s", "a positive number of seconds", p.timeout_s)
     if p.microbatches is not None and d.batch_size % p.microbatches:
         _fail("parallel.microbatches", f"a divisor of data.batch_size ({d.batch_size}) or null (auto)",
               p.microbatches)

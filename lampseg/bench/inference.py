@@ -78,7 +78,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
                           f"{list(b.overlaps)}")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, _, device = load_model(ckpt, cfg)
+    model, _, device, _ = load_model(ckpt, cfg)
     main = distributed.is_main()
     log = log if main else (lambda *_: None)
     with distributed.main_first():

@@ -31,15 +31,20 @@ def roi_size(cfg, patch_size: list[int]) -> list[int]:
     return list(cfg.inference.patch_size) if cfg.inference.patch_size is not None else list(patch_size)
 
 
-def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -> tuple[list[dict], dict]:
+def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, dims=None
+                   ) -> tuple[list[dict], dict]:
     """Dice/HD95 per case (in preprocessed space, spacing from the cache metadata) and their means.
 
+    With data parallelism each replica evaluates every ``dp``-th case and the results are gathered, so
+    every rank returns the same per-case list (in the order of ``cases``) and means.
+
     Args:
-        model: the network; put in eval mode here and left in eval mode.
+        model: the network (not DDP-wrapped); put in eval mode here and left in eval mode.
         bundle: the ``DataBundle`` (cache, targets, channels, patch size).
         cases: case names to evaluate.
         cfg: the config (``inference.*``, ``trainer.precision``, ``trainer.hd95``).
         device: where to run.
+        dims: the run's ``ParallelDims`` (None: one process evaluates everything).
 
     Returns:
         (per-case dicts with ``case``, ``dice``, ``hd95``, ``seconds``; means from ``metrics.summarize``).
@@ -47,7 +52,8 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -
     model.eval()
     names, per_case = bundle.targets.names, []
     divisor = size_divisor(cfg.model)
-    for name in cases:
+    shard = cases[dims.dp_rank::dims.dp] if dims is not None and dims.dp_enabled else cases
+    for name in shard:
         start = time.perf_counter()
         image = case_image(bundle, name).to(device)
         logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), divisor,
@@ -55,6 +61,9 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device) -
         dice, hd = case_scores(bundle, name, logits, cfg.trainer.hd95)
         per_case.append({"case": name, "dice": dict(zip(names, dice)), "hd95": dict(zip(names, hd)),
                          "seconds": time.perf_counter() - start})
+    if dims is not None and dims.dp_enabled:
+        order = {name: k for k, name in enumerate(cases)}
+        per_case = sorted(dims.dp_gather(per_case), key=lambda c: order[c["case"]])
     return per_case, summarize(per_case, names)
 
 
@@ -102,12 +111,13 @@ def load_model(ckpt: dict, cfg):
     (pipeline stages when ``parallel=pipeline``; under torchrun this rank's stage), in eval mode.
 
     Returns:
-        (the module to run, the targets, this process's device).
+        (the module to run, the targets, this process's device, the run's ``ParallelDims``).
     """
     from lampseg.engine.train import resolve_device
-    from lampseg.parallel.parallelize import parallelize, uses_process_group
+    from lampseg.parallel.dims import resolve_dims
+    from lampseg.parallel.parallelize import parallelize
 
-    uses_process_group(cfg)  # under torchrun: joins the job first, so the device is this rank's
+    dims = resolve_dims(cfg)  # under torchrun: joins the job first, so the device is this rank's
     device = distributed.local_device(resolve_device(cfg.trainer.device))
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
@@ -115,8 +125,9 @@ def load_model(ckpt: dict, cfg):
     model.load_state_dict(ckpt["model"])
     if cfg.trainer.channels_last:  # as trained: the faster 3D convolution layout (bf16 on CPU especially)
         model = model.to(memory_format=torch.channels_last_3d)
-    net, _ = parallelize(model.to(device), cfg, [len(info["channels"]), *info["patch_size"]], device)
-    return net.eval(), targets, device
+    net, _ = parallelize(model.to(device), dims, cfg, [len(info["channels"]), *info["patch_size"]], device,
+                         train=False)
+    return net.eval(), targets, device, dims
 
 
 def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
@@ -130,14 +141,14 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
     cfg = config_from_checkpoint(ckpt, cfg, overrides)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, _, device = load_model(ckpt, cfg)  # under torchrun: this rank's pipeline stage
+    model, _, device, dims = load_model(ckpt, cfg)  # under torchrun: this rank's pipeline stage
     main = distributed.is_main()
     log = log if main else (lambda *_: None)
     with distributed.main_first():
         bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
     cases = {"val": bundle.val_cases, "train": bundle.train_cases,
              "all": bundle.train_cases + bundle.val_cases}[cfg.split]
-    per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device)
+    per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device, dims)
     result = {"ckpt": str(cfg.ckpt), "split": cfg.split,
               "inference": OmegaConf.to_container(cfg.inference, enum_to_str=True),
               "parallel": OmegaConf.to_container(cfg.parallel), "mean": means,
@@ -174,13 +185,15 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
             raise ConfigError(f"config key '{key}': expected a path ({key}=PATH), got None")
     ckpt = load_checkpoint(cfg.ckpt)
     cfg = config_from_checkpoint(ckpt, cfg, overrides)
-    model, targets, device = load_model(ckpt, cfg)
-    main = distributed.is_main()  # under torchrun every rank runs its stage, rank 0 writes
-    log = log if main else (lambda *_: None)
+    model, targets, device, dims = load_model(ckpt, cfg)
+    # Under torchrun each data-parallel replica segments every dp-th image; the first stage of each
+    # replica writes its images (rank 0's replica logs).
+    writer = dims.mesh.get_local_rank("pp") == 0 if dims.mesh is not None else True
+    log = log if distributed.is_main() else (lambda *_: None)
     info, out_dir = ckpt["data"], Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in _nifti_inputs(Path(cfg.input)):
+    for path in _nifti_inputs(Path(cfg.input))[dims.dp_rank::dims.dp]:
         start = time.perf_counter()
         image, img = read_image(path, len(info["modalities"]))
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -195,7 +208,7 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
             header.set_data_shape(seg.shape)
         out = nib.Nifti1Image(seg, img.affine, header)
         target = out_dir / path.name
-        if main:
+        if writer:
             atomic_write_bytes(target, _nifti_bytes(out, target.name))
         written.append(target)
         log(f"{path.name}: {time.perf_counter() - start:.2f} s -> {target}")

@@ -9,13 +9,20 @@ from torch import nn
 from lampseg.config import enum_value
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW or SGD with Nesterov momentum, from the ``optim`` config."""
-    name = enum_value(optim_cfg.name)
+def lr_scale(optim_cfg, replicas: int) -> float:
+    """The learning-rate multiplier for ``replicas`` data-parallel replicas (``optim.lr_scaling``): the global
+    batch grows with them; Berral et al. scaled the rate linearly, ``sqrt`` is the gentler rule."""
+    rule = optim_cfg.lr_scaling
+    return float(replicas) if rule == "linear" else math.sqrt(replicas) if rule == "sqrt" else 1.0
+
+
+def build_optimizer(model: nn.Module, optim_cfg, scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW or SGD with Nesterov momentum, from the ``optim`` config, at ``optim.lr * scale``."""
+    name, lr = enum_value(optim_cfg.name), optim_cfg.lr * scale
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=optim_cfg.weight_decay)
 
 
 def lr_factor(epoch: int, max_epochs: int, schedule: str, warmup: int = 0, power: float = 0.9) -> float:

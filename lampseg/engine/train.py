@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.data.pipeline import DataBundle, curriculum_phases, phase_at, prepare_data, training_dataset
@@ -30,12 +31,13 @@ from lampseg.engine.checkpoint import (
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
-from lampseg.engine.optim import build_optimizer, build_scheduler
+from lampseg.engine.optim import build_optimizer, build_scheduler, lr_scale
 from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
-from lampseg.parallel.parallelize import parallelize, uses_process_group
+from lampseg.parallel.dims import resolve_dims
+from lampseg.parallel.parallelize import parallelize
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,10 +200,11 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         The summary written to ``summary.json``.
     """
     validate(cfg)
-    if cfg.parallel.pp != 1 and cfg.parallel.name != "pipeline":
-        raise ConfigError(f"config key 'parallel.pp': {cfg.parallel.pp} stages need parallel=pipeline "
-                          f"(got parallel={cfg.parallel.name})")
-    staged = uses_process_group(cfg)  # one pipeline stage per torchrun process
+    dims = resolve_dims(cfg)  # joins the torchrun job, checks dp x pp against WORLD_SIZE
+    staged = dims.staged  # one pipeline stage per torchrun process
+    if cfg.data.samples_per_epoch < dims.dp * cfg.data.batch_size:
+        raise ConfigError(f"config key 'data.samples_per_epoch': {cfg.data.samples_per_epoch} samples make "
+                          f"no step of data.batch_size {cfg.data.batch_size} on each of {dims.dp} replicas")
     main = distributed.is_main()  # only rank 0 writes files and prints
     log = log if main else (lambda *_: None)
     run_dir = Path(cfg.run_dir)
@@ -223,14 +226,22 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         model = model.to(memory_format=torch.channels_last_3d)
     phases = curriculum_phases(cfg, bundle)
     largest = max((patch for _, patch, _ in phases), key=math.prod)  # plan stages for the largest input
-    net, plan = parallelize(model, cfg, [len(bundle.channels), *largest], device, bundle.targets)
+    net, plan = parallelize(model, dims, cfg, [len(bundle.channels), *largest], device, bundle.targets)
+    infer_net = net.module if isinstance(net, DistributedDataParallel) else net  # validation shards cases
+    if dims.dp_rank > 0:  # replicas start identical (DDP broadcasts rank 0's weights), then draw their own
+        torch.manual_seed(cfg.seed + 1_000_003 * dims.dp_rank)  # dropout masks
     params = count_parameters(model)
     log(f"model {cfg.model.name}: {params:,} parameters; {len(bundle.channels)} input channels "
         f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
         f"({', '.join(bundle.targets.names)}); device {device}")
+    scale = lr_scale(cfg.optim, dims.dp)
+    if dims.world > 1:
+        log(f"{dims.world} processes: dp={dims.dp} x pp={dims.pp if staged else 1}; global batch "
+            f"{dims.dp * cfg.data.batch_size} ({cfg.data.batch_size} per replica); lr {cfg.optim.lr:g} x "
+            f"{scale:g} (optim.lr_scaling={cfg.optim.lr_scaling})")
     if plan is not None:
         log(plan.table())
-    optimizer = build_optimizer(net if staged else model, cfg.optim)  # a stage's parameters only
+    optimizer = build_optimizer(net if staged else model, cfg.optim, scale)  # a stage's parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
     loss_fn = build_loss(cfg.optim, bundle.targets)
     scaler = make_grad_scaler(cfg, device)
@@ -242,6 +253,7 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         model.load_state_dict(ckpt["model"])
         load_optimizer_state_by_name(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.base_lrs = [cfg.optim.lr * scale] * len(optimizer.param_groups)  # this launch's dp and lr
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)  # a changed trainer.max_epochs applies at once
         scaler.load_state_dict(ckpt["scaler"])
@@ -284,15 +296,18 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 "plan": plan.to_dict() if plan is not None else None, "stage_memory": stage_memory["rows"],
                 "model": cfg.model.name, "device": str(device), "dataset": str(bundle.dataset.root),
                 "modalities": bundle.modality_names, "fold": cfg.data.fold,
-                "world_size": distributed.world_size(), "dp": 1,
-                "pp": cfg.parallel.pp if plan is not None else 1, "engine": engine}
+                **dims.to_dict(), "global_batch_size": dims.dp * cfg.data.batch_size, "lr_scale": scale,
+                "engine": engine}
         if main:
             write_json(run_dir / "summary.json", data)
         return data
 
     engine = enum_value(cfg.parallel.engine) if plan is not None else None
-    step = pipelined_step(net, optimizer, loss_fn, cfg) if staged else local_step(net, optimizer, loss_fn,
-                                                                                 cfg, device, scaler)
+    replica_step = pipelined_step(net, optimizer, loss_fn, cfg) if staged else local_step(
+        net, optimizer, loss_fn, cfg, device, scaler)
+
+    def step(image: torch.Tensor, target: torch.Tensor) -> float:  # the loss of the global batch
+        return dims.dp_mean(replica_step(image, target), device)
     stage_memory: dict = {"calls": 0, "rows": None}
     if staged:  # measure each stage's peak memory on the second step (optimiser state exists by then)
         plain_step = step
@@ -308,7 +323,11 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     if cfg.trainer.stop_after_epochs is not None:
         stop_at = min(stop_at, state["epoch"] + cfg.trainer.stop_after_epochs)
     summary("running")
-    loader_kwargs = dict(batch_size=cfg.data.batch_size, shuffle=False, drop_last=True,
+    sampler = None  # replica r takes samples r, r + dp, ...: together, the global batch of one process
+    if dims.dp_enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dims.dp, rank=dims.dp_rank, shuffle=False,
+                                     drop_last=True)
+    loader_kwargs = dict(batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, sampler=sampler,
                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                          persistent_workers=False)
     try:
@@ -337,13 +356,14 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
             scheduler.step()
             state["step"] += steps
             state["train_time_s"] += seconds
-            state["train_samples"] += steps * cfg.data.batch_size
+            state["train_samples"] += steps * cfg.data.batch_size * dims.dp
             row = {"epoch": epoch, "step": state["step"], "train_loss": loss, "lr": lr, "epoch_s": seconds,
-                   "samples_per_s": steps * cfg.data.batch_size / seconds, "data_wait_frac": wait / seconds,
+                   "samples_per_s": steps * cfg.data.batch_size * dims.dp / seconds,
+                   "data_wait_frac": wait / seconds,
                    "val_dice": math.nan}
             if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
                 cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
-                _, means = evaluate_cases(net, bundle, cases, cfg, device)
+                _, means = evaluate_cases(infer_net, bundle, cases, cfg, device, dims)
                 row["val_dice"] = means["dice"]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:

@@ -17,20 +17,20 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lampseg.config import ConfigError
-
 
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several started by torchrun (or another env:// launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(timeout_s: float | None = None, alone: bool = False) -> bool:
+def init_from_env(timeout_s: float | None = None, alone: bool = False, backend: str | None = None) -> bool:
     """Join the torchrun job once (no-op when not launched by torchrun or already joined).
 
     Args:
         timeout_s: collective timeout; default ``$LAMPSEG_DIST_TIMEOUT`` or 600 s.
         alone: also join a job of one process (``torchrun --nproc_per_node 1``).
+        backend: ``auto`` (gloo for CPU tensors, plus NCCL for CUDA tensors when there is a GPU), ``gloo``,
+            ``nccl`` or ``cpu:gloo,cuda:nccl``; default ``$LAMPSEG_DIST_BACKEND`` or ``auto``.
 
     Returns:
         Whether a process group is active.
@@ -40,10 +40,11 @@ def init_from_env(timeout_s: float | None = None, alone: bool = False) -> bool:
     if not (launched_by_torchrun() or (alone and "RANK" in os.environ)):
         return False
     timeout = timedelta(seconds=float(timeout_s or os.environ.get("LAMPSEG_DIST_TIMEOUT", 600)))
-    backend = "gloo"
+    backend = backend or os.environ.get("LAMPSEG_DIST_BACKEND", "auto")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        backend = "cpu:gloo,cuda:nccl"  # objects and CPU tensors over gloo, stage tensors over NCCL
+    if backend == "auto":  # objects and CPU tensors over gloo, CUDA tensors over NCCL
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timeout)
     return True
 
@@ -92,13 +93,15 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def check_world(dp: int, pp: int) -> None:
-    """``parallel.dp * parallel.pp`` must equal the number of processes torchrun started."""
-    world = world_size()
-    if dp * pp != world:
-        raise ConfigError(f"config keys 'parallel.dp' x 'parallel.pp': {dp} x {pp} = {dp * pp} processes "
-                          f"needed, but WORLD_SIZE is {world}; launch with `torchrun --nproc_per_node "
-                          f"{dp * pp} -m lampseg ...` or change parallel.pp")
+def failure_message(error: BaseException, run_dir: str | None = None) -> str:
+    """What a collective failure means for the user: which rank saw it, the likely cause, how to resume."""
+    timeout = os.environ.get("LAMPSEG_DIST_TIMEOUT", "600")
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    resume = (f"; relaunch the same command to resume from {run_dir}/checkpoints/latest.pt" if run_dir
+              else "")
+    return (f"rank {rank()} of {world_size()}: a collective operation failed ({first}). Another rank "
+            f"probably died or stalled (collective timeout {timeout} s, parallel.timeout_s); torchrun's "
+            f"'Root Cause' section names the first rank that exited{resume}")
 
 
 def shutdown(failed: bool = False) -> None:

@@ -79,10 +79,12 @@ class PipelinedUNet(nn.Module):
         device: this rank's device.
         precision: ``trainer.precision``.
         group: the pipeline's process group (None: the whole job).
+        dp_group: the replicas of this stage (DP x PP): training averages the stage's gradients over them
+            with ``DistributedDataParallel`` (None: no data parallelism).
     """
 
     def __init__(self, model: nn.Module, probe: nn.Module, plan: Plan, device: torch.device, precision: str,
-                 group: dist.ProcessGroup | None = None):
+                 group: dist.ProcessGroup | None = None, dp_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.plan, self.device, self.group = plan, device, group
         self.pp_rank, self.pp = dist.get_rank(group), dist.get_world_size(group)
@@ -107,6 +109,13 @@ class PipelinedUNet(nn.Module):
         for block in blocks[lo:hi]:
             block.to(device)
         self.stage_module = StageModule(blocks[lo:hi], plan.checkpoint, precision, device)
+        # What the schedule trains: DDP over the stage's replicas (PipelineStage syncs gradients on the last
+        # micro-batch's backward only). A list, so it is not a second registration of the same parameters.
+        self._trained = [self.stage_module]
+        if dp_group is not None:
+            from lampseg.parallel.parallelize import data_parallel
+
+            self._trained = [data_parallel(self.stage_module, device, dp_group)]
         self._probe_blocks = unet_blocks(probe)[0]
         self._model = [model]  # a list: not a submodule, so parameters() are this stage's only
         self._shapes: dict[tuple, list[list[torch.Size]]] = {}
@@ -164,7 +173,7 @@ class PipelinedUNet(nn.Module):
             # Outputs that require grad: the stage derives "receive a gradient for it" from these examples.
             outputs = tuple(torch.empty(s, dtype=self.stage_module.wire_dtype, device=self.device
                                         ).requires_grad_() for s in shapes[self.pp_rank + 1])
-            stage = PipelineStage(self.stage_module, self.pp_rank, self.pp, self.device, input_args=inputs,
+            stage = PipelineStage(self._trained[0], self.pp_rank, self.pp, self.device, input_args=inputs,
                                   output_args=outputs[0] if len(outputs) == 1 else outputs, group=self.group)
             self._schedules[key] = SCHEDULES[self.plan.schedule](
                 stage, self.plan.microbatches, loss_fn=lambda out, target: loss_fn(out.float(), target))

@@ -1,0 +1,151 @@
+"""Parallel dimensions of a run: data-parallel replicas x pipeline stages = processes.
+
+    torchrun --nproc_per_node 4 -m lampseg train parallel=pipeline parallel.dp=2 parallel.pp=2
+
+``ParallelDims.from_config`` resolves ``parallel.dp`` (null: WORLD_SIZE / pp) and checks that
+``dp * pp == WORLD_SIZE`` before any heavy work; ``build_mesh`` lays the processes out as a 2D device mesh
+``(dp, pp)``: the ranks of one pipeline are consecutive (stage traffic stays inside a node when ``pp``
+divides the GPUs per node), the replicas of one stage are ``pp`` ranks apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lampseg.config import ConfigError, enum_value
+from lampseg.parallel import distributed
+
+MODES = ("single", "ddp", "pipeline")
+
+
+@dataclass
+class ParallelDims:
+    """How the processes of a run are used.
+
+    Args:
+        dp: data-parallel replicas (each sees a different shard of every global batch).
+        pp: pipeline stages per replica.
+        world: processes in the job (1 without torchrun).
+        engine: ``pipelining`` (one stage per process), ``gpipe`` (all stages in this process) or None.
+    """
+
+    dp: int
+    pp: int
+    world: int
+    engine: str | None = None
+    mesh: object | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.dp < 1 or self.pp < 1:
+            raise ConfigError(f"config keys 'parallel.dp', 'parallel.pp': expected positive integers, got "
+                              f"{self.dp} and {self.pp}")
+        processes = self.dp * (self.pp if self.engine == "pipelining" else 1)
+        if processes != self.world:
+            need = (f"{self.dp} x {self.pp} = {processes}" if self.engine == "pipelining"
+                    else f"{processes}")
+            raise ConfigError(
+                f"config keys 'parallel.dp' x 'parallel.pp': {need} processes needed, but WORLD_SIZE is "
+                f"{self.world}; launch with `torchrun --nproc_per_node {processes} -m lampseg ...` or "
+                f"change parallel.dp / parallel.pp")
+
+    @classmethod
+    def from_config(cls, parallel_cfg, world: int) -> ParallelDims:
+        """Resolve ``parallel.*`` against a job of ``world`` processes.
+
+        Raises:
+            ConfigError: naming the key when the degrees do not multiply to ``world`` or a mode does not
+                support them.
+        """
+        p = parallel_cfg
+        if p.name not in MODES:
+            raise ConfigError(f"config key 'parallel.name': expected one of {'|'.join(MODES)}, "
+                              f"got {p.name!r}")
+        engine = enum_value(p.engine) if p.name == "pipeline" else None
+        if p.name != "pipeline" and p.pp != 1:
+            raise ConfigError(f"config key 'parallel.pp': {p.pp} stages need parallel=pipeline "
+                              f"(got parallel={p.name}); DP x PP is parallel=pipeline parallel.dp=D")
+        if p.name == "single" and world > 1:
+            raise ConfigError(f"config key 'parallel': parallel=single is one process, but WORLD_SIZE is "
+                              f"{world}; use parallel=ddp for data parallelism over the {world} processes")
+        if engine == "gpipe" and (world > 1 or (p.dp or 1) > 1):
+            raise ConfigError("config key 'parallel.engine': gpipe runs all stages in one process and "
+                              "has no data parallelism; use parallel.engine=pipelining under torchrun "
+                              "for DP x PP")
+        per_replica = p.pp if engine == "pipelining" else 1
+        dp = p.dp if p.dp is not None else max(world // per_replica, 1)
+        return cls(dp=int(dp), pp=int(p.pp), world=world, engine=engine)
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def staged(self) -> bool:
+        """One pipeline stage per process (the ``pipelining`` engine)."""
+        return self.engine == "pipelining"
+
+    def build_mesh(self, device_type: str):
+        """The ``(dp, pp)`` device mesh of a staged run (None otherwise); kept on ``self.mesh``."""
+        if self.staged and self.mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(device_type, (self.dp, self.pp), mesh_dim_names=("dp", "pp"))
+        return self.mesh
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """This process's pipeline (None: the whole job)."""
+        return self.mesh.get_group("pp") if self.mesh is not None else None
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        """The replicas of this process's stage (None: the whole job, as in plain DDP)."""
+        return self.mesh.get_group("dp") if self.mesh is not None else None
+
+    @property
+    def dp_rank(self) -> int:
+        """Which replica this process belongs to: its shard of each batch and of the validation cases."""
+        if self.mesh is not None:
+            return self.mesh.get_local_rank("dp")
+        return distributed.rank() if self.dp_enabled else 0
+
+    def dp_mean(self, value: float, device: torch.device | str = "cpu") -> float:
+        """The mean of ``value`` over the data-parallel replicas (a collective on every rank; ``device``:
+        where the backend reduces, e.g. a CUDA device for NCCL)."""
+        if not self.dp_enabled:
+            return value
+        box = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(box, group=self.dp_group)
+        return float(box) / self.dp
+
+    def dp_gather(self, items: list) -> list:
+        """Every replica's ``items``, concatenated in replica order (a collective on every rank)."""
+        if not self.dp_enabled:
+            return list(items)
+        parts: list = [None] * self.dp
+        dist.all_gather_object(parts, list(items), group=self.dp_group)
+        return [item for part in parts for item in part]
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.world, "dp": self.dp, "pp": self.pp if self.engine else 1}
+
+
+def resolve_dims(cfg) -> ParallelDims:
+    """The run's parallel dimensions; joins the torchrun job first when there is one.
+
+    A run of one stage per process must be launched by torchrun; any other mode under torchrun needs
+    ``parallel=ddp`` (copies of a single-process run would overwrite each other's files).
+
+    Raises:
+        ConfigError: for the pipelining engine outside torchrun, or degrees that do not match WORLD_SIZE.
+    """
+    p = cfg.parallel
+    joined = distributed.init_from_env()
+    staged = p.name == "pipeline" and enum_value(p.engine) == "pipelining"
+    if staged and not joined:
+        raise ConfigError(f"config key 'parallel.engine': 'pipelining' runs one stage per process; launch "
+                          f"with `torchrun --nproc_per_node {(p.dp or 1) * p.pp} -m lampseg ...`, or set "
+                          f"parallel.engine=gpipe to run all {p.pp} stages in this process")
+    return ParallelDims.from_config(p, distributed.world_size())
