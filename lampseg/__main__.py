@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "predict": "segment NIfTI images in their original space (ckpt=PATH input=FILE_OR_DIR output=DIR)",
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
-    "bench": "benchmarks: bench overhead|pipeline|inference|context (JSON + PNG under run_dir)",
+    "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel (JSON + PNG in run_dir)",
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     if subcommand == "bench":
         if not argv or "=" in argv[0] or argv[0].startswith("-"):
             print("usage: python -m lampseg bench NAME [overrides]; "
-                  "NAME: overhead, pipeline, inference, context",
+                  "NAME: overhead, pipeline, inference, context, data_parallel",
                   file=sys.stderr)
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]

@@ -186,6 +186,7 @@ class BenchConfig:
     cases: int = 0  # bench inference: validation cases (0: all)
     patch_sizes: list[Any] = field(default_factory=lambda: [16, 32, "whole"])  # bench context: cube sides
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # bench context: first-level channels
+    processes: list[int] = field(default_factory=lambda: [1, 2])  # bench data_parallel: DDP process counts
 
 
 @dataclass

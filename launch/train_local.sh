@@ -4,4 +4,4 @@
 #   RUN_DIR=runs/brats launch/train_local.sh +exp=brats data.root=/data/Task01_BrainTumour
 set -euo pipefail
 RUN_DIR="${RUN_DIR:-runs/local}"
-exec python -m lampseg train run_dir="$RUN_DIR" "$@"
+exec "${PYTHON:-python}" -m lampseg train run_dir="$RUN_DIR" "$@"

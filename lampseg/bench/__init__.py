@@ -5,11 +5,38 @@ under ``cfg.run_dir``, prints where it wrote them, and returns the JSON's conten
 """
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lampseg.config import ConfigError
+
+
+def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float) -> list[dict]:
+    """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 (``OMP_NUM_THREADS``, default 1,
+    threads per process); returns the JSON list the job's rank 0 wrote to ``out_path``.
+
+    Raises:
+        RuntimeError: the job failed (with the end of its error output).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, str(spec_path),
+               str(out_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench: the {nproc}-process job of {module} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(Path(out_path).read_text())
 
 
 def _overhead(cfg: DictConfig, overrides: list[str]) -> dict:
@@ -36,8 +63,15 @@ def _context(cfg: DictConfig, overrides: list[str]) -> dict:
     return run(cfg)
 
 
+def _data_parallel(cfg: DictConfig, overrides: list[str]) -> dict:
+    from lampseg.bench.data_parallel import run
+
+    return run(cfg)
+
+
 BENCHMARKS: dict[str, Callable[[DictConfig, list[str]], dict]] = {
-    "overhead": _overhead, "pipeline": _pipeline, "inference": _inference, "context": _context}
+    "overhead": _overhead, "pipeline": _pipeline, "inference": _inference, "context": _context,
+    "data_parallel": _data_parallel}
 
 
 def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:

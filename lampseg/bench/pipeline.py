@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from lampseg.bench import launch_workers
 from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.io import atomic_write_bytes, atomic_write_text
@@ -111,23 +111,6 @@ def _worker(config_path: str, out_path: str) -> None:
     if rank == 0:
         atomic_write_text(out_path, json.dumps([row for part in parts for row in part]))
     distributed.shutdown()
-
-
-def _launch(pp: int, spec_path: Path, out_path: Path, timeout_s: float) -> list[dict]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={pp}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "lampseg.bench.pipeline",
-               str(spec_path), str(out_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench pipeline: the pp={pp} job failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
-    return json.loads(out_path.read_text())
 
 
 def _summarise(rows: list[dict], cfg, cubes: dict[int, int], device: str) -> dict:
@@ -237,7 +220,8 @@ def run(cfg, log=print) -> dict:
         f"{b.warmup} warm-up + {b.steps} timed steps each")
     start, rows = time.perf_counter(), []
     for pp in b.pp:
-        rows += _launch(pp, spec_path, run_dir / f"bench_pipeline_pp{pp}.json", b.timeout_s)
+        out_path = run_dir / f"bench_pipeline_pp{pp}.json"
+        rows += launch_workers("lampseg.bench.pipeline", pp, spec_path, out_path, b.timeout_s)
         log(f"  pp={pp}: " + ", ".join(f"M={r['microbatches']} stage {r['stage']} {r['step_s'] * 1e3:.0f} ms "
                                        f"{r['measured_gb'] * 1024:.1f}/{r['planned_gb'] * 1024:.1f} MB"
                                        for r in rows if r["pp"] == pp))

@@ -228,8 +228,6 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     largest = max((patch for _, patch, _ in phases), key=math.prod)  # plan stages for the largest input
     net, plan = parallelize(model, dims, cfg, [len(bundle.channels), *largest], device, bundle.targets)
     infer_net = net.module if isinstance(net, DistributedDataParallel) else net  # validation shards cases
-    if dims.dp_rank > 0:  # replicas start identical (DDP broadcasts rank 0's weights), then draw their own
-        torch.manual_seed(cfg.seed + 1_000_003 * dims.dp_rank)  # dropout masks
     params = count_parameters(model)
     log(f"model {cfg.model.name}: {params:,} parameters; {len(bundle.channels)} input channels "
         f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
@@ -260,6 +258,8 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
         _set_rng_state(ckpt["rng"])
         state.update(ckpt["train_state"])
         log(f"resumed from {resume_from} at epoch {state['epoch']}")
+    if dims.dp_rank > 0:  # replicas start identical (DDP broadcasts rank 0's weights), then draw their own
+        torch.manual_seed(cfg.seed + 1_000_003 * dims.dp_rank + state["epoch"])  # dropout masks
     logger = RunLogger(run_dir, bundle.targets.names, state["history"], write=main)
     dataset = training_dataset(cfg, bundle)
     wall_start = time.perf_counter() - state["wall_s"]

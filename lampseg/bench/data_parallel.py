@@ -1,0 +1,196 @@
+"""``python -m lampseg bench data_parallel``: training throughput of DDP over 1..N processes.
+
+    python -m lampseg bench data_parallel bench.processes=[1,2] bench.steps=20 bench.repeats=3
+
+For every process count in ``bench.processes`` (default 1 and 2) one ``torchrun --nproc_per_node N`` job
+(127.0.0.1, ``OMP_NUM_THREADS`` threads per process, default 1) trains the configured U-Net through the same
+step as ``lampseg train`` (``engine.train.local_step``; ``DistributedDataParallel`` when N > 1) on random
+batches of ``data.batch_size`` per process (weak scaling: the global batch is N x batch). Every step starts
+and ends at a barrier, so its time is the slowest rank's. The jobs are interleaved ``bench.repeats`` times
+(1, 2, 1, 2, ...) so that the machine's noise hits every count alike; per count the median step time over
+the rounds is kept. Reported: step time, samples/s (N x batch / step), speed-up over one process and the
+scaling efficiency ``samples/s(N) / (N x samples/s(1))``, plus each job's start-up (torchrun, imports,
+process group). Writes ``bench_data_parallel.json`` and ``bench_data_parallel.png`` in ``run_dir``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lampseg.bench import launch_workers
+from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.engine.logs import figure_png, pyplot, write_json
+from lampseg.io import atomic_write_bytes, atomic_write_text
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    """One rank: warm-up and timed steps of DDP training on random data; rank 0 writes the timings."""
+    started = time.time()
+    import torch.distributed as dist
+
+    from lampseg.engine.optim import build_optimizer
+    from lampseg.engine.train import local_step, make_grad_scaler, resolve_device
+    from lampseg.model.losses import Targets, build_loss
+    from lampseg.model.unet import build_model
+    from lampseg.parallel import distributed
+    from lampseg.parallel.parallelize import data_parallel
+
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    distributed.init_from_env(alone=True)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = distributed.local_device(resolve_device(cfg.trainer.device))
+    targets = Targets.from_config({int(k): v for k, v in spec["labels"].items()}, cfg.data.regions)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, spec["in_channels"], targets.out_channels).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    net = data_parallel(model, device) if world > 1 else model
+    optimizer = build_optimizer(model, cfg.optim)
+    loss_fn = build_loss(cfg.optim, targets)
+    step = local_step(net, optimizer, loss_fn, cfg, device, make_grad_scaler(cfg, device))
+    generator = torch.Generator().manual_seed(cfg.seed + rank)  # each replica its own batch
+    batch, patch = cfg.data.batch_size, spec["patch"]
+    image = torch.randn(batch, spec["in_channels"], *patch, generator=generator).to(device)
+    if cfg.trainer.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    values = torch.tensor(sorted(int(k) for k in spec["labels"]))
+    label = values[torch.randint(len(values), (batch, 1, *patch), generator=generator)].to(device)
+    target = targets.loss_target(label)
+    dist.barrier()
+    ready = time.time()
+    times = []
+    for k in range(cfg.bench.warmup + cfg.bench.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        step(image, target)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        if k >= cfg.bench.warmup:
+            times.append(time.perf_counter() - start)
+    if rank == 0:
+        atomic_write_text(out_path, json.dumps([{"processes": world, "step_s": statistics.median(times),
+                                                 "steps": times, "startup_s": ready - started}]))
+    del net, optimizer, step, model
+    distributed.shutdown()
+
+
+def _summarise(rows: list[dict], batch: int) -> list[dict]:
+    counts = sorted({r["processes"] for r in rows})
+    out = []
+    for n in counts:
+        mine = [r for r in rows if r["processes"] == n]
+        step = statistics.median(r["step_s"] for r in mine)
+        out.append({"processes": n, "step_s": step, "samples_per_s": n * batch / step,
+                    "step_s_rounds": [r["step_s"] for r in mine],
+                    "startup_s": statistics.median(r["startup_s"] for r in mine),
+                    "launch_s": statistics.median(r["launch_s"] for r in mine)})
+    base = out[0] if out and out[0]["processes"] == 1 else None
+    for entry in out:
+        if base is not None:
+            entry["speedup"] = entry["samples_per_s"] / base["samples_per_s"]
+            entry["efficiency"] = entry["speedup"] / entry["processes"]
+    return out
+
+
+def _plot(result: dict) -> bytes:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = result["processes"]
+    n = [r["processes"] for r in rows]
+    axes[0].plot(n, [r["samples_per_s"] for r in rows], "o-", label="measured")
+    if rows and "speedup" in rows[0]:
+        axes[0].plot(n, [rows[0]["samples_per_s"] * k for k in n], "--", label="perfect scaling")
+        axes[1].bar([str(k) for k in n], [r["efficiency"] for r in rows])
+        axes[1].axhline(1.0, color="grey", linestyle="--")
+    axes[0].set_xlabel("processes (replicas)")
+    axes[0].set_ylabel("training samples/s")
+    axes[0].set_xticks(n)
+    axes[0].legend()
+    axes[1].set_xlabel("processes (replicas)")
+    axes[1].set_ylabel("scaling efficiency")
+    c = result["config"]
+    fig.suptitle(f"bench data_parallel: {c['model']} {c['patch_size']} batch {c['batch_size']}/process, "
+                 f"{c['precision']}, {c['threads_per_process']} thread(s)/process on {c['device']}")
+    fig.tight_layout()
+    return figure_png(fig, 110)
+
+
+def run(cfg, log=print) -> dict:
+    """Run the data-parallel benchmark (see the module docstring); returns what it writes as JSON.
+
+    Raises:
+        ConfigError: for bad ``bench.*`` values or a whole-volume patch size.
+    """
+    from lampseg.data.msd import load_dataset
+    from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets
+    from lampseg.engine.train import resolve_device
+
+    validate(cfg)
+    b = cfg.bench
+    if b.steps < 1 or b.warmup < 0 or b.repeats < 1:
+        raise ConfigError(f"config keys 'bench.steps'/'bench.warmup'/'bench.repeats': expected >= 1 / >= 0 / "
+                          f">= 1, got {b.steps}/{b.warmup}/{b.repeats}")
+    if not b.processes or min(b.processes) < 1:
+        raise ConfigError(f"config key 'bench.processes': expected a list of integers >= 1, "
+                          f"got {list(b.processes)}")
+    patch = patch_size_of(cfg)
+    if patch is None:
+        raise ConfigError("config key 'data.patch_size': bench data_parallel needs a fixed patch size")
+    dataset = load_dataset(dataset_root(cfg.data, log))
+    in_ch = len(resolve_channels(dataset, cfg.data))
+    resolve_targets(dataset, cfg.data)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / "bench_data_parallel_spec.json"
+    atomic_write_text(spec_path, json.dumps({"config": to_container(cfg), "in_channels": in_ch,
+                                             "patch": list(patch),
+                                             "labels": {str(k): v for k, v in dataset.labels.items()}}))
+    counts = sorted(set(int(n) for n in b.processes))
+    log(f"bench data_parallel: {cfg.model.name}, input {[in_ch, *patch]} x batch {cfg.data.batch_size} per "
+        f"process, {enum_value(cfg.trainer.precision)}, processes {counts}, {b.repeats} interleaved round(s) "
+        f"of {b.warmup} warm-up + {b.steps} timed steps")
+    start, rows = time.perf_counter(), []
+    for round_ in range(b.repeats):
+        for n in counts:
+            launched = time.perf_counter()
+            row = launch_workers("lampseg.bench.data_parallel", n, spec_path,
+                                 run_dir / f"bench_data_parallel_n{n}.json", b.timeout_s)[0]
+            rows.append({**row, "launch_s": time.perf_counter() - launched, "round": round_})
+            log(f"  round {round_ + 1}: {n} process(es): step {row['step_s'] * 1e3:.0f} ms")
+    device = str(resolve_device(cfg.trainer.device))
+    result = {"benchmark": "data_parallel", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "processes": _summarise(rows, cfg.data.batch_size), "rounds": rows,
+              "config": {"model": cfg.model.name, "channels": list(cfg.model.channels),
+                         "patch_size": list(patch), "in_channels": in_ch, "batch_size": cfg.data.batch_size,
+                         "precision": enum_value(cfg.trainer.precision),
+                         "optimizer": enum_value(cfg.optim.name), "channels_last": cfg.trainer.channels_last,
+                         "device": device, "backend": "nccl" if device.startswith("cuda") else "gloo",
+                         "steps": b.steps, "warmup": b.warmup,
+                         "repeats": b.repeats, "cpu_count": os.cpu_count(),
+                         "threads_per_process": int(os.environ.get("OMP_NUM_THREADS", "1")),
+                         "torch": torch.__version__},
+              "wall_s": round(time.perf_counter() - start, 1)}
+    json_path, png_path = run_dir / "bench_data_parallel.json", run_dir / "bench_data_parallel.png"
+    write_json(json_path, result)
+    atomic_write_bytes(png_path, _plot(result))
+    for r in result["processes"]:
+        extra = f", speed-up {r['speedup']:.2f}x, efficiency {r['efficiency']:.2f}" if "speedup" in r else ""
+        log(f"{r['processes']} process(es): step {r['step_s'] * 1e3:.0f} ms, "
+            f"{r['samples_per_s']:.2f} samples/s{extra}; start-up {r['startup_s']:.1f} s")
+    log(f"wrote {json_path} and {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
