@@ -143,8 +143,6 @@ def main(argv: list[str] | None = None) -> None:
 
     register_schema()
 
-    from torch.distributed import DistError
-
     from lampseg.parallel import distributed
 
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
@@ -157,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"lampseg {subcommand}: {kind}: {e}", file=sys.stderr)
             sys.exit(2 if isinstance(e, ConfigError) else 1)
-        except DistError as e:  # a peer died or stalled: say so, and how to resume, instead of a traceback
-            if cfg.debug:
+        except RuntimeError as e:  # a peer died or stalled: say so, and how to resume, instead of a traceback
+            if cfg.debug or not distributed.collective_failure(e):
                 raise
             message = distributed.failure_message(e, cfg.run_dir)
             print(f"lampseg {subcommand}: error: {message}", file=sys.stderr)

@@ -187,6 +187,7 @@ class BenchConfig:
     patch_sizes: list[Any] = field(default_factory=lambda: [16, 32, "whole"])  # bench context: cube sides
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # bench context: first-level channels
     processes: list[int] = field(default_factory=lambda: [1, 2])  # bench data_parallel: DDP process counts
+    all_threads: bool = True  # bench data_parallel: also one process with every core as a thread
 
 
 @dataclass

@@ -83,6 +83,29 @@ def test_bench_pipeline_measures_memory_against_the_plan(tmp_path: Path) -> None
     assert 0 < cubes["1"] <= cubes["2"]
 
 
+def test_bench_data_parallel_reports_scaling(tmp_path: Path) -> None:
+    """bench data_parallel: interleaved torchrun jobs of 1 and 2 DDP processes; samples/s, speed-up and
+    efficiency follow from the measured step times."""
+    run_dir = tmp_path / "run"
+    proc = _lampseg(["bench", "data_parallel", "+exp=smoke", "data.patch_size=[16,16,16]", "bench.steps=2",
+                     "bench.warmup=1", "bench.repeats=1", f"run_dir={run_dir}"], tmp_path / "home", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((run_dir / "bench_data_parallel.json").read_text())
+    assert (run_dir / "bench_data_parallel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one, two, *reference = result["processes"]
+    assert (one["processes"], two["processes"], one["threads"], two["threads"]) == (1, 2, 1, 1)
+    if os.cpu_count() > 1:  # plus one process with every core as a thread, the plain `train` baseline
+        assert [(r["processes"], r["threads"]) for r in reference] == [(1, os.cpu_count())]
+        assert "speedup" not in reference[0] and reference[0]["samples_per_s"] > 0
+    assert len(result["rounds"]) == 2 + len(reference)
+    for row in (one, two):
+        assert len(row["step_s_rounds"]) == 1 and row["step_s"] > 0 and row["startup_s"] > 0
+        assert row["samples_per_s"] == pytest.approx(row["processes"] * 2 / row["step_s"])
+    assert two["speedup"] == pytest.approx(two["samples_per_s"] / one["samples_per_s"])
+    assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
+    assert "efficiency" in proc.stdout
+
+
 def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Path, trained_run: Path
                                                                    ) -> None:
     run_dir, ckpt = tmp_path / "run", trained_run / "checkpoints" / "best.pt"

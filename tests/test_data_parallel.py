@@ -67,7 +67,8 @@ def test_parallel_dims_resolve(overrides, world, expected):
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["parallel=pipeline", "parallel.pp=2", "parallel.dp=2"], 2, "2 x 2 = 4 processes needed, but WORLD_SIZE is 2"),
+    (["parallel=pipeline", "parallel.pp=2", "parallel.dp=2"], 2,
+     "2 x 2 = 4 processes needed, but WORLD_SIZE is 2"),
     (["parallel=ddp", "parallel.dp=3"], 2, "3 processes needed, but WORLD_SIZE is 2"),
     (["parallel=single"], 2, "parallel=ddp"),
     (["parallel=ddp", "parallel.pp=2"], 2, "parallel=pipeline parallel.dp=D"),
@@ -220,7 +221,8 @@ def _worker_pid(rank: int, deadline: float) -> int:
 def test_killed_rank_fails_the_job_fast_and_the_same_command_resumes(tmp_path):
     """SIGKILL one rank mid-run: torchrun stops the job (non-zero, well within the collective timeout) and
     names the dead rank; the same command resumes from latest.pt and ends where an uninterrupted run ends."""
-    common = ["+exp=smoke", "parallel=ddp", "parallel.timeout_s=60", "trainer.num_threads=1", "trainer.hd95=false",
+    common = ["+exp=smoke", "parallel=ddp", "parallel.timeout_s=60", "trainer.num_threads=1",
+              "trainer.hd95=false",
               "trainer.max_epochs=5", "data.samples_per_epoch=32", "trainer.precision=fp32",
               "trainer.channels_last=false", "trainer.deterministic=true"]
     torchrun(2, "train", *common, f"run_dir={tmp_path / 'whole'}")
@@ -228,7 +230,8 @@ def test_killed_rank_fails_the_job_fast_and_the_same_command_resumes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "lampseg", "train", *common, f"run_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
     try:
         deadline = time.time() + 120
         while not (run_dir / "checkpoints" / "latest.pt").is_file() and time.time() < deadline:
@@ -262,7 +265,8 @@ def test_collective_failure_message_names_rank_and_resume(monkeypatch):
     from lampseg.parallel import distributed
 
     monkeypatch.setenv("LAMPSEG_DIST_TIMEOUT", "42")
-    text = distributed.failure_message(torch.distributed.DistBackendError("Connection closed by peer"), "runs/x")
+    error = torch.distributed.DistBackendError("Connection closed by peer")
+    text = distributed.failure_message(error, "runs/x")
     assert "rank 0 of 1" in text and "Connection closed by peer" in text and "42 s" in text
     assert "runs/x/checkpoints/latest.pt" in text
 

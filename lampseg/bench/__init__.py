@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 from lampseg.config import ConfigError
 
 
-def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float) -> list[dict]:
-    """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 (``OMP_NUM_THREADS``, default 1,
-    threads per process); returns the JSON list the job's rank 0 wrote to ``out_path``.
+def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float,
+                   threads: int | None = None) -> list[dict]:
+    """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 with ``threads`` per process
+    (default ``$OMP_NUM_THREADS``, else 1); returns the JSON list the job's rank 0 wrote to ``out_path``.
 
     Raises:
         RuntimeError: the job failed (with the end of its error output).
@@ -28,7 +29,7 @@ def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, tim
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, str(spec_path),
                str(out_path)]

@@ -10,7 +10,9 @@ and ends at a barrier, so its time is the slowest rank's. The jobs are interleav
 (1, 2, 1, 2, ...) so that the machine's noise hits every count alike; per count the median step time over
 the rounds is kept. Reported: step time, samples/s (N x batch / step), speed-up over one process and the
 scaling efficiency ``samples/s(N) / (N x samples/s(1))``, plus each job's start-up (torchrun, imports,
-process group). Writes ``bench_data_parallel.json`` and ``bench_data_parallel.png`` in ``run_dir``.
+process group). One more job per round runs one process with all of the machine's cores as threads
+(``bench.all_threads``): what a plain ``lampseg train`` would use, the baseline a user compares with.
+Writes ``bench_data_parallel.json`` and ``bench_data_parallel.png`` in ``run_dir``.
 """
 from __future__ import annotations
 
@@ -79,25 +81,29 @@ def _worker(spec_path: str, out_path: str) -> None:
         if k >= cfg.bench.warmup:
             times.append(time.perf_counter() - start)
     if rank == 0:
-        atomic_write_text(out_path, json.dumps([{"processes": world, "step_s": statistics.median(times),
+        atomic_write_text(out_path, json.dumps([{"processes": world, "threads": torch.get_num_threads(),
+                                                 "step_s": statistics.median(times),
                                                  "steps": times, "startup_s": ready - started}]))
     del net, optimizer, step, model
     distributed.shutdown()
 
 
 def _summarise(rows: list[dict], batch: int) -> list[dict]:
-    counts = sorted({r["processes"] for r in rows})
+    """Per (processes, threads): medians over the rounds; speed-up and efficiency against one process with
+    the per-process thread count of the others (``rows[0]``'s)."""
+    threads = rows[0]["threads"]
+    keys = sorted({(r["processes"], r["threads"]) for r in rows}, key=lambda k: (k[1] != threads, k))
     out = []
-    for n in counts:
-        mine = [r for r in rows if r["processes"] == n]
+    for n, t in keys:
+        mine = [r for r in rows if (r["processes"], r["threads"]) == (n, t)]
         step = statistics.median(r["step_s"] for r in mine)
-        out.append({"processes": n, "step_s": step, "samples_per_s": n * batch / step,
+        out.append({"processes": n, "threads": t, "step_s": step, "samples_per_s": n * batch / step,
                     "step_s_rounds": [r["step_s"] for r in mine],
                     "startup_s": statistics.median(r["startup_s"] for r in mine),
                     "launch_s": statistics.median(r["launch_s"] for r in mine)})
-    base = out[0] if out and out[0]["processes"] == 1 else None
+    base = out[0] if out[0]["processes"] == 1 else None
     for entry in out:
-        if base is not None:
+        if base is not None and entry["threads"] == threads:
             entry["speedup"] = entry["samples_per_s"] / base["samples_per_s"]
             entry["efficiency"] = entry["speedup"] / entry["processes"]
     return out
@@ -106,13 +112,18 @@ def _summarise(rows: list[dict], batch: int) -> list[dict]:
 def _plot(result: dict) -> bytes:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    rows = result["processes"]
+    rows = [r for r in result["processes"] if "speedup" in r]
     n = [r["processes"] for r in rows]
     axes[0].plot(n, [r["samples_per_s"] for r in rows], "o-", label="measured")
     if rows and "speedup" in rows[0]:
         axes[0].plot(n, [rows[0]["samples_per_s"] * k for k in n], "--", label="perfect scaling")
-        axes[1].bar([str(k) for k in n], [r["efficiency"] for r in rows])
+        axes[1].bar(n, [r["efficiency"] for r in rows], width=0.5)
+        axes[1].set_xticks(n)
         axes[1].axhline(1.0, color="grey", linestyle="--")
+    for r in result["processes"]:
+        if "speedup" not in r:
+            axes[0].axhline(r["samples_per_s"], color="red", linestyle=":",
+                            label=f"1 process x {r['threads']} threads")
     axes[0].set_xlabel("processes (replicas)")
     axes[0].set_ylabel("training samples/s")
     axes[0].set_xticks(n)
@@ -157,17 +168,21 @@ def run(cfg, log=print) -> dict:
                                              "patch": list(patch),
                                              "labels": {str(k): v for k, v in dataset.labels.items()}}))
     counts = sorted(set(int(n) for n in b.processes))
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    jobs = [(n, threads) for n in counts]
+    if b.all_threads and (os.cpu_count() or 1) != threads:
+        jobs.append((1, os.cpu_count() or 1))
     log(f"bench data_parallel: {cfg.model.name}, input {[in_ch, *patch]} x batch {cfg.data.batch_size} per "
         f"process, {enum_value(cfg.trainer.precision)}, processes {counts}, {b.repeats} interleaved round(s) "
         f"of {b.warmup} warm-up + {b.steps} timed steps")
     start, rows = time.perf_counter(), []
     for round_ in range(b.repeats):
-        for n in counts:
+        for n, t in jobs:
             launched = time.perf_counter()
             row = launch_workers("lampseg.bench.data_parallel", n, spec_path,
-                                 run_dir / f"bench_data_parallel_n{n}.json", b.timeout_s)[0]
+                                 run_dir / f"bench_data_parallel_n{n}t{t}.json", b.timeout_s, threads=t)[0]
             rows.append({**row, "launch_s": time.perf_counter() - launched, "round": round_})
-            log(f"  round {round_ + 1}: {n} process(es): step {row['step_s'] * 1e3:.0f} ms")
+            log(f"  round {round_ + 1}: {n} process(es) x {t} thread(s): step {row['step_s'] * 1e3:.0f} ms")
     device = str(resolve_device(cfg.trainer.device))
     result = {"benchmark": "data_parallel", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "processes": _summarise(rows, cfg.data.batch_size), "rounds": rows,
@@ -186,7 +201,7 @@ def run(cfg, log=print) -> dict:
     atomic_write_bytes(png_path, _plot(result))
     for r in result["processes"]:
         extra = f", speed-up {r['speedup']:.2f}x, efficiency {r['efficiency']:.2f}" if "speedup" in r else ""
-        log(f"{r['processes']} process(es): step {r['step_s'] * 1e3:.0f} ms, "
+        log(f"{r['processes']} process(es) x {r['threads']} thread(s): step {r['step_s'] * 1e3:.0f} ms, "
             f"{r['samples_per_s']:.2f} samples/s{extra}; start-up {r['startup_s']:.1f} s")
     log(f"wrote {json_path} and {png_path}")
     return result

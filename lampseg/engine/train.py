@@ -306,8 +306,16 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
     replica_step = pipelined_step(net, optimizer, loss_fn, cfg) if staged else local_step(
         net, optimizer, loss_fn, cfg, device, scaler)
 
+    steps_done = [state["step"]]
+
     def step(image: torch.Tensor, target: torch.Tensor) -> float:  # the loss of the global batch
-        return dims.dp_mean(replica_step(image, target), device)
+        steps_done[0] += 1
+        if dims.world > 1:  # lets a failed collective name the rank that fell behind
+            distributed.heartbeat("started", steps_done[0], f"epoch {state['epoch'] + 1}")
+        loss = replica_step(image, target)
+        if dims.world > 1:
+            distributed.heartbeat("finished")
+        return dims.dp_mean(loss, device)
     stage_memory: dict = {"calls": 0, "rows": None}
     if staged:  # measure each stage's peak memory on the second step (optimiser state exists by then)
         plain_step = step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -93,15 +94,84 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def _store():
+    """The job's key-value store (torchrun's agent hosts it, so it outlives any one worker), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+PHASES = ("started", "syncing gradients", "finished")
+_progress = {"step": 0, "label": ""}
+
+
+def heartbeat(phase: str, step: int | None = None, label: str | None = None) -> None:
+    """Record in the job's store how far this rank got: ``phase`` (one of ``PHASES``) of training step
+    ``step`` (default: the last one given), now. ``failure_message`` reads these to name the rank that fell
+    behind when a collective fails. One small store write per call."""
+    store = _store()
+    if store is None:
+        return
+    if step is not None:
+        _progress.update(step=step, label=label or "")
+    store.set(f"lampseg/heartbeat/{rank()}",
+              f"{time.time():.3f} {_progress['step']} {PHASES.index(phase)} {_progress['label']}")
+
+
+def _heartbeats() -> dict[int, tuple[float, int, int, str]]:
+    """rank -> (time, step, phase index, label) of every rank that recorded progress."""
+    store, beats = _store(), {}
+    if store is None:
+        return beats
+    for r in range(world_size()):
+        key = f"lampseg/heartbeat/{r}"
+        try:
+            if store.check([key]):
+                stamp, step, phase, label = store.get(key).decode().split(" ", 3)
+                beats[r] = (float(stamp), int(step), int(phase), label)
+        except (RuntimeError, ValueError):
+            continue
+    return beats
+
+
+def _behind() -> str:
+    """Which rank's progress is behind all others' (the one that stalled or died), in words."""
+    beats, now = _heartbeats(), time.time()
+    silent = sorted(set(range(world_size())) - set(beats))
+    if silent:
+        return f" Rank(s) {', '.join(map(str, silent))} never recorded any progress."
+    if len(beats) < 2:
+        return ""
+    position = {r: (b[1], b[2]) for r, b in beats.items()}
+    last = min(position.values())
+    laggards = [r for r, p in position.items() if p == last]
+    if len(laggards) == len(beats):
+        return ""  # all at the same point: the heartbeats cannot tell
+    others = max(position.values())
+    stamp, step, phase, label = beats[laggards[0]]
+    return (f" Rank(s) {', '.join(map(str, laggards))} fell behind: last progress {PHASES[phase]} step "
+            f"{step} ({label}) {now - stamp:.1f} s ago, while others had {PHASES[others[1]]} step "
+            f"{others[0]}.")
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed or timed-out collective (gloo and NCCL raise plain RuntimeErrors too)."""
+    if isinstance(error, dist.DistError):
+        return True
+    markers = ("gloo", "NCCL", "ProcessGroup", "Connection closed by peer", "Connection reset by peer")
+    return isinstance(error, RuntimeError) and dist.is_initialized() and any(m in str(error) for m in markers)
+
+
 def failure_message(error: BaseException, run_dir: str | None = None) -> str:
-    """What a collective failure means for the user: which rank saw it, the likely cause, how to resume."""
+    """What a collective failure means for the user: which rank saw it, which rank fell behind (from the
+    heartbeats), how to resume."""
     timeout = os.environ.get("LAMPSEG_DIST_TIMEOUT", "600")
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-    resume = (f"; relaunch the same command to resume from {run_dir}/checkpoints/latest.pt" if run_dir
-              else "")
-    return (f"rank {rank()} of {world_size()}: a collective operation failed ({first}). Another rank "
-            f"probably died or stalled (collective timeout {timeout} s, parallel.timeout_s); torchrun's "
-            f"'Root Cause' section names the first rank that exited{resume}")
+    resume = f" Relaunch the same command to resume from {run_dir}/checkpoints/latest.pt." if run_dir else ""
+    return (f"rank {rank()} of {world_size()}: a collective operation failed ({first}).{_behind()} A rank "
+            f"that dies or stalls stops the others after at most the collective timeout ({timeout} s, "
+            f"parallel.timeout_s); torchrun's 'Root Cause' section names a rank that exited.{resume}")
 
 
 def shutdown(failed: bool = False) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from lampseg.config import ConfigError
@@ -37,10 +38,18 @@ def pipeline_devices(pp: int, device: torch.device) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(pp)]
 
 
+def _allreduce_with_heartbeat(group, bucket):
+    """DDP's own all-reduce of a gradient bucket, after noting that this rank got that far."""
+    distributed.heartbeat("syncing gradients")
+    return default_hooks.allreduce_hook(group, bucket)
+
+
 def data_parallel(module: nn.Module, device: torch.device, group=None) -> DistributedDataParallel:
     """``module`` replicated with gradients averaged over ``group`` (None: every process of the job)."""
-    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                   process_group=group)
+    ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                  process_group=group)
+    ddp.register_comm_hook(group, _allreduce_with_heartbeat)
+    return ddp
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int], device: torch.device,
