@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
 
     if distributed.launched_by_torchrun():
-        argv = _torchrun_argv(argv)
+        try:
+            argv = _torchrun_argv(argv)
+        except ConfigError as e:
+            print(f"lampseg {subcommand}: config error: {e}", file=sys.stderr)
+            sys.exit(2)
     sys.argv = [f"lampseg-{subcommand}"] + argv
     failed = True
     try:

@@ -111,8 +111,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, one_proces
     summary, reference = (json.loads((d / "summary.json").read_text()) for d in (run_dir, one_process))
     assert (summary["world_size"], summary["dp"], summary["pp"], summary["global_batch_size"]) == (2, 2, 1, 4)
     assert summary["best_val_dice"] == pytest.approx(reference["best_val_dice"], abs=1e-4)
-    assert summary["status"] == "completed" and summary["lr_scale"] == 1.0
-    assert len(list(run_dir.glob(".hydra/config.yaml"))) == 1
+    assert summary["status"] == "completed" and summary["lr_scale"] == 1.0 and summary["backend"] == "gloo"
+    assert "terminate called" not in proc.stderr  # the process group was torn down cleanly
 
 
 def test_ddp_linear_lr_scaling_and_sharded_evaluate(tmp_path, one_process):
@@ -120,8 +120,9 @@ def test_ddp_linear_lr_scaling_and_sharded_evaluate(tmp_path, one_process):
     cases over the replicas and reports what one process reports."""
     run_dir = tmp_path / "scaled"
     torchrun(2, "train", *EXACT, "parallel=ddp", "optim.lr_scaling=linear", "trainer.max_epochs=1",
-             "data.batch_size=2", f"run_dir={run_dir}")
+             "data.batch_size=2", "parallel.backend=gloo", f"run_dir={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backend"] == "gloo"
     first = OmegaConf.load(run_dir / ".hydra" / "config.yaml").optim.lr
     assert summary["lr_scale"] == 2.0
     import csv
@@ -157,6 +158,15 @@ def test_wrong_dp_times_pp_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert "parallel.dp' x 'parallel.pp': 2 x 2 = 4 processes needed, but WORLD_SIZE is 2" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unavailable_backend_is_a_config_error(tmp_path):
+    proc = torchrun(2, "train", "+exp=smoke", "parallel=ddp", "parallel.backend=nccl", f"run_dir={tmp_path}",
+                    check=False)
+    assert proc.returncode != 0
+    if not torch.cuda.is_available():
+        assert "config key 'parallel.backend': 'nccl' needs NCCL and a CUDA GPU" in proc.stderr
+        assert "lampseg/__main__.py" not in proc.stderr  # lampseg's message, not its traceback
 
 
 def test_two_nodes_via_multinode_script(tmp_path, one_process):
@@ -261,14 +271,97 @@ def _column(run_dir: Path, name: str) -> list[str]:
         return [row[name] for row in csv.DictReader(f)]
 
 
-def test_collective_failure_message_names_rank_and_resume(monkeypatch):
+class _Store:
+    """A stand-in for the job's key-value store (``set``/``check``/``get`` as ``torch.distributed.Store``)."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.data[key] = value.encode()
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.data for k in keys)
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
+
+
+def _as_rank(monkeypatch, store: _Store, rank: int, world: int) -> None:
     from lampseg.parallel import distributed
 
+    monkeypatch.setattr(distributed, "_store", lambda: store)
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+
+
+def test_failure_message_names_the_rank_that_fell_behind(monkeypatch):
+    """Heartbeats: rank 0 and 2 got to the gradient sync of step 7, rank 1 only started it; the message
+    of the rank that saw the failure names rank 1, the timeout and how to resume."""
+    from lampseg.parallel import distributed
+
+    store = _Store()
+    for rank, phase in [(0, "syncing gradients"), (1, "started"), (2, "syncing gradients")]:
+        _as_rank(monkeypatch, store, rank, 3)
+        distributed.heartbeat("started", 7, "epoch 2")
+        if phase != "started":
+            distributed.heartbeat(phase)
+    _as_rank(monkeypatch, store, 0, 3)
     monkeypatch.setenv("LAMPSEG_DIST_TIMEOUT", "42")
-    error = torch.distributed.DistBackendError("Connection closed by peer")
+    error = torch.distributed.DistBackendError("Timed out waiting 42000ms for recv operation to complete")
     text = distributed.failure_message(error, "runs/x")
-    assert "rank 0 of 1" in text and "Connection closed by peer" in text and "42 s" in text
-    assert "runs/x/checkpoints/latest.pt" in text
+    assert text.startswith("rank 0 of 3: a collective operation failed (Timed out waiting 42000ms")
+    assert "Rank(s) 1 fell behind: last progress started step 7 (epoch 2)" in text
+    assert "others had syncing gradients step 7" in text
+    assert "42 s" in text and "runs/x/checkpoints/latest.pt" in text
+    store.data.pop("lampseg/heartbeat/2")
+    assert "Rank(s) 2 never recorded any progress" in distributed.failure_message(error)
+
+
+def test_failure_message_without_heartbeats_or_a_laggard(monkeypatch):
+    from lampseg.parallel import distributed
+
+    store = _Store()
+    for rank in (0, 1):
+        _as_rank(monkeypatch, store, rank, 2)
+        distributed.heartbeat("finished", 3, "epoch 1")
+    text = distributed.failure_message(RuntimeError("gloo: Connection closed by peer"))
+    assert "fell behind" not in text and "rank 1 of 2" in text
+    monkeypatch.setattr(distributed, "_store", lambda: None)
+    assert "fell behind" not in distributed.failure_message(RuntimeError("x"))
+
+
+def test_stalled_rank_times_out_with_a_clear_message(tmp_path):
+    """SIGSTOP one rank: the other fails its collective after parallel.timeout_s with lampseg's message
+    (no traceback) instead of hanging; the job exits non-zero."""
+    run_dir = tmp_path / "stalled"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "-m", "lampseg", "train", "+exp=smoke", "parallel=ddp",
+               "parallel.timeout_s=4", "trainer.num_threads=1", "trainer.hd95=false", "trainer.max_epochs=50",
+               "data.samples_per_epoch=16", f"run_dir={run_dir}"]
+    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stalled = None
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "latest.pt").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        stalled = _worker_pid(1, deadline)
+        os.kill(stalled, signal.SIGSTOP)
+        time.sleep(8)  # the timeout, and time to report it
+        os.kill(stalled, signal.SIGCONT)  # so it can receive torchrun's SIGTERM
+        _, err = job.communicate(timeout=60)
+    finally:
+        if stalled is not None:
+            try:
+                os.kill(stalled, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        job.kill()
+    assert job.returncode != 0
+    assert "lampseg train: error: rank 0 of 2: a collective operation failed (" in err
+    assert "collective timeout (4 s, parallel.timeout_s)" in err
+    assert f"resume from {run_dir}/checkpoints/latest.pt" in err
 
 
 # ---- launch scripts ----------------------------------------------------------------------------------------

@@ -129,7 +129,10 @@ class ParallelDims:
         return [item for part in parts for item in part]
 
     def to_dict(self) -> dict:
-        return {"world_size": self.world, "dp": self.dp, "pp": self.pp if self.engine else 1}
+        """``world_size``, ``dp``, ``pp`` and the communication ``backend`` (None for one process)."""
+        backend = str(dist.get_backend()) if dist.is_initialized() else None
+        return {"world_size": self.world, "dp": self.dp, "pp": self.pp if self.engine else 1,
+                "backend": backend}
 
 
 def resolve_dims(cfg) -> ParallelDims:

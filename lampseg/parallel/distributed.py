@@ -18,6 +18,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lampseg.config import ConfigError
+
 
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several started by torchrun (or another env:// launcher)."""
@@ -46,6 +48,9 @@ def init_from_env(timeout_s: float | None = None, alone: bool = False, backend: 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if backend == "auto":  # objects and CPU tensors over gloo, CUDA tensors over NCCL
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend and not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise ConfigError(f"config key 'parallel.backend': {backend!r} needs NCCL and a CUDA GPU, which this "
+                          f"process does not have; use parallel.backend=gloo or auto")
     dist.init_process_group(backend, timeout=timeout)
     return True
 
