@@ -1,10 +1,13 @@
-"""Process-group lifecycle for runs launched by torchrun (one process per pipeline stage).
+"""Process-group lifecycle for runs launched by torchrun (DDP replicas and/or pipeline stages).
 
-    torchrun --nproc_per_node 2 -m lampseg train parallel=pipeline parallel.pp=2
+    torchrun --nproc_per_node 2 -m lampseg train parallel=ddp
+    torchrun --nproc_per_node 4 -m lampseg train parallel=pipeline parallel.dp=2 parallel.pp=2
 
 ``init_from_env`` joins the job torchrun started (``WORLD_SIZE``/``RANK``/``MASTER_ADDR`` in the
-environment) with gloo for CPU tensors and NCCL for CUDA tensors; ``shutdown`` leaves it without the
-"terminate called without an active exception" abort. Only rank 0 writes files (``is_main``).
+environment) with ``parallel.backend`` (auto: gloo for CPU tensors, NCCL for CUDA tensors) and a
+collective timeout; ``shutdown`` leaves it without the "terminate called without an active exception"
+abort. ``heartbeat`` records each rank's progress in the job's store so that ``failure_message`` can
+name the rank that fell behind when a collective fails or times out. Only rank 0 writes files (``is_main``).
 """
 from __future__ import annotations
 
