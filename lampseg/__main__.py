@@ -6,6 +6,7 @@
     python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt
     python -m lampseg predict ckpt=RUN/checkpoints/best.pt input=DIR_OR_FILE output=DIR
     python -m lampseg synth out=PATH data.synthetic.cases=10
+    python -m lampseg tune tune=berral_grid                    # Ray Tune study (experiment parallelism)
     python -m lampseg bench overhead
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "predict": "segment NIfTI images in their original space (ckpt=PATH input=FILE_OR_DIR output=DIR)",
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
+    "tune": "Ray Tune study: every trial a train run (tune=berral_grid|asha_random|optuna|pbt) -> tune/",
     "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel (JSON + PNG in run_dir)",
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
@@ -41,7 +43,7 @@ def _print_help() -> None:
     for name, text in SUBCOMMANDS.items():
         print(f"  {name:<9} {text}")
     print("\nEvery subcommand takes run_dir=PATH. Config groups: data model optim trainer inference parallel "
-          "exp;\nsee `python -m lampseg train --help` and docs/.")
+          "tune exp;\nsee `python -m lampseg train --help` and docs/.")
 
 
 def _dispatch(subcommand: str, cfg) -> None:
@@ -71,6 +73,10 @@ def _dispatch(subcommand: str, cfg) -> None:
         from lampseg.parallel.plan import run_plan
 
         run_plan(cfg)
+    elif subcommand == "tune":
+        from lampseg.tune.search import run_tune
+
+        run_tune(cfg)
     elif subcommand == "bench":
         from lampseg.bench import run_bench
 

@@ -121,6 +121,9 @@ class OptimConfig:
     warmup_epochs: int = 0
     grad_clip: float | None = 12.0
     lr_scaling: str = "none"  # data parallelism: lr x dp (linear), x sqrt(dp) (sqrt) or unchanged (none)
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.999  # AdamW (Berral et al. searched 0.999 and 0.99)
+    amsgrad: bool = False  # AdamW
     loss: LossName = LossName.dice_ce
     focal_weight: float = 0.5
 
@@ -139,6 +142,7 @@ class TrainerConfig:
     val_max_cases: int | None = None
     hd95: bool = True
     stop_after_epochs: int | None = None
+    fail_at_epoch: int | None = None  # fault drill: raise once after this epoch's checkpoint
     curriculum: list[Any] | None = None
     curriculum_epochs: list[int] | None = None
 
@@ -191,6 +195,51 @@ class BenchConfig:
 
 
 @dataclass
+class TuneResources:
+    cpu: float = 1.0  # per pipeline stage (a trial with parallel.pp=K reserves K x cpu and K x gpu)
+    gpu: float = 0.0
+
+
+@dataclass
+class AshaConfig:
+    grace_period: int = 2  # epochs every trial runs before it can be stopped
+    reduction_factor: float = 2.0  # keep the best 1/reduction_factor at each rung
+    max_t: int | None = None  # null: trainer.max_epochs
+
+
+@dataclass
+class PbtConfig:
+    perturbation_interval: int = 2  # epochs between exploit/explore steps
+    quantile_fraction: float = 0.25  # the bottom quantile copies the top one
+    resample_probability: float = 0.25
+
+
+@dataclass
+class TuneConfig:
+    """``python -m lampseg tune``: a Ray Tune study over any config keys (``conf/tune/*.yaml``)."""
+
+    name: str = "default"
+    space: dict[str, Any] = field(default_factory=dict)  # "optim.lr": {loguniform: [1e-4, 1e-2]}, ...
+    search: str = "grid"  # grid|random|optuna
+    scheduler: str = "fifo"  # fifo|asha|pbt
+    metric: str = "val_dice"
+    mode: str = "max"  # max|min
+    num_samples: int = 1  # samples of the space (grid: repeats of the whole grid)
+    max_concurrent: int = 0  # 0: as many trials at once as the resources allow
+    max_failures: int = 1  # a failed trial restarts from its last checkpoint this many times
+    resources: TuneResources = field(default_factory=TuneResources)
+    resume: bool = False  # continue the study in run_dir/tune (finished trials are not rerun)
+    address: str | None = None  # null: a local Ray started here; auto or HOST:PORT: join a cluster
+    num_cpus: int | None = None  # local Ray: CPUs to offer (null: all of this machine's)
+    num_gpus: int | None = None  # local Ray: GPUs to offer (null: all)
+    dashboard: bool = False  # Ray's dashboard (loopback only)
+    keep_checkpoints: int = 2  # Tune checkpoints kept per trial
+    time_budget_s: float | None = None  # stop starting/continuing trials after this many seconds
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    pbt: PbtConfig = field(default_factory=PbtConfig)
+
+
+@dataclass
 class Config:
     run_dir: str = "outputs/run"
     seed: int = 0
@@ -202,6 +251,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     # Subcommand arguments (evaluate/predict/synth); ignored by train.
     ckpt: str | None = None
     input: str | None = None
@@ -333,7 +383,24 @@ def validate(cfg: DictConfig) -> None:
     if p.microbatches is not None and d.batch_size % p.microbatches:
         _fail("parallel.microbatches", f"a divisor of data.batch_size ({d.batch_size}) or null (auto)",
               p.microbatches)
-    for key, value, allowed in [("parallel.schedule", p.schedule, ("gpipe", "1f1b")),
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        if not 0.0 <= value < 1.0:
+            _fail(key, "a number in [0, 1)", value)
+    tu = cfg.tune
+    for key, value, lo in [("tune.num_samples", tu.num_samples, 1),
+                           ("tune.max_concurrent", tu.max_concurrent, 0),
+                           ("tune.max_failures", tu.max_failures, 0), ("tune.keep_checkpoints",
+                           tu.keep_checkpoints, 1), ("tune.asha.grace_period", tu.asha.grace_period, 1),
+                           ("tune.pbt.perturbation_interval", tu.pbt.perturbation_interval, 1)]:
+        if value < lo:
+            _fail(key, f"an integer >= {lo}", value)
+    if tu.resources.cpu < 0 or tu.resources.gpu < 0 or tu.resources.cpu + tu.resources.gpu <= 0:
+        _fail("tune.resources", "{cpu: N, gpu: M} with N, M >= 0 and something to run on",
+              dict(tu.resources))
+    for key, value, allowed in [("tune.search", tu.search, ("grid", "random", "optuna")),
+                                ("tune.scheduler", tu.scheduler, ("fifo", "asha", "pbt")),
+                                ("tune.mode", tu.mode, ("max", "min")),
+                                ("parallel.schedule", p.schedule, ("gpipe", "1f1b")),
                                 ("parallel.checkpoint", p.checkpoint, ("auto", "none", "block", "all")),
                                 ("parallel.profile", p.profile, ("estimate", "measure"))]:
         if value not in allowed:

@@ -107,14 +107,16 @@ def test_rng_state_round_trip(tmp_path):
 
 
 def test_reporter_and_resume_from_path(tmp_path):
-    """``run(cfg, reporter)`` reports every validated epoch; ``trainer.resume=PATH`` continues from PATH."""
+    """``run(cfg, reporter)`` reports every epoch with its checkpoint; ``trainer.resume=PATH`` continues."""
     short = ["+exp=smoke", "trainer.max_epochs=2", "data.samples_per_epoch=2", "trainer.hd95=false",
              "trainer.num_threads=1"]
     reports: list[dict] = []
     cfg = compose(*short)
     OmegaConf.update(cfg, "run_dir", str(tmp_path / "a"), merge=False)
-    run(cfg, reporter=reports.append, log=lambda _: None)
+    checkpoints: list[Path] = []
+    run(cfg, reporter=lambda row, ckpt: (reports.append(row), checkpoints.append(ckpt)), log=lambda _: None)
     assert [r["epoch"] for r in reports] == [1, 2]
+    assert checkpoints == [tmp_path / "a" / "checkpoints" / "latest.pt"] * 2
     assert all(0.0 <= r["val_dice"] <= 1.0 and "val_dice_edema" in r for r in reports)
 
     latest = tmp_path / "a" / "checkpoints" / "latest.pt"

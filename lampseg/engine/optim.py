@@ -22,7 +22,8 @@ def build_optimizer(model: nn.Module, optim_cfg, scale: float = 1.0) -> torch.op
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=optim_cfg.weight_decay,
+                             betas=(optim_cfg.beta1, optim_cfg.beta2), amsgrad=optim_cfg.amsgrad)
 
 
 def lr_factor(epoch: int, max_epochs: int, schedule: str, warmup: int = 0, power: float = 0.9) -> float:

@@ -188,12 +188,24 @@ def _train_epoch(model, step, loader, bundle: DataBundle, cfg, device, progress:
     return mean, steps, time.perf_counter() - start, wait, skipped
 
 
-def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+def _drill_failure(fail_at_epoch: int | None, epoch: int, run_dir: Path) -> None:
+    """``trainer.fail_at_epoch``: raise once, after that epoch's checkpoint and report (fault-tolerance
+    drills: a Tune retry, a relaunch). A marker file in the run directory makes it fire only once."""
+    marker = run_dir / ".failed_at_epoch"
+    if fail_at_epoch == epoch and not marker.exists():
+        atomic_write_text(marker, f"{epoch}\n")
+        raise RuntimeError(f"trainer.fail_at_epoch={epoch}: simulated failure after the epoch's checkpoint")
+
+
+def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
+        log: Callable[[str], None] = print) -> dict:
     """Train a segmentation model as ``cfg`` says and write the run directory.
 
     Args:
         cfg: the composed config (``conf/config.yaml`` + overrides); ``cfg.run_dir`` is the run directory.
-        reporter: called after every validation with the epoch's metrics (e.g. Ray Tune's report).
+        reporter: called after every epoch, once its checkpoint is written, with the epoch's metrics
+            (``val_*`` are NaN on epochs without validation) and the path of ``latest.pt`` (Ray Tune's
+            report and checkpoint; rank 0 only).
         log: where progress lines go.
 
     Returns:
@@ -376,8 +388,6 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:
                     state.update(best_val_dice=means["dice"], best_epoch=epoch, best_metrics=means)
-                if reporter is not None and main:
-                    reporter(dict(row))
             state["epoch"] = epoch
             logger.log_epoch(row)
             ckpt = checkpoint_state()
@@ -385,6 +395,9 @@ def run(cfg, reporter: Callable[[dict], None] | None = None, log: Callable[[str]
                 save_checkpoint(run_dir / "checkpoints" / "latest.pt", ckpt)
                 if state["best_epoch"] == epoch:
                     save_checkpoint(run_dir / "checkpoints" / "best.pt", ckpt)
+                if reporter is not None:
+                    reporter(dict(row), run_dir / "checkpoints" / "latest.pt")
+                _drill_failure(cfg.trainer.fail_at_epoch, epoch, run_dir)
             names = " ".join(f"{n}={row.get(f'val_dice_{n}', math.nan):.3f}" for n in bundle.targets.names)
             val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
             skip = f" (skipped {skipped} step(s): non-finite loss or gradients)" if skipped else ""

@@ -1,0 +1,191 @@
+"""``python -m lampseg tune``: a Ray Tune study in which every trial is one ``lampseg train`` run.
+
+    python -m lampseg tune tune=berral_grid                       # 32 trials, as many at once as cores allow
+    python -m lampseg tune tune=asha_random tune.num_samples=16 tune.resources.cpu=2
+    python -m lampseg tune tune=optuna parallel=pipeline parallel.pp=2   # every trial split over 2 devices
+    python -m lampseg tune tune=berral_grid tune.address=auto            # on a running Ray cluster
+    python -m lampseg tune tune=berral_grid run_dir=RUN tune.resume=true # continue an interrupted study
+
+Experiment parallelism (Berral et al.): each trial gets its own resources (``tune.resources`` per pipeline
+stage) and trials run side by side. A pipelined trial (``parallel.pp=K``) reserves its K devices as one
+placement-group bundle (so they are on one node) and runs its stages in its own process with the torchgpipe
+engine: no second process group or rendezvous per trial, and Tune's checkpointing, retries and schedulers
+treat it like any other trial. DDP inside a trial is not offered: on a cluster, experiment parallelism
+already occupies the devices that data parallelism would. The study lives in ``run_dir/tune``: Ray's
+experiment state and one directory per trial (a lampseg run directory), then ``results.csv``,
+``best_config.yaml``, ``curves.png`` and ``params.png`` (``lampseg.tune.results``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lampseg.config import ConfigError, enum_value, to_container, validate
+from lampseg.tune.space import check_space, grid_size, pbt_mutations, to_ray
+
+RAY_TEMP_MAX = 60  # Ray's socket paths under its temp dir must stay below the OS limit (107 bytes)
+
+
+def study_config(cfg: DictConfig, log=print) -> tuple[dict, int]:
+    """The base config every trial starts from (absolute paths, per-trial threads, the in-process pipeline
+    engine) and the number of devices (pipeline stages) one trial uses.
+
+    Raises:
+        ConfigError: for parallel settings a single trial cannot run.
+    """
+    p = cfg.parallel
+    if p.name == "ddp" or (p.dp or 1) > 1:
+        raise ConfigError("config key 'parallel': a Tune trial is one process; use parallel=single, or "
+                          "parallel=pipeline parallel.pp=K for trials split over K devices (DDP runs under "
+                          "torchrun with `lampseg train`)")
+    stages = p.pp if p.name == "pipeline" else 1
+    base = to_container(cfg)
+    if stages > 1 and p.engine != "gpipe":
+        log(f"tune: each trial runs its {stages} pipeline stages in its own process (parallel.engine=gpipe)")
+        base["parallel"]["engine"] = "gpipe"
+    base["parallel"]["dp"] = 1
+    base["run_dir"] = str(Path(cfg.run_dir).resolve())
+    for key in ("root", "cache_dir"):
+        if base["data"][key]:
+            base["data"][key] = str(Path(base["data"][key]).expanduser().resolve())
+    if base["trainer"]["num_threads"] is None:  # one intra-op team per stage, as many threads as its CPUs
+        base["trainer"]["num_threads"] = max(1, int(cfg.tune.resources.cpu))
+    base["trainer"]["progress"] = "line"
+    return base, stages
+
+
+def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
+    """Start a local Ray (temp dir under the run dir, dashboard off, loopback) or join ``tune.address``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    t = cfg.tune
+    env = {k: v for k, v in os.environ.items() if k.startswith("LAMPSEG_")}
+    if t.address:
+        ray.init(address=t.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        log(f"tune: joined the Ray cluster at {t.address}")
+        return
+    temp = run_dir / "ray"
+    if len(str(temp.resolve())) > RAY_TEMP_MAX:  # too long for Ray's sockets: a short dir, linked from here
+        short = Path(tempfile.mkdtemp(prefix="lampseg-ray-"))
+        if not temp.is_symlink():
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            temp.symlink_to(short, target_is_directory=True)
+        temp = short
+    ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=t.dashboard,
+             dashboard_host="127.0.0.1",
+             _temp_dir=str(temp), _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+
+
+def _scheduler(cfg: DictConfig, space: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", max_t=t.asha.max_t or cfg.trainer.max_epochs,
+                             grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
+    if t.scheduler == "pbt":
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.pbt.perturbation_interval,
+                                       hyperparam_mutations=pbt_mutations(space),
+                                       quantile_fraction=t.pbt.quantile_fraction,
+                                       resample_probability=t.pbt.resample_probability)
+    return FIFOScheduler()
+
+
+def _search(cfg: DictConfig):
+    if cfg.tune.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.seed)
+
+
+def run_tune(cfg: DictConfig, log=print) -> dict:
+    """Run (or resume) the study ``cfg.tune`` describes and write its results.
+
+    Args:
+        cfg: the composed config; ``cfg.tune`` is the study, everything else each trial's base config.
+        log: where progress lines go.
+
+    Returns:
+        The study summary (also in ``run_dir/tune/study.json``).
+
+    Raises:
+        ConfigError: a bad space, scheduler or parallel setting, or an existing study without
+            ``tune.resume=true``.
+    """
+    import ray
+    from ray import tune
+
+    from lampseg.data.pipeline import prepare_data
+    from lampseg.model.unet import size_divisor
+    from lampseg.tune.results import write_results
+    from lampseg.tune.trial import train_trial, trial_dirname
+
+    validate(cfg)
+    space = check_space(cfg)
+    base, stages = study_config(cfg, log)
+    run_dir = Path(base["run_dir"])
+    study_dir = run_dir / "tune"
+    exists = tune.Tuner.can_restore(str(study_dir))
+    if exists and not cfg.tune.resume:
+        raise ConfigError(f"config key 'tune.resume': {study_dir} already holds a study; pass "
+                          "tune.resume=true to continue it, or choose another run_dir")
+    # Generate/preprocess the data once, here: data errors surface before Ray starts, trials find the cache.
+    prepare_data(OmegaConf.merge(cfg, {"data": base["data"]}), run_dir, size_divisor(cfg.model), log)
+    r = cfg.tune.resources
+    bundle = {"CPU": r.cpu * stages, "GPU": r.gpu * stages}
+    bundle = {k: v for k, v in bundle.items() if v > 0}
+    trials = grid_size(space) * cfg.tune.num_samples
+    log(f"tune: study '{cfg.tune.name}' in {study_dir}: {cfg.tune.search} search, {cfg.tune.scheduler} "
+        f"scheduler, {trials} trial(s) over {', '.join(space) or 'no keys'}; each trial {bundle}; "
+        f"metric {cfg.tune.metric} ({cfg.tune.mode})")
+    started = time.perf_counter()
+    ours = not ray.is_initialized()  # a session the caller started (tests share one) stays up
+    _ray_init(cfg, run_dir, log)
+    ray_s = time.perf_counter() - started
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base),
+                                    tune.PlacementGroupFactory([bundle]))
+    param_space = to_ray(space)
+    if exists:
+        log(f"tune: resuming the study in {study_dir} (finished trials are kept, unfinished ones continue "
+            "from their last checkpoint)")
+        tuner = tune.Tuner.restore(str(study_dir), trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=_search(cfg),
+                scheduler=_scheduler(cfg, space), num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent or None, time_budget_s=cfg.tune.time_budget_s,
+                trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(run_dir), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.tune.keep_checkpoints)))
+    grid = tuner.fit()
+    wall_s = time.perf_counter() - started
+    summary = write_results(grid, cfg, base, study_dir, log)
+    summary.update(wall_s=round(wall_s, 2), ray_start_s=round(ray_s, 2), resources_per_trial=bundle,
+                   scheduler=enum_value(cfg.tune.scheduler))
+    from lampseg.engine.logs import write_json
+
+    write_json(study_dir / "study.json", summary)
+    if ours:
+        ray.shutdown()
+    temp = run_dir / "ray"
+    if temp.is_symlink() and not ray.is_initialized():
+        shutil.rmtree(temp.resolve(), ignore_errors=True)
+        temp.unlink()
+    log(f"tune: wrote {study_dir / 'results.csv'} and {study_dir / 'best_config.yaml'} ({wall_s:.1f} s)")
+    return summary
