@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -173,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"lampseg {subcommand}: error: {message}", file=sys.stderr)
             sys.exit(1)
 
+    if not (_override(argv, "tune.address") or _override(argv, "hydra.launcher.ray.init.address")):
+        from lampseg.tune.search import LOOPBACK_ENV
+
+        os.environ.setdefault(LOOPBACK_ENV, "0")  # a Ray started here (tune, hydra/launcher=ray): loopback
     if distributed.launched_by_torchrun():
         try:
             argv = _torchrun_argv(argv)

@@ -219,7 +219,7 @@ class TuneConfig:
     """``python -m lampseg tune``: a Ray Tune study over any config keys (``conf/tune/*.yaml``)."""
 
     name: str = "default"
-    space: dict[str, Any] = field(default_factory=dict)  # "optim.lr": {loguniform: [1e-4, 1e-2]}, ...
+    space: list[Any] = field(default_factory=list)  # [{key: optim.lr, loguniform: [1e-4, 1e-2]}, ...]
     search: str = "grid"  # grid|random|optuna
     scheduler: str = "fifo"  # fifo|asha|pbt
     metric: str = "val_dice"

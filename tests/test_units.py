@@ -381,7 +381,12 @@ def test_shipped_configs_validate(overrides):
     ("inference.overlap=1.0", "inference.overlap"),
     ("inference.patch_size=[8,8]", "inference.patch_size"),
     ("split=test", "split"),
-    ("parallel.dp=2", "parallel.dp"),
+    ("parallel.dp=0", "parallel.dp"),
+    ("optim.beta2=1.0", "optim.beta2"),
+    ("tune.search=bayes", "tune.search"),
+    ("tune.scheduler=hyperband", "tune.scheduler"),
+    ("tune.num_samples=0", "tune.num_samples"),
+    ("tune.resources.cpu=-1", "tune.resources"),
 ])
 def test_validate_names_the_key(override, key):
     cfg = compose("+exp=smoke", *override.split())

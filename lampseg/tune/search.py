@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.tune.space import check_space, grid_size, pbt_mutations, to_ray
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray uses 127.0.0.1 only
 RAY_TEMP_MAX = 60  # Ray's socket paths under its temp dir must stay below the OS limit (107 bytes)
 
 
@@ -59,6 +60,18 @@ def study_config(cfg: DictConfig, log=print) -> tuple[dict, int]:
     return base, stages
 
 
+def local_ray_on_loopback() -> None:
+    """Make a Ray started by this process bind to and advertise 127.0.0.1 only: Ray's single-machine mode
+    (its default on macOS and Windows), so nothing listens beyond loopback unless a cluster is joined."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    try:  # Ray reads the variable at import; a Ray imported earlier in this process needs the constant too
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
+    except (ImportError, AttributeError):
+        pass
+
+
 def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     """Start a local Ray (temp dir under the run dir, dashboard off, loopback) or join ``tune.address``."""
     import ray
@@ -78,9 +91,9 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
             temp.parent.mkdir(parents=True, exist_ok=True)
             temp.symlink_to(short, target_is_directory=True)
         temp = short
+    local_ray_on_loopback()
     ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=t.dashboard,
-             dashboard_host="127.0.0.1",
-             _temp_dir=str(temp), _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+             dashboard_host="127.0.0.1", _temp_dir=str(temp), configure_logging=False, log_to_driver=True)
 
 
 def _scheduler(cfg: DictConfig, space: dict):
@@ -106,7 +119,8 @@ def _search(cfg: DictConfig):
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.seed)
+    # seeded random draws; it limits concurrency itself (Tune ignores max_concurrent_trials for it)
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent)
 
 
 def run_tune(cfg: DictConfig, log=print) -> dict:
@@ -156,6 +170,9 @@ def run_tune(cfg: DictConfig, log=print) -> dict:
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=base),
                                     tune.PlacementGroupFactory([bundle]))
     param_space = to_ray(space)
+    limit = (cfg.tune.max_concurrent or None) if cfg.tune.search == "optuna" else None  # else: _search
+    # PBT restores a trial from another trial's checkpoint of some epochs ago: keep them all
+    keep = None if cfg.tune.scheduler == "pbt" else cfg.tune.keep_checkpoints
     if exists:
         log(f"tune: resuming the study in {study_dir} (finished trials are kept, unfinished ones continue "
             "from their last checkpoint)")
@@ -167,12 +184,12 @@ def run_tune(cfg: DictConfig, log=print) -> dict:
             tune_config=tune.TuneConfig(
                 metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=_search(cfg),
                 scheduler=_scheduler(cfg, space), num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=cfg.tune.max_concurrent or None, time_budget_s=cfg.tune.time_budget_s,
+                max_concurrent_trials=limit, time_budget_s=cfg.tune.time_budget_s,
                 trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(run_dir), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.tune.keep_checkpoints)))
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))
     grid = tuner.fit()
     wall_s = time.perf_counter() - started
     summary = write_results(grid, cfg, base, study_dir, log)

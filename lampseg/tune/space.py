@@ -2,11 +2,15 @@
 
     tune:
       space:
-        optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
-        model.norm: {grid: [batch, group]}
+        - {key: optim.lr, loguniform: [1.0e-4, 1.0e-2]}
+        - {key: model.norm, grid: [batch, group]}
 
-Each entry maps a dotted config key to one domain: ``grid`` (every value, crossed with the other grid
+    python -m lampseg tune 'tune.space=[{key:optim.lr,grid:[1e-3,3e-3]},{key:model.norm,grid:[batch,group]}]'
+
+Each entry names a dotted config key and one domain: ``grid`` (every value, crossed with the other grid
 keys), ``choice`` (one value drawn per sample), ``uniform``, ``loguniform`` or ``randint`` (``[low, high]``).
+A list, not a mapping, so that a command-line ``tune.space=[...]`` replaces a preset's space (Hydra merges
+mappings key by key).
 ``check_space`` rejects unknown keys, bad domains and values the typed schema would reject, before Ray
 starts; ``to_ray`` builds the ``param_space`` and ``apply_params`` writes a trial's values into a config.
 """
@@ -24,12 +28,16 @@ from lampseg.config import ConfigError, validate
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
-def _domain(key: str, spec: Any) -> tuple[str, list]:
-    """``(kind, values)`` of one space entry, or a ConfigError naming ``tune.space.KEY``."""
-    where = f"config key 'tune.space.{key}'"
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        raise ConfigError(f"{where}: expected one of {{{'|'.join(DOMAINS)}: ...}}, got {spec!r}")
-    kind, values = next(iter(spec.items()))
+def _domain(index: int, entry: Any) -> tuple[str, str, list]:
+    """``(key, kind, values)`` of one space entry, or a ConfigError naming ``tune.space[index]``."""
+    where = f"config key 'tune.space[{index}]'"
+    kinds = [k for k in DOMAINS if isinstance(entry, dict) and k in entry]
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or len(kinds) != 1 \
+            or set(entry) != {"key", kinds[0]}:
+        raise ConfigError(f"{where}: expected {{key: CONFIG.KEY, {'|'.join(DOMAINS)}: [...]}}, got {entry!r}")
+    key, kind = entry["key"], kinds[0]
+    where = f"config key 'tune.space[{index}]' ({key})"
+    values = entry[kind]
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: expected a non-empty list for '{kind}', got {values!r}")
     if kind in ("uniform", "loguniform", "randint"):
@@ -40,13 +48,19 @@ def _domain(key: str, spec: Any) -> tuple[str, list]:
             raise ConfigError(f"{where}: expected low > 0 for 'loguniform', got {values!r}")
         if kind == "randint" and not all(isinstance(v, int) for v in values):
             raise ConfigError(f"{where}: expected integers for 'randint', got {values!r}")
-    return kind, values
+    return key, kind, values
 
 
 def space_of(cfg: DictConfig) -> dict[str, tuple[str, list]]:
-    """``tune.space`` as ``{key: (kind, values)}`` (plain Python values)."""
-    space = OmegaConf.to_container(cfg.tune.space, resolve=True)
-    return {key: _domain(key, spec) for key, spec in space.items()}
+    """``tune.space`` as ``{key: (kind, values)}`` (plain Python values, in the listed order)."""
+    entries = OmegaConf.to_container(cfg.tune.space, resolve=True) if cfg.tune.space is not None else []
+    space: dict[str, tuple[str, list]] = {}
+    for index, entry in enumerate(entries):
+        key, kind, values = _domain(index, entry)
+        if key in space:
+            raise ConfigError(f"config key 'tune.space[{index}]': '{key}' is listed twice")
+        space[key] = (kind, values)
+    return space
 
 
 def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
@@ -54,11 +68,11 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
     out = cfg.copy()
     for key, value in params.items():
         if OmegaConf.select(out, key, default=_MISSING) is _MISSING:
-            raise ConfigError(f"config key 'tune.space.{key}': there is no config key '{key}'")
+            raise ConfigError(f"config key 'tune.space' ({key}): there is no config key '{key}'")
         try:
             OmegaConf.update(out, key, value, merge=False)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"config key 'tune.space.{key}': {value!r} is not a valid '{key}': "
+            raise ConfigError(f"config key 'tune.space' ({key}): {value!r} is not a valid '{key}': "
                               f"{str(e).splitlines()[0]}") from e
     return out
 
@@ -86,7 +100,7 @@ def check_space(cfg: DictConfig) -> dict[str, tuple[str, list]]:
     search, scheduler = cfg.tune.search, cfg.tune.scheduler
     grid = [k for k, (kind, _) in space.items() if kind == "grid"]
     if search == "optuna" and grid:
-        raise ConfigError(f"config key 'tune.space.{grid[0]}': Optuna samples its own points; use choice "
+        raise ConfigError(f"config key 'tune.space' ({grid[0]}): Optuna samples its own points; use choice "
                           "instead of grid with tune.search=optuna")
     if scheduler in ("asha", "pbt") and cfg.trainer.val_every != 1:
         raise ConfigError(f"config key 'trainer.val_every': tune.scheduler={scheduler} compares trials on "

@@ -1,0 +1,167 @@
+"""Ray Tune studies (``lampseg.tune``), in one Ray session shared by this module (2 CPUs, loopback,
+dashboard off, short temp dir). Every trial is a real ``run(cfg, reporter)`` on ``+exp=smoke``."""
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import math
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import compose, lampseg
+from omegaconf import OmegaConf
+
+from lampseg.config import ConfigError
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def ray_session(lampseg_home):
+    """One local Ray for the module, as lampseg starts it (loopback only); it must listen on nothing else,
+    and afterwards no Ray process of it may be left."""
+    from lampseg.tune.search import local_ray_on_loopback
+
+    local_ray_on_loopback()
+    ray = pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="lampseg-ray-test-")  # short: Ray's socket paths live under it
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False,
+             log_to_driver=False)
+    yield
+    listening = {(p.name(), c.laddr.ip) for p in psutil.Process().children(recursive=True)
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert listening and all(_loopback(ip) for _, ip in listening), listening
+    ray.shutdown()
+    left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+    assert not left, f"Ray processes left running: {left}"
+
+
+def _loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def _study(run_dir: Path, *overrides: str, log=None) -> dict:
+    from lampseg.tune.search import run_tune
+
+    cfg = compose("+exp=smoke", "trainer.hd95=false", *overrides)
+    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
+    return run_tune(cfg, log=log or (lambda _: None))
+
+
+def _results(run_dir: Path) -> list[dict]:
+    with open(run_dir / "tune" / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _progress_epochs(trial_dir: Path) -> list[int]:
+    """The epochs a trial reported to Tune, in order (Ray's own record, ``progress.csv``)."""
+    with open(trial_dir / "progress.csv", newline="") as f:
+        return [int(float(r["epoch"])) for r in csv.DictReader(f)]
+
+
+def test_grid_study_writes_outputs_and_its_best_config_reruns(tmp_path, ray_session):
+    """A 2 x 2 grid: four trials, results.csv, best_config.yaml, plots, a table; the best config reruns
+    through ``train --config-path`` to the same Dice."""
+    lines: list[str] = []
+    space = "tune.space=[{key:optim.lr,grid:[0.001,0.003]},{key:optim.amsgrad,grid:[false,true]}]"
+    summary = _study(tmp_path, space, log=lines.append)
+    rows = _results(tmp_path)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    assert {(r["optim.lr"], r["optim.amsgrad"]) for r in rows} == {
+        ("0.001", "False"), ("0.001", "True"), ("0.003", "False"), ("0.003", "True")}
+    for r in rows:  # each trial is a lampseg run directory trained with its own values
+        trial = Path(r["trial_dir"])
+        trained = json.loads((trial / "summary.json").read_text())
+        assert trained["status"] == "completed" and trained["epochs"] == 2
+        assert float(r["best_val_dice"]) == pytest.approx(trained["best_val_dice"])
+        config = OmegaConf.load(trial / ".hydra" / "config.yaml")
+        assert (config.optim.lr, config.optim.amsgrad) == (float(r["optim.lr"]), r["optim.amsgrad"] == "True")
+        assert _progress_epochs(trial) == [1, 2]
+    best = max(rows, key=lambda r: float(r["best_val_dice"]))
+    assert rows[0] == best and summary["best"]["trial_id"] == best["trial_id"]
+    for name in ("curves.png", "params.png"):
+        assert (tmp_path / "tune" / name).read_bytes()[:8] == PNG
+    assert any(line.startswith("rank") and "optim.lr" in line for line in "\n".join(lines).splitlines())
+
+    rerun = tmp_path / "rerun"
+    lampseg("train", "--config-path", tmp_path / "tune", "--config-name", "best_config", f"run_dir={rerun}",
+            "trainer.num_threads=1")
+    again = json.loads((rerun / "summary.json").read_text())
+    assert again["best_val_dice"] == pytest.approx(float(best["best_val_dice"]), abs=1e-4)
+
+    with pytest.raises(ConfigError, match="tune.resume"):  # the study exists: refuse to mix a second one in
+        _study(tmp_path, "tune.space=[{key:optim.lr,grid:[0.001]}]")
+
+
+def test_asha_stops_the_bad_trial_early(tmp_path, ray_session):
+    """ASHA on train_loss: the trial with a useless learning rate is stopped at the first rung."""
+    _study(tmp_path, "tune.scheduler=asha", "tune.metric=train_loss", "tune.mode=min",
+           "tune.max_concurrent=1", "tune.asha.grace_period=1", "trainer.max_epochs=4",
+           "data.samples_per_epoch=8",
+           "tune.space=[{key:optim.lr,grid:[0.003,1.0e-9]}]")
+    rows = {r["optim.lr"]: r for r in _results(tmp_path)}
+    assert rows["0.003"]["status"] == "completed" and int(rows["0.003"]["epochs"]) == 4
+    assert rows["1e-09"]["status"] == "stopped" and int(rows["1e-09"]["epochs"]) < 4
+
+
+def test_failed_trial_retries_from_its_checkpoint(tmp_path, ray_session):
+    """A trial that raises after epoch 1 is restarted by Tune from its epoch-1 checkpoint and finishes:
+    epochs are reported 1, 2, 3 (a restart from scratch would report epoch 1 twice)."""
+    _study(tmp_path, "trainer.max_epochs=3", "trainer.fail_at_epoch=1", "tune.max_failures=1",
+           "tune.space=[{key:optim.lr,grid:[0.003]}]")
+    (row,) = _results(tmp_path)
+    trial = Path(row["trial_dir"])
+    assert row["status"] == "completed" and (trial / ".failed_at_epoch").is_file()
+    assert _progress_epochs(trial) == [1, 2, 3]
+    with open(trial / "metrics.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_pipelined_trial_runs_two_stages_in_one_bundle(tmp_path, ray_session):
+    """parallel=pipeline parallel.pp=2: the trial reserves 2 CPUs as one bundle and trains two stages
+    in its own process (torchgpipe over ['cpu', 'cpu'])."""
+    summary = _study(tmp_path, "parallel=pipeline", "parallel.pp=2",
+                     "tune.space=[{key:optim.lr,grid:[0.003]}]")
+    assert summary["resources_per_trial"] == {"CPU": 2.0}
+    (row,) = _results(tmp_path)
+    trained = json.loads((Path(row["trial_dir"]) / "summary.json").read_text())
+    assert row["status"] == "completed" and trained["engine"] == "gpipe"
+    assert len(trained["plan"]["stages"]) == 2
+
+
+def test_optuna_search_and_pbt(tmp_path, ray_session):
+    """The optuna preset samples the space with TPE; PBT exploits a better trial's checkpoint."""
+    _study(tmp_path / "optuna", "tune=optuna", "tune.num_samples=2",
+           "tune.space=[{key:optim.lr,loguniform:[0.0001,0.01]},{key:model.norm,choice:[instance,batch]}]")
+    rows = _results(tmp_path / "optuna")
+    assert len(rows) == 2 and all(1e-4 <= float(r["optim.lr"]) <= 1e-2 for r in rows)
+    assert all(r["status"] in ("completed", "stopped") for r in rows)
+
+    _study(tmp_path / "pbt", "tune=pbt", "tune.num_samples=2", "tune.pbt.perturbation_interval=1",
+           "tune.pbt.quantile_fraction=0.5", "trainer.max_epochs=3")
+    rows = _results(tmp_path / "pbt")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    assert all(not math.isnan(float(r["best_val_dice"])) for r in rows)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tune.space=[{key:optim.nosuch,grid:[1]}]"], "no config key 'optim.nosuch'"),
+    (["tune.space=[{key:optim.lr,grid:[-1.0]}]"], "optim.lr"),
+    (["tune.space=[{key:model.norm,grid:[layer]}]"], "model.norm"),
+    (["tune.space=[{key:optim.lr,between:[1,2]}]"], r"tune.space\[0\]"),
+    (["tune.space=[{key:optim.lr,loguniform:[0,1]}]"], "low > 0"),
+    (["tune=optuna", "tune.space=[{key:optim.lr,grid:[0.1]}]"], "use choice instead of grid"),
+    (["tune=asha_random", "trainer.val_every=2"], "trainer.val_every"),
+    (["parallel=ddp"], "a Tune trial is one process"),
+    (["tune.space=[{key:optim.lr,grid:[0.1]},{key:optim.lr,choice:[0.2]}]"], "listed twice"),
+])
+def test_bad_study_configs_fail_before_ray_starts(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _study(tmp_path, *overrides)
+    assert not (tmp_path / "tune").exists()
