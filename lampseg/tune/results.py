@@ -43,16 +43,17 @@ def trial_rows(grid, cfg: DictConfig) -> list[dict]:
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None else []
         last = result.metrics or {}
+        config = result.config or {}  # None for a trial an interrupt stopped before it started
         best, best_epoch = _best(history, metric, mode)
         epochs = int(last.get("epoch", 0) or 0)
         status = "error" if result.error else "completed" if epochs >= max_epochs else "stopped"
-        rows.append({"trial_id": last.get("trial_id") or Path(result.path).name.removeprefix("trial_"),
-                     "status": status, **{k: result.config.get(k) for k in space_of(cfg)},
+        rows.append({"trial_id": last.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
+                     "status": status, **{k: config.get(k) for k in space_of(cfg)},
                      f"best_{metric}": best, "best_epoch": best_epoch, "epochs": epochs,
                      "wall_s": round(float(last.get("time_total_s", 0.0) or 0.0), 2),
                      "trial_dir": str(result.path),
                      "error": str(result.error).strip().splitlines()[-1] if result.error else "",
-                     "_history": history, "_config": dict(result.config)})
+                     "_history": history, "_config": dict(config)})
     key = f"best_{metric}"
     sign = -1 if mode == "max" else 1
     return sorted(rows, key=lambda r: (math.isnan(r[key]), sign * (0 if math.isnan(r[key]) else r[key])))

@@ -205,4 +205,9 @@ def run_tune(cfg: DictConfig, log=print) -> dict:
         shutil.rmtree(temp.resolve(), ignore_errors=True)
         temp.unlink()
     log(f"tune: wrote {study_dir / 'results.csv'} and {study_dir / 'best_config.yaml'} ({wall_s:.1f} s)")
+    unfinished = summary["status"].get("stopped", 0) if cfg.tune.scheduler == "fifo" else 0
+    if unfinished or summary["status"].get("error"):
+        failed = summary["status"].get("error", 0)
+        log(f"tune: {unfinished} trial(s) unfinished and {failed} failed; continue the study with the same "
+            "command plus tune.resume=true")
     return summary

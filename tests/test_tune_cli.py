@@ -1,0 +1,87 @@
+"""``python -m lampseg tune`` and ``train -m`` as users run them: each starts and stops its own Ray."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, lampseg
+
+pytestmark = pytest.mark.slow
+STUDY = ["+exp=smoke", "trainer.hd95=false", "trainer.max_epochs=3", "tune.max_concurrent=1",
+         "tune.space=[{key:optim.lr,grid:[0.001,0.002,0.003]}]"]
+
+
+def _ray_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")}
+
+
+def _completed(study: Path) -> dict[str, int]:
+    """Trial directory -> mtime of its summary.json, for trials whose summary says completed."""
+    done = {}
+    for path in study.glob("trial_*/summary.json"):
+        try:
+            if json.loads(path.read_text())["status"] == "completed":
+                done[path.parent.name] = path.stat().st_mtime_ns
+        except (OSError, ValueError):
+            continue  # being written
+    return done
+
+
+def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
+    """Ctrl-C (SIGINT) after the first trial finished; the same command with tune.resume=true runs the
+    rest and leaves the finished trial alone. No Ray process outlives either command."""
+    before = _ray_pids()
+    run_dir = tmp_path / "study"
+    command = [sys.executable, "-m", "lampseg", "tune", *STUDY, f"run_dir={run_dir}"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not _completed(run_dir / "tune"):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the study ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = _completed(run_dir / "tune")
+    assert 1 <= len(finished) < 3, output[-3000:]
+    assert "tune.resume=true" in output
+    assert _ray_pids() <= before
+
+    again = lampseg("tune", *STUDY, f"run_dir={run_dir}", "tune.resume=true", timeout=300)
+    assert "resuming the study" in again.stdout
+    with open(run_dir / "tune" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    after = _completed(run_dir / "tune")
+    assert all(after[name] == mtime for name, mtime in finished.items())  # not retrained
+    assert _ray_pids() <= before
+
+
+@pytest.mark.parametrize("launcher", ["basic", "ray"])
+def test_multirun_writes_multirun_results(tmp_path, launcher):
+    """``train -m`` over two learning rates, with Hydra's basic launcher and with hydra-ray-launcher:
+    both jobs train and multirun_results.csv gathers their summaries."""
+    before = _ray_pids()
+    extra = ["hydra/launcher=ray"] if launcher == "ray" else ["trainer.num_threads=1"]
+    lampseg("train", "-m", *extra, "+exp=smoke", "trainer.max_epochs=1", "trainer.hd95=false",
+            "optim.lr=0.001,0.003", f"run_dir={tmp_path}")
+    with open(tmp_path / "multirun_results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert "optim.lr=0.001" in rows[0]["overrides"] and "optim.lr=0.003" in rows[1]["overrides"]
+    for row in rows:
+        summary = json.loads((tmp_path / row["job"] / "summary.json").read_text())
+        assert row["status"] == summary["status"] == "completed"
+        assert float(row["best_val_dice"]) == pytest.approx(summary["best_val_dice"])
+    assert _ray_pids() <= before
