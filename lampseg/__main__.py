@@ -25,7 +25,7 @@ SUBCOMMANDS = {
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
     "tune": "Ray Tune study: every trial a train run (tune=berral_grid|asha_random|optuna|pbt) -> tune/",
-    "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel (JSON + PNG in run_dir)",
+    "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel|experiment_parallel",
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if subcommand == "bench":
         if not argv or "=" in argv[0] or argv[0].startswith("-"):
             print("usage: python -m lampseg bench NAME [overrides]; "
-                  "NAME: overhead, pipeline, inference, context, data_parallel",
+                  "NAME: overhead, pipeline, inference, context, data_parallel, experiment_parallel",
                   file=sys.stderr)
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]

@@ -192,6 +192,8 @@ class BenchConfig:
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # bench context: first-level channels
     processes: list[int] = field(default_factory=lambda: [1, 2])  # bench data_parallel: DDP process counts
     all_threads: bool = True  # bench data_parallel: also one process with every core as a thread
+    trials: int = 4  # bench experiment_parallel: N trials (learning rates)
+    workers: int = 2  # bench experiment_parallel: W trials at a time in the Tune study
 
 
 @dataclass

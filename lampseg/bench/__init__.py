@@ -70,9 +70,15 @@ def _data_parallel(cfg: DictConfig, overrides: list[str]) -> dict:
     return run(cfg)
 
 
+def _experiment_parallel(cfg: DictConfig, overrides: list[str]) -> dict:
+    from lampseg.bench.experiment_parallel import run
+
+    return run(cfg, overrides)
+
+
 BENCHMARKS: dict[str, Callable[[DictConfig, list[str]], dict]] = {
     "overhead": _overhead, "pipeline": _pipeline, "inference": _inference, "context": _context,
-    "data_parallel": _data_parallel}
+    "data_parallel": _data_parallel, "experiment_parallel": _experiment_parallel}
 
 
 def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
