@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, lampseg
+from conftest import REPO, free_port, lampseg
 
 pytestmark = pytest.mark.slow
 STUDY = ["+exp=smoke", "trainer.hd95=false", "trainer.max_epochs=3", "tune.max_concurrent=1",
@@ -84,4 +84,34 @@ def test_multirun_writes_multirun_results(tmp_path, launcher):
         summary = json.loads((tmp_path / row["job"] / "summary.json").read_text())
         assert row["status"] == summary["status"] == "completed"
         assert float(row["best_val_dice"]) == pytest.approx(summary["best_val_dice"])
+    assert _ray_pids() <= before
+
+
+def test_slurm_ray_script_runs_a_study_on_the_cluster_it_starts(tmp_path):
+    """launch/slurm_ray.sbatch under stand-ins for srun and scontrol (a one-node allocation on 127.0.0.1):
+    it starts a Ray head, `lampseg tune tune.address=...` joins it and runs the study, and the script's exit
+    stops the head."""
+    before = _ray_pids()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    (bin_dir / "srun").write_text(  # one task: drop srun's options (and -w's node), run the command here
+        "#!/usr/bin/env bash\nwhile [[ $1 == -* ]]; do [[ $1 == -w ]] && shift; shift; done\nexec \"$@\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run_dir = tmp_path / "study"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "SLURM_JOB_NODELIST": "node0", "SLURM_JOB_ID": "4343", "SLURM_CPUS_PER_TASK": "2",
+           "HEAD_IP": "127.0.0.1", "RAY_PORT": str(free_port()), "RAY_WAIT": "6", "RUN_DIR": str(run_dir),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-machine mode: 127.0.0.1 only
+    proc = subprocess.run(["bash", "launch/slurm_ray.sbatch", "+exp=smoke", "trainer.hd95=false",
+                           "trainer.max_epochs=1", "tune.space=[{key:optim.lr,grid:[0.001,0.003]}]"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "joined the Ray cluster at 127.0.0.1:" in proc.stdout
+    with open(run_dir / "tune" / "results.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed", "completed"]
+    deadline = time.monotonic() + 30
+    while _ray_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert _ray_pids() <= before

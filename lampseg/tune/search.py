@@ -185,7 +185,8 @@ def run_tune(cfg: DictConfig, log=print) -> dict:
                 metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=_search(cfg),
                 scheduler=_scheduler(cfg, space), num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=limit, time_budget_s=cfg.tune.time_budget_s,
-                trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
+                trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
+                reuse_actors=True),  # the next trial runs in a warm worker: no second torch/MONAI import
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(run_dir), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
