@@ -18,6 +18,13 @@ from omegaconf import DictConfig
 from lampseg.config import ConfigError
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float,
                    threads: int | None = None) -> list[dict]:
     """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 with ``threads`` per process
@@ -26,9 +33,7 @@ def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, tim
     Raises:
         RuntimeError: the job failed (with the end of its error output).
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, str(spec_path),

@@ -10,7 +10,8 @@ The N trials are ``lampseg train`` runs of the configured model and data that di
   per process, ``data.batch_size / 2`` per replica: the same global batch and samples as (a));
 - **(c) experiment-parallel**: one ``lampseg tune`` study of the N trials, ``bench.workers`` (W) at a time
   with one core each (``tune.resources.cpu=1``), Ray started and stopped by the command;
-- **t1**: one trial alone with (c)'s per-trial resources (``lampseg train``, 1 thread).
+- **t1**: one trial alone with (c)'s per-trial resources: ``lampseg train`` with 1 thread, pinned with its
+  data-loader workers to one core (otherwise the loaders would run on the idle cores for free).
 
 Reported (medians over ``bench.repeats`` rounds): the wall time of each, the speed-ups of (c) over (a) and
 (b), the parallel efficiency ``N * t1 / (W * T_c)``, and the framework overheads: Ray's start, and per trial
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lampseg.bench import free_port
 from lampseg.config import ConfigError, enum_value, validate
 from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.io import atomic_write_bytes
@@ -41,22 +42,21 @@ def _user_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(DROP)]
 
 
-def _timed(command: list[str], threads: int, timeout: float) -> float:
-    """Run a command with ``threads`` OpenMP threads; its wall time (raises with its output if it fails)."""
+def _timed(command: list[str], threads: int, timeout: float, cores: int | None = None) -> float:
+    """Run a command with ``threads`` OpenMP threads (and, with ``cores``, pinned with its children, such as
+    data-loader workers, to that many CPUs); its wall time (raises with its output if it fails)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pin = None
+    if cores is not None and hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))[:cores]
+        pin = lambda: os.sched_setaffinity(0, allowed)  # noqa: E731 (runs in the child before exec)
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=pin)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"bench experiment_parallel: {' '.join(command[:8])} ... failed "
                            f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return wall
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _summary(run_dir: Path) -> dict:
@@ -75,7 +75,7 @@ def _round(k: int, cfg, base: list[str], lrs: list[float], out: Path, log) -> di
     if cfg.data.batch_size % 2 == 0:
         runs = [out / f"b{k}_{i}" for i in range(len(lrs))]
         row["b_s"] = sum(_timed([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "lampseg",
+                                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lampseg",
                                  "train", *base, "parallel=ddp",
                                  f"data.batch_size={cfg.data.batch_size // 2}", f"optim.lr={lr}",
                                  "trainer.num_threads=1", f"run_dir={rd}"], 1, b.timeout_s)
@@ -93,7 +93,7 @@ def _round(k: int, cfg, base: list[str], lrs: list[float], out: Path, log) -> di
                c_dice=sorted(t["best_val_dice"] for t in trials))
     single = out / f"t{k}"
     row["t1_s"] = _timed([*lampseg, "train", *base, f"optim.lr={lrs[0]}", "trainer.num_threads=1",
-                          f"run_dir={single}"], 1, b.timeout_s)
+                          f"run_dir={single}"], 1, b.timeout_s, cores=1)
     row["t1_run_s"] = _summary(single)["wall_s"]
     log(f"  round {k + 1}: (a) {row['a_s']:.1f} s, (b) {row.get('b_s', float('nan')):.1f} s, "
         f"(c) {row['c_s']:.1f} s, t1 {row['t1_s']:.1f} s")
