@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
     "tune": "Ray Tune study: every trial a train run (tune=berral_grid|asha_random|optuna|pbt) -> tune/",
+    "loo": "leave-one-modality-out study: which modality matters (loo.folds=K|patients) -> loo/",
+    "visualize": "a case's modalities, label/prediction overlays, error map (case=, ckpt=|prediction=)",
     "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel|experiment_parallel",
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
@@ -78,6 +80,14 @@ def _dispatch(subcommand: str, cfg) -> None:
         from lampseg.tune.search import run_tune
 
         run_tune(cfg)
+    elif subcommand == "loo":
+        from lampseg.tune.loo import run_loo
+
+        run_loo(cfg)
+    elif subcommand == "visualize":
+        from lampseg.viz import run_visualize
+
+        run_visualize(cfg, overrides)
     elif subcommand == "bench":
         from lampseg.bench import run_bench
 

@@ -242,6 +242,17 @@ class TuneConfig:
 
 
 @dataclass
+class LooConfig:
+    """``python -m lampseg loo``: which modality matters (leave one modality out, per fold of patients)."""
+
+    folds: Any = 5  # K: k-fold over patients; "patients": leave one patient out
+    modalities: list[str] | None = None  # the modalities to leave out, one at a time (null: every one)
+    test: str = "wilcoxon"  # paired test of each left-out condition against the baseline: wilcoxon|ttest
+    confidence: float = 0.95  # level of the confidence intervals
+    checkpoint: str = "final"  # evaluated on the held-out cases: final (no selection on them) or best
+
+
+@dataclass
 class Config:
     run_dir: str = "outputs/run"
     seed: int = 0
@@ -254,12 +265,15 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    loo: LooConfig = field(default_factory=LooConfig)
     # Subcommand arguments (evaluate/predict/synth); ignored by train.
     ckpt: str | None = None
     input: str | None = None
     output: str | None = None
     out: str | None = None
     split: str = "val"
+    case: str | None = None  # visualize: the case to draw (default: the dataset's first)
+    prediction: str | None = None  # visualize: a label NIfTI to draw over the case
 
 
 def register_schema() -> None:
@@ -399,7 +413,15 @@ def validate(cfg: DictConfig) -> None:
     if tu.resources.cpu < 0 or tu.resources.gpu < 0 or tu.resources.cpu + tu.resources.gpu <= 0:
         _fail("tune.resources", "{cpu: N, gpu: M} with N, M >= 0 and something to run on",
               dict(tu.resources))
-    for key, value, allowed in [("tune.search", tu.search, ("grid", "random", "optuna")),
+    loo = cfg.loo
+    if not (loo.folds == "patients" or (isinstance(loo.folds, int) and not isinstance(loo.folds, bool)
+                                        and loo.folds >= 2)):
+        _fail("loo.folds", "an integer >= 2 or 'patients'", loo.folds)
+    if not 0.5 <= loo.confidence < 1.0:
+        _fail("loo.confidence", "a number in [0.5, 1)", loo.confidence)
+    for key, value, allowed in [("loo.test", loo.test, ("wilcoxon", "ttest")),
+                                ("loo.checkpoint", loo.checkpoint, ("final", "best")),
+                                ("tune.search", tu.search, ("grid", "random", "optuna")),
                                 ("tune.scheduler", tu.scheduler, ("fifo", "asha", "pbt")),
                                 ("tune.mode", tu.mode, ("max", "min")),
                                 ("parallel.schedule", p.schedule, ("gpipe", "1f1b")),

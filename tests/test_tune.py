@@ -165,3 +165,15 @@ def test_bad_study_configs_fail_before_ray_starts(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _study(tmp_path, *overrides)
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("preset", ["default", "berral_grid", "asha_random", "optuna", "pbt"])
+def test_presets_are_valid_studies(preset):
+    """Every conf/tune preset passes the study checks; berral_grid is Berral et al.'s 32 trials."""
+    from lampseg.tune.space import check_space, grid_points, grid_size
+
+    space = check_space(compose(f"tune={preset}"))
+    assert space
+    if preset == "berral_grid":
+        assert grid_size(space) == 32 and len(grid_points(space)) == 32
+        assert set(space) == {"optim.lr", "model.norm", "optim.beta2", "optim.amsgrad"}

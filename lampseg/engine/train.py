@@ -38,6 +38,7 @@ from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
 from lampseg.parallel.dims import resolve_dims
 from lampseg.parallel.parallelize import parallelize
+from lampseg.viz import validation_overlay
 
 
 def resolve_device(name: str) -> torch.device:
@@ -384,6 +385,8 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
             if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
                 cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
                 _, means = evaluate_cases(infer_net, bundle, cases, cfg, device, dims)
+                if main and not staged and cases:  # a picture of the first validation case's prediction
+                    validation_overlay(infer_net, bundle, cases[0], cfg, device, run_dir, logger, epoch)
                 row["val_dice"] = means["dice"]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:

@@ -123,12 +123,14 @@ def _search(cfg: DictConfig):
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent)
 
 
-def run_tune(cfg: DictConfig, log=print) -> dict:
+def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
     """Run (or resume) the study ``cfg.tune`` describes and write its results.
 
     Args:
         cfg: the composed config; ``cfg.tune`` is the study, everything else each trial's base config.
         log: where progress lines go.
+        held_out: also evaluate each trial's ``final`` or ``best`` checkpoint on its validation fold
+            (``eval.json`` per trial; ``lampseg loo``).
 
     Returns:
         The study summary (also in ``run_dir/tune/study.json``).
@@ -167,7 +169,7 @@ def run_tune(cfg: DictConfig, log=print) -> dict:
     ours = not ray.is_initialized()  # a session the caller started (tests share one) stays up
     _ray_init(cfg, run_dir, log)
     ray_s = time.perf_counter() - started
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base),
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, held_out=held_out),
                                     tune.PlacementGroupFactory([bundle]))
     param_space = to_ray(space)
     limit = (cfg.tune.max_concurrent or None) if cfg.tune.search == "optuna" else None  # else: _search

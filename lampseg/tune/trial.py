@@ -57,13 +57,15 @@ class _Reporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def train_trial(params: dict[str, Any], base: dict) -> None:
+def train_trial(params: dict[str, Any], base: dict, held_out: str | None = None) -> None:
     """The Tune trainable: train one configuration (``params``: dotted config keys -> values).
 
     Args:
         params: this trial's values for the ``tune.space`` keys (chosen by Tune's search algorithm, or
             changed by PBT when it exploits another trial).
         base: the study's resolved config (``to_container``) with absolute paths.
+        held_out: after training, evaluate this checkpoint (``final`` or ``best``) on the validation fold
+            and write ``eval.json`` (per-case Dice) in the trial's directory (leave-one-out studies).
     """
     from ray import tune
 
@@ -82,4 +84,12 @@ def train_trial(params: dict[str, Any], base: dict) -> None:
         OmegaConf.update(cfg, "trainer.resume", "auto", merge=False)
     else:  # nothing reported yet: start over, even if an earlier attempt left a latest.pt behind
         OmegaConf.update(cfg, "trainer.resume", "never", merge=False)
-    run(cfg, reporter=_Reporter(), log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    summary = run(cfg, reporter=_Reporter(), log=log)
+    if held_out is not None and summary["status"] == "completed":
+        from lampseg.engine.evaluate import run_evaluate
+
+        evaluate = cfg.copy()
+        OmegaConf.update(evaluate, "ckpt", str(run_dir / "checkpoints" / f"{held_out}.pt"), merge=False)
+        OmegaConf.update(evaluate, "split", "val", merge=False)
+        run_evaluate(evaluate, [], log=log)
