@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import compose
 from scipy import stats
 
+from lampseg.config import ConfigError
 from lampseg.tune.stats import mean_ci, paired_test, summarise
 
 CASES = [f"case_{k}" for k in range(8)]
@@ -49,3 +51,101 @@ def test_summary_ranks_by_paired_drop_and_checks_cases():
     del table["B"]["case_3"]
     with pytest.raises(ValueError, match="case_3"):
         summarise(table)
+
+
+def write_known_dataset(root, cases: int = 8, size: int = 24, seed: int = 0):
+    """An MSD dataset whose modality importance is known by construction: ``A`` alone shows label 1,
+    ``B`` shows label 2, ``C`` shows label 2 faintly (so losing B costs less than losing A, and losing C
+    costs nothing). Importance: A > B > C."""
+    import json
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
+    training = []
+    for k in range(cases):
+        label = np.zeros((size,) * 3, np.uint8)
+        for value in (1, 2):
+            while True:
+                centre = rng.uniform(5, size - 5, 3)
+                ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= rng.uniform(3, 5) ** 2
+                if not (label[ball] > 0).any():
+                    label[ball] = value
+                    break
+        noise = rng.normal(0, 0.3, (3, *label.shape))
+        image = np.stack([2.0 * (label == 1), 2.0 * (label == 2), 0.22 * (label == 2)]) + noise + 1.0
+        name = f"case_{k:02d}"
+        nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1).astype(np.float32), np.eye(4)),
+                 root / "imagesTr" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "KnownImportance", "modality": {"0": "A", "1": "B", "2": "C"},
+        "labels": {"0": "background", "1": "alpha", "2": "beta"}, "numTraining": cases,
+        "training": training, "test": []}))
+    return root
+
+
+def test_loo_ranks_modalities_in_their_known_order_and_resumes(tmp_path):
+    """``lampseg loo`` on the known dataset: 4 conditions x 2 folds as one Tune study; every case is held
+    out once per condition; the importance ranking is A > B > C; rerunning with tune.resume=true retrains
+    nothing and gives the same answer."""
+    import csv
+    import json
+
+    from conftest import lampseg
+
+    root = write_known_dataset(tmp_path / "known")
+    run_dir = tmp_path / "study"
+    args = ["loo", "+exp=smoke", "data=msd", f"data.root={root}", "data.patch_size=[24,24,24]",
+            "data.num_workers=0", "trainer.hd95=false", "trainer.max_epochs=4", "data.samples_per_epoch=16",
+            "trainer.val_every=4", "loo.folds=2", f"run_dir={run_dir}"]
+    proc = lampseg(*args, timeout=400)
+    out = run_dir / "loo"
+    with open(out / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [r["left_out"] for r in summary] == ["none", "A", "B", "C"]
+    assert [r["rank"] for r in summary] == ["", "1", "2", "3"]
+    assert "A > B > C" in (out / "summary.md").read_text() and "A > B > C" in proc.stdout
+    with open(out / "results.csv", newline="") as f:
+        results = list(csv.DictReader(f))
+    assert len(results) == 4 * 8 and {r["fold"] for r in results} == {"0", "1"}
+    for condition in ("none", "A", "B", "C"):
+        rows = [r for r in results if r["left_out"] == condition]
+        assert sorted(r["case"] for r in rows) == [f"case_{k:02d}" for k in range(8)]  # each held out once
+        mean = np.mean([float(r["dice"]) for r in rows])
+        row = next(s for s in summary if s["left_out"] == condition)
+        assert float(row["mean_dice"]) == pytest.approx(mean)
+        assert all(float(r["dice"]) == pytest.approx((float(r["dice_alpha"]) + float(r["dice_beta"])) / 2)
+                   for r in rows)
+    for name in ("importance.png", "per_case.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    trained = {p: p.stat().st_mtime_ns for p in (run_dir / "tune").glob("trial_*/summary.json")}
+    assert len(trained) == 8 and all(json.loads(p.read_text())["status"] == "completed" for p in trained)
+    again = lampseg(*args, "tune.resume=true", timeout=400)
+    assert "A > B > C" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loo.folds=1"], "loo.folds"),
+    (["loo.folds=many"], "loo.folds"),
+    (["loo.test=anova"], "loo.test"),
+    (["loo.modalities=[PET]"], "loo.modalities"),
+    (["data.modalities=[FLAIR]"], "2 or more modalities"),
+    (["loo.folds=50"], "need at least 50 cases"),
+])
+def test_bad_loo_configs_fail_before_training(tmp_path, overrides, message):
+    from omegaconf import OmegaConf
+
+    from lampseg.tune.loo import run_loo
+
+    cfg = compose("+exp=smoke", *overrides)
+    OmegaConf.update(cfg, "run_dir", str(tmp_path), merge=False)
+    with pytest.raises(ConfigError, match=message):
+        run_loo(cfg, log=lambda _: None)
+    assert not (tmp_path / "tune").exists()
