@@ -34,7 +34,8 @@ def test_overlay_and_error_colours_sit_where_the_labels_are():
     overlay = picture.tile_at(2, 0)
     for k, value in enumerate([1, 3]):
         coloured = np.isclose(overlay, (1 - ALPHA) * grey + ALPHA * label_colour(k), atol=1e-6).all(-1)
-        assert (label[:, :, z] == value).any() and (coloured == _expected(label[:, :, z] == value, 2, 40)).all()
+        mask = label[:, :, z] == value
+        assert mask.any() and (coloured == _expected(mask, 2, 40)).all()
     errors = picture.tile_at(4, 0)
     reference, predicted = label[:, :, z], prediction[:, :, z]
     for colour, mask in [(FALSE_POSITIVE, (predicted > 0) & (reference == 0)),
