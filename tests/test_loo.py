@@ -10,6 +10,7 @@ from conftest import compose
 from scipy import stats
 
 from lampseg.config import ConfigError
+from lampseg.data.synth import generate_known_importance
 from lampseg.tune.stats import mean_ci, paired_test, summarise
 
 CASES = [f"case_{k}" for k in range(8)]
@@ -53,42 +54,6 @@ def test_summary_ranks_by_paired_drop_and_checks_cases():
         summarise(table)
 
 
-def write_known_dataset(root, cases: int = 8, size: int = 24, seed: int = 0):
-    """An MSD dataset whose modality importance is known by construction: ``A`` alone shows label 1,
-    ``B`` shows label 2, ``C`` shows label 2 faintly (so losing B costs less than losing A, and losing C
-    costs nothing). Importance: A > B > C."""
-    import json
-
-    import nibabel as nib
-
-    rng = np.random.default_rng(seed)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
-    training = []
-    for k in range(cases):
-        label = np.zeros((size,) * 3, np.uint8)
-        for value in (1, 2):
-            while True:
-                centre = rng.uniform(5, size - 5, 3)
-                ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= rng.uniform(3, 5) ** 2
-                if not (label[ball] > 0).any():
-                    label[ball] = value
-                    break
-        noise = rng.normal(0, 0.3, (3, *label.shape))
-        image = np.stack([2.0 * (label == 1), 2.0 * (label == 2), 0.22 * (label == 2)]) + noise + 1.0
-        name = f"case_{k:02d}"
-        nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1).astype(np.float32), np.eye(4)),
-                 root / "imagesTr" / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "KnownImportance", "modality": {"0": "A", "1": "B", "2": "C"},
-        "labels": {"0": "background", "1": "alpha", "2": "beta"}, "numTraining": cases,
-        "training": training, "test": []}))
-    return root
-
-
 def test_loo_ranks_modalities_in_their_known_order_and_resumes(tmp_path):
     """``lampseg loo`` on the known dataset: 4 conditions x 2 folds as one Tune study; every case is held
     out once per condition; the importance ranking is A > B > C; rerunning with tune.resume=true retrains
@@ -98,7 +63,7 @@ def test_loo_ranks_modalities_in_their_known_order_and_resumes(tmp_path):
 
     from conftest import lampseg
 
-    root = write_known_dataset(tmp_path / "known")
+    root = generate_known_importance(tmp_path / "known")
     run_dir = tmp_path / "study"
     args = ["loo", "+exp=smoke", "data=msd", f"data.root={root}", "data.patch_size=[24,24,24]",
             "data.num_workers=0", "trainer.hd95=false", "trainer.max_epochs=4", "data.samples_per_epoch=16",
