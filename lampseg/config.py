@@ -70,6 +70,7 @@ class SynthConfig:
     seed: int = 0
     layout: str = "4d"
     context: str = "none"  # or laterality: the core's label depends on the side of the head
+    kind: str = "brats"  # or known_importance: modalities A > B > C by construction
 
 
 @dataclass
@@ -337,6 +338,8 @@ def validate(cfg: DictConfig) -> None:
     _positive_ints("data.synthetic.shape", d.synthetic.shape, 3)
     if d.synthetic.layout not in ("4d", "3d"):
         _fail("data.synthetic.layout", "'4d' or '3d'", d.synthetic.layout)
+    if d.synthetic.kind not in ("brats", "known_importance"):
+        _fail("data.synthetic.kind", "'brats' or 'known_importance'", d.synthetic.kind)
     if d.synthetic.context not in ("none", "laterality"):
         _fail("data.synthetic.context", "'none' or 'laterality'", d.synthetic.context)
     if d.target_spacing is not None and (len(d.target_spacing) != 3 or min(d.target_spacing) <= 0):

@@ -10,7 +10,7 @@ from lampseg.data.cache import PreprocessConfig, PreprocessedDataset, build_cach
 from lampseg.data.msd import DataError, MSDDataset, load_dataset
 from lampseg.data.sampling import PatchDataset, build_augment, whole_volume_shape
 from lampseg.data.splits import load_or_create_splits
-from lampseg.data.synth import generate_dataset
+from lampseg.data.synth import generate_dataset, generate_known_importance
 from lampseg.model.losses import Targets
 from lampseg.model.unet import size_divisor
 
@@ -26,6 +26,11 @@ def dataset_root(data_cfg, log=print) -> Path:
         return Path(str(data_cfg.root)).expanduser()
     s = data_cfg.synthetic
     shape = "x".join(str(v) for v in s.shape)
+    if s.kind == "known_importance":  # cubes of shape[0]; modalities A > B > C by construction
+        root = lampseg_home() / "datasets" / f"known-importance-{s.cases}c-{s.shape[0]}-seed{s.seed}"
+        if not (root / "dataset.json").is_file():
+            log(f"generating the known-importance dataset ({s.cases} cases of {s.shape[0]}^3) -> {root}")
+        return generate_known_importance(root, cases=s.cases, size=s.shape[0], seed=s.seed)
     context = "" if s.context == "none" else f"-{s.context}"
     root = lampseg_home() / "datasets" / f"synthetic-{s.layout}-{s.cases}c-{shape}-seed{s.seed}{context}"
     if not (root / "dataset.json").is_file():

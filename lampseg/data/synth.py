@@ -319,9 +319,13 @@ def generate_known_importance(out: str | Path, cases: int = 8, size: int = 24, s
     Returns:
         The dataset root (``out``).
     """
-    root = Path(out)
+    final = Path(out)
+    if (final / "dataset.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))  # renamed when complete
     rng = np.random.default_rng(seed)
-    (root / "imagesTr").mkdir(parents=True)
+    (root / "imagesTr").mkdir()
     (root / "labelsTr").mkdir()
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
     training = []
@@ -345,4 +349,10 @@ def generate_known_importance(out: str | Path, cases: int = 8, size: int = 24, s
         "name": "KnownImportance", "modality": {"0": "A", "1": "B", "2": "C"},
         "labels": {"0": "background", "1": "alpha", "2": "beta"}, "numTraining": cases,
         "training": training, "test": []}))
-    return root
+    try:
+        os.rename(root, final)
+    except OSError:  # another process finished first (or ``out`` exists without a dataset.json)
+        shutil.rmtree(root, ignore_errors=True)
+        if not (final / "dataset.json").is_file():
+            raise
+    return final
