@@ -161,25 +161,25 @@ def test_bench_context_trains_each_width_and_input_size_and_resumes(tmp_path: Pa
 
 
 def test_bench_experiment_parallel_runs_the_three_ways(tmp_path: Path) -> None:
-    """bench experiment_parallel: two trials sequential (all cores), sequential DDP x2 and as a Tune study
-    two at a time, plus one trial alone; every way trains the same trials, and the reported speed-ups and
-    efficiency follow from the measured wall times."""
+    """bench experiment_parallel (one trial, to keep the suite short): sequential on all cores, DDP x2 and
+    as a Tune study, plus the trial alone on one core; every way trains the same trial, and the reported
+    speed-ups and efficiency follow from the measured wall times."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, LAMPSEG_HOME=str(tmp_path / "home"))
     proc = subprocess.run([sys.executable, "-m", "lampseg", "bench", "experiment_parallel", "+exp=smoke",
-                           "trainer.max_epochs=1", "trainer.hd95=false", "bench.trials=2", "bench.repeats=1",
+                           "trainer.max_epochs=1", "trainer.hd95=false", "bench.trials=1", "bench.repeats=1",
                            f"run_dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((run_dir / "bench_experiment_parallel.json").read_text())
     assert (run_dir / "bench_experiment_parallel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (result["trials"], result["workers"]) == (2, 2)
-    assert result["learning_rates"] == pytest.approx([3e-3, 1.5e-3])
+    assert (result["trials"], result["workers"]) == (1, 2)
+    assert result["learning_rates"] == pytest.approx([3e-3])
     (row,) = result["rounds"]
-    assert len(row["a_dice"]) == len(row["b_dice"]) == len(row["c_dice"]) == 2  # every way trained both
-    assert sorted(row["a_dice"]) == pytest.approx(row["c_dice"], abs=0.05)  # same trials, same results
+    assert len(row["a_dice"]) == len(row["b_dice"]) == len(row["c_dice"]) == 1  # every way trained it
+    assert row["a_dice"] == pytest.approx(row["c_dice"], abs=0.05)  # the same trial, the same result
     m = result["medians"]
-    assert result["efficiency"] == pytest.approx(2 * m["t1_s"] / (2 * m["c_s"]))
+    assert result["efficiency"] == pytest.approx(1 * m["t1_s"] / (2 * m["c_s"]))
     assert result["speedup_c_over_a"] == pytest.approx(m["a_s"] / m["c_s"])
     assert result["speedup_c_over_b"] == pytest.approx(m["b_s"] / m["c_s"])
     assert result["overhead"]["ray_start_s"] > 0 and m["t1_s"] > m["t1_run_s"] > 0

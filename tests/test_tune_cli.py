@@ -102,7 +102,7 @@ def test_slurm_ray_script_runs_a_study_on_the_cluster_it_starts(tmp_path):
     run_dir = tmp_path / "study"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
            "SLURM_JOB_NODELIST": "node0", "SLURM_JOB_ID": "4343", "SLURM_CPUS_PER_TASK": "2",
-           "HEAD_IP": "127.0.0.1", "RAY_PORT": str(free_port()), "RAY_WAIT": "6", "RUN_DIR": str(run_dir),
+           "HEAD_IP": "127.0.0.1", "RAY_PORT": str(free_port()), "RAY_WAIT": "30", "RUN_DIR": str(run_dir),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-machine mode: 127.0.0.1 only
     proc = subprocess.run(["bash", "launch/slurm_ray.sbatch", "+exp=smoke", "trainer.hd95=false",
                            "trainer.max_epochs=1", "tune.space=[{key:optim.lr,grid:[0.001,0.003]}]"],
