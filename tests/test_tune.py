@@ -6,7 +6,9 @@ import csv
 import ipaddress
 import json
 import math
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -177,3 +179,22 @@ def test_presets_are_valid_studies(preset):
     if preset == "berral_grid":
         assert grid_size(space) == 32 and len(grid_points(space)) == 32
         assert set(space) == {"optim.lr", "model.norm", "optim.beta2", "optim.amsgrad"}
+
+
+def test_reap_orphans_stops_processes_of_an_earlier_session(tmp_path):
+    """What a killed study leaves behind (processes naming its Ray temp dir) is stopped before a new start;
+    other processes are left alone."""
+    from lampseg.tune.search import reap_orphans
+
+    temp = tmp_path / "ray"
+    temp.mkdir()
+    other = tmp_path / "other"
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={temp}"])
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={other}"])
+    try:
+        assert reap_orphans(temp, log=lambda _: None) == [left.pid]
+        assert left.wait(timeout=10) == -signal.SIGKILL and bystander.poll() is None
+    finally:
+        for p in (left, bystander):
+            p.kill()
+            p.wait()

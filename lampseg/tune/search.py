@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +73,35 @@ def local_ray_on_loopback() -> None:
         pass
 
 
+def reap_orphans(temp: Path, log=print) -> list[int]:
+    """Stop processes left behind by an earlier Ray session in this run dir: a study whose driver was
+    killed (SIGKILL) leaves some of Ray's agents running. They are the processes whose command line names
+    this Ray temp dir or that hold files open under it (Ray renames its processes, ``ray::DashboardAgent``,
+    but they keep their session's logs open); a new study here starts only when the earlier one is gone.
+    Linux (/proc) only.
+
+    Returns:
+        The process ids that were killed (SIGKILL: they belong to a dead session).
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    needle, killed = str(temp.resolve()).encode(), []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes() or any(
+                    os.readlink(fd).encode().startswith(needle) for fd in (entry / "fd").iterdir()):
+                os.kill(int(entry.name), signal.SIGKILL)  # stale: nothing of theirs is kept
+                killed.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    if killed:
+        log(f"tune: stopped {len(killed)} process(es) an earlier Ray session in {temp} left running")
+    return killed
+
+
 def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     """Start a local Ray (temp dir under the run dir, dashboard off, loopback) or join ``tune.address``."""
     import ray
@@ -85,12 +115,15 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
         log(f"tune: joined the Ray cluster at {t.address}")
         return
     temp = run_dir / "ray"
-    if len(str(temp.resolve())) > RAY_TEMP_MAX:  # too long for Ray's sockets: a short dir, linked from here
+    if temp.is_symlink():  # an earlier session's short dir (a killed study leaves its link behind)
+        temp = temp.resolve()
+        temp.mkdir(parents=True, exist_ok=True)
+    elif len(str(temp.resolve())) > RAY_TEMP_MAX:  # too long for Ray's sockets: a short dir, linked here
         short = Path(tempfile.mkdtemp(prefix="lampseg-ray-"))
-        if not temp.is_symlink():
-            temp.parent.mkdir(parents=True, exist_ok=True)
-            temp.symlink_to(short, target_is_directory=True)
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.symlink_to(short, target_is_directory=True)
         temp = short
+    reap_orphans(temp, log)
     local_ray_on_loopback()
     ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=t.dashboard,
              dashboard_host="127.0.0.1", _temp_dir=str(temp), configure_logging=False, log_to_driver=True)
