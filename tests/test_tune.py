@@ -161,6 +161,8 @@ def test_optuna_search_and_pbt(tmp_path, ray_session):
     (["tune=optuna", "tune.space=[{key:optim.lr,grid:[0.1]}]"], "use choice instead of grid"),
     (["tune=asha_random", "trainer.val_every=2"], "trainer.val_every"),
     (["parallel=ddp"], "a Tune trial is one process"),
+    (["tune.address=127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),
+    (["tune.address=somewhere"], "expected auto or HOST:PORT"),
     (["tune.space=[{key:optim.lr,grid:[0.1]},{key:optim.lr,choice:[0.2]}]"], "listed twice"),
 ])
 def test_bad_study_configs_fail_before_ray_starts(tmp_path, overrides, message):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +103,20 @@ def reap_orphans(temp: Path, log=print) -> list[int]:
     return killed
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at ``tune.address`` (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"config key 'tune.address': expected auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"config key 'tune.address': nothing answers at {address} ({e}); start the head "
+                          "with `ray start --head --port PORT` first (docs/CLUSTER.md)") from e
+
+
 def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     """Start a local Ray (temp dir under the run dir, dashboard off, loopback) or join ``tune.address``."""
     import ray
@@ -111,7 +126,11 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     t = cfg.tune
     env = {k: v for k, v in os.environ.items() if k.startswith("LAMPSEG_")}
     if t.address:
-        ray.init(address=t.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        try:
+            ray.init(address=t.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"config key 'tune.address': no Ray cluster at {t.address!r} ({e}); start one "
+                              "with `ray start --head` (docs/CLUSTER.md)") from e
         log(f"tune: joined the Ray cluster at {t.address}")
         return
     temp = run_dir / "ray"
@@ -183,6 +202,8 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
     validate(cfg)
     space = check_space(cfg)
     base, stages = study_config(cfg, log)
+    if cfg.tune.address:
+        _check_reachable(cfg.tune.address)
     run_dir = Path(base["run_dir"])
     study_dir = run_dir / "tune"
     exists = tune.Tuner.can_restore(str(study_dir))
