@@ -144,6 +144,7 @@ class TrainerConfig:
     hd95: bool = True
     stop_after_epochs: int | None = None
     fail_at_epoch: int | None = None  # fault drill: raise once after this epoch's checkpoint
+    val_overlays: int = 2  # validation cases drawn to TensorBoard each validation (the first also as PNG)
     curriculum: list[Any] | None = None
     curriculum_epochs: list[int] | None = None
 
@@ -275,6 +276,7 @@ class Config:
     split: str = "val"
     case: str | None = None  # visualize: the case to draw (default: the dataset's first)
     prediction: str | None = None  # visualize: a label NIfTI to draw over the case
+    slices: list[int] | None = None  # visualize: x, y, z of the planes (default: the foreground's centre)
 
 
 def register_schema() -> None:
@@ -389,6 +391,10 @@ def validate(cfg: DictConfig) -> None:
         _fail("inference.overlap", "a number in [0, 1)", i.overlap)
     if i.patch_size is not None:
         _positive_ints("inference.patch_size", i.patch_size, 3)
+    if cfg.slices is not None:
+        _positive_ints("slices", [v + 1 for v in cfg.slices], 3)  # voxel indices >= 0
+    if t.val_overlays < 0:
+        _fail("trainer.val_overlays", "an integer >= 0", t.val_overlays)
     if cfg.split not in ("val", "train", "all"):
         _fail("split", "one of val|train|all", cfg.split)
     if p.dp is not None and p.dp < 1:

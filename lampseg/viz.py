@@ -5,6 +5,7 @@ the label names from ``dataset.json``, and an error map.
     python -m lampseg visualize data.root=/data/Task01_BrainTumour case=BRATS_001
     python -m lampseg visualize case=BRATS_001 ckpt=RUN/checkpoints/best.pt   # + prediction and errors
     python -m lampseg visualize case=BRATS_001 prediction=PRED/BRATS_001.nii.gz out=case.png
+    python -m lampseg visualize case=BRATS_001 ckpt=RUN "slices=[120,120,77]"      # a run dir, chosen planes
 
 ``montage`` builds the picture as one RGB array (tiles of a fixed size in a grid), so the colours at a
 voxel's tile position can be checked; ``render`` adds titles and the legend and writes the PNG.
@@ -165,9 +166,10 @@ def render(picture: Montage, label_names: dict[int, str], title: str, path: Path
 
 
 def run_visualize(cfg, overrides: list[str], log=print) -> Path:
-    """``python -m lampseg visualize``: the montage of one case (``case=NAME``, default the dataset's first),
-    with the prediction of ``prediction=NIFTI`` or of ``ckpt=PATH`` (predicted here, in the original space)
-    when given; writes ``out`` (default ``run_dir/visualize_<case>.png``)."""
+    """``python -m lampseg visualize``: the montage of one case (``case=NAME``, default the dataset's first)
+    at ``slices=[x,y,z]`` (default: through the foreground's centre), with the prediction of
+    ``prediction=NIFTI`` or of ``ckpt=PATH`` (a checkpoint or a run directory: its best; predicted here, in
+    the original space) when given; writes ``out`` (default ``run_dir/visualize_<case>.png``)."""
     import nibabel as nib
     from omegaconf import OmegaConf
 
@@ -188,6 +190,8 @@ def run_visualize(cfg, overrides: list[str], log=print) -> Path:
         from lampseg.engine.evaluate import run_predict
 
         predict = cfg.copy()
+        if Path(cfg.ckpt).is_dir():  # a run directory: its best checkpoint
+            OmegaConf.update(predict, "ckpt", str(Path(cfg.ckpt) / "checkpoints" / "best.pt"), merge=False)
         OmegaConf.update(predict, "input", str(cases[name].image), merge=False)
         OmegaConf.update(predict, "output", str(run_dir / "prediction"), merge=False)
         prediction_path = run_predict(predict, overrides, log)[0]
@@ -200,7 +204,11 @@ def run_visualize(cfg, overrides: list[str], log=print) -> Path:
             raise ConfigError(f"config key 'prediction': {prediction_path} has shape {prediction.shape}, the "
                               f"image of {name} {image.shape[1:]}")
     values = [v for v in sorted(dataset.labels) if v != 0]
-    picture = montage(image, dataset.modalities, label, values, prediction)
+    slices = tuple(cfg.slices) if cfg.slices is not None else None
+    if slices is not None and any(v >= n for v, n in zip(slices, image.shape[1:])):
+        raise ConfigError(f"config key 'slices': {list(slices)} is outside the image of {name} "
+                          f"{list(image.shape[1:])}")
+    picture = montage(image, dataset.modalities, label, values, prediction, slices=slices)
     out = Path(cfg.out) if cfg.out else run_dir / f"visualize_{name}.png"
     render(picture, {v: dataset.labels[v] for v in values}, f"{dataset.name}: {name}", out)
     log(f"visualize: {name} ({', '.join(picture.rows)}) -> {out}")
@@ -208,9 +216,10 @@ def run_visualize(cfg, overrides: list[str], log=print) -> Path:
 
 
 def validation_overlay(model, bundle, case: str, cfg, device, run_dir: Path, logger=None,
-                       step: int = 0) -> Path:
-    """During training: the montage of one validation case with the current prediction, written to
-    ``run_dir/val_overlay.png`` (replaced at every validation), logged to TensorBoard as ``val/overlay``."""
+                       step: int = 0, png: bool = True) -> Path:
+    """During training: the montage of one validation case with the current prediction, logged to
+    TensorBoard as ``val/overlay/<case>`` and, with ``png``, written to ``run_dir/val_overlay.png``
+    (replaced at every validation)."""
     import torch
 
     from lampseg.engine.evaluate import case_image, roi_size
@@ -227,7 +236,8 @@ def validation_overlay(model, bundle, case: str, cfg, device, run_dir: Path, log
     picture = montage(image[0].float().cpu().numpy(), names, np.asarray(bundle.cache.label(case)), values,
                       prediction, tile=96)
     path = run_dir / "val_overlay.png"
-    render(picture, {v: bundle.dataset.labels[v] for v in values}, f"{case}, epoch {step}", path)
+    if png:
+        render(picture, {v: bundle.dataset.labels[v] for v in values}, f"{case}, epoch {step}", path)
     if logger is not None and logger.write:
-        logger.tb.add_image("val/overlay", picture.image, step, dataformats="HWC")
+        logger.tb.add_image(f"val/overlay/{case}", picture.image, step, dataformats="HWC")
     return path

@@ -47,9 +47,10 @@ def test_visualize_cli_and_training_write_overlays(trained_run, tmp_path):
     """Training left a val_overlay.png; visualize draws a case with the checkpoint's prediction."""
     assert (trained_run / "val_overlay.png").read_bytes()[:8] == PNG
     out = tmp_path / "case.png"
-    proc = lampseg("visualize", "+exp=smoke", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}",
-                   "case=BRATS_002", f"out={out}", f"run_dir={tmp_path}")
+    proc = lampseg("visualize", "+exp=smoke", f"ckpt={trained_run}", "case=BRATS_002", "slices=[10,12,14]",
+                   f"out={out}", f"run_dir={tmp_path}")  # a run directory: its best checkpoint
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
     assert "BRATS_002 (FLAIR, T1w, t1gd, T2w, label, prediction, errors)" in proc.stdout
-    bad = lampseg("visualize", "+exp=smoke", "case=nosuch", f"run_dir={tmp_path}", check=False)
-    assert bad.returncode == 2 and "config key 'case'" in bad.stderr
+    for wrong, key in [("case=nosuch", "'case'"), ("slices=[99,0,0]", "'slices'")]:
+        bad = lampseg("visualize", "+exp=smoke", wrong, f"run_dir={tmp_path}", check=False)
+        assert bad.returncode == 2 and f"config key {key}" in bad.stderr

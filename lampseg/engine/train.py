@@ -385,8 +385,10 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
             if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
                 cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
                 _, means = evaluate_cases(infer_net, bundle, cases, cfg, device, dims)
-                if main and not staged and cases:  # a picture of the first validation case's prediction
-                    validation_overlay(infer_net, bundle, cases[0], cfg, device, run_dir, logger, epoch)
+                if main and not staged:  # pictures of the first validation cases' predictions
+                    for k, case in enumerate(cases[:cfg.trainer.val_overlays]):
+                        validation_overlay(infer_net, bundle, case, cfg, device, run_dir, logger, epoch,
+                                           png=k == 0)
                 row["val_dice"] = means["dice"]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:
