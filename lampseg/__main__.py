@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from importlib import resources
@@ -28,6 +29,17 @@ SUBCOMMANDS = {
     "loo": "leave-one-modality-out study: which modality matters (loo.folds=K|patients) -> loo/",
     "visualize": "a case's modalities, label/prediction overlays, error map (case=, ckpt=|prediction=)",
     "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel|experiment_parallel",
+}
+# subcommand -> (module, function, whether it takes the command line's overrides besides the config)
+RUNNERS = {
+    "train": ("lampseg.engine.train", "run", False),
+    "evaluate": ("lampseg.engine.evaluate", "run_evaluate", True),
+    "predict": ("lampseg.engine.evaluate", "run_predict", True),
+    "plan": ("lampseg.parallel.plan", "run_plan", False),
+    "tune": ("lampseg.tune.search", "run_tune", False),
+    "loo": ("lampseg.tune.loo", "run_loo", False),
+    "visualize": ("lampseg.viz", "run_visualize", True),
+    "bench": ("lampseg.bench", "run_bench", True),
 }
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
 
@@ -58,40 +70,12 @@ def _dispatch(subcommand: str, cfg) -> None:
     OmegaConf.update(cfg, "run_dir", hydra_cfg.runtime.output_dir, merge=False)
     overrides = list(hydra_cfg.overrides.task)
     validate(cfg)
-    if subcommand == "train":
-        from lampseg.engine.train import run
-
-        run(cfg)
-    elif subcommand == "evaluate":
-        from lampseg.engine.evaluate import run_evaluate
-
-        run_evaluate(cfg, overrides)
-    elif subcommand == "predict":
-        from lampseg.engine.evaluate import run_predict
-
-        run_predict(cfg, overrides)
-    elif subcommand == "synth":
+    if subcommand == "synth":
         print(f"synthetic dataset at {_synth_to(cfg)}")
-    elif subcommand == "plan":
-        from lampseg.parallel.plan import run_plan
-
-        run_plan(cfg)
-    elif subcommand == "tune":
-        from lampseg.tune.search import run_tune
-
-        run_tune(cfg)
-    elif subcommand == "loo":
-        from lampseg.tune.loo import run_loo
-
-        run_loo(cfg)
-    elif subcommand == "visualize":
-        from lampseg.viz import run_visualize
-
-        run_visualize(cfg, overrides)
-    elif subcommand == "bench":
-        from lampseg.bench import run_bench
-
-        run_bench(cfg, overrides)
+        return
+    module, function, with_overrides = RUNNERS[subcommand]
+    runner = getattr(importlib.import_module(module), function)  # imported late: `--help` stays fast
+    runner(cfg, overrides) if with_overrides else runner(cfg)
 
 
 def _synth_to(cfg) -> Path:

@@ -455,3 +455,14 @@ def test_a_step_with_non_finite_gradients_is_skipped_not_applied(clip):
     assert math.isfinite(step(image, target))
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_every_subcommand_has_a_runner():
+    """The CLI's table: every listed subcommand (but synth, handled inline) names an importable function."""
+    import importlib
+
+    from lampseg.__main__ import RUNNERS, SUBCOMMANDS
+
+    assert set(RUNNERS) | {"synth"} == set(SUBCOMMANDS)
+    for module, function, _ in RUNNERS.values():
+        assert callable(getattr(importlib.import_module(module), function))
