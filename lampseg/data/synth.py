@@ -38,6 +38,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -199,6 +201,45 @@ def _resolve_modalities(layout: str, modalities: tuple[str, ...] | None) -> tupl
     return tuple(idx[:1]) if layout == "3d" else tuple(idx)
 
 
+def _already_there(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` already holds a dataset to reuse (generate on first use).
+
+    Raises:
+        FileExistsError: ``out`` exists, is not an empty folder and holds no dataset.json (and not
+            ``overwrite``).
+    """
+    if (out / "dataset.json").is_file() and not overwrite:
+        return True
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists but holds no dataset.json; pass overwrite=True to replace it")
+    return False
+
+
+@contextmanager
+def _staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder of ``out`` to write a dataset into. When the block succeeds it is renamed
+    to ``out`` (an old ``out`` is moved aside first; a concurrent writer that finished first wins unless
+    ``overwrite``); when it fails it is removed, so ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # overwrite (or an empty folder): move the old one aside, then swap
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if (out / "dataset.json").is_file() and not overwrite:  # a concurrent writer won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, int] = (64, 64, 48),
                      spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), seed: int = 0,
                      layout: str = "4d", modalities: tuple[str, ...] | None = None,
@@ -249,14 +290,9 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     channels = _resolve_modalities(layout, modalities)
 
-    if (out / "dataset.json").is_file() and not overwrite:
+    if _already_there(out, overwrite):
         return out
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists but holds no dataset.json; pass overwrite=True to replace it")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _staged(out, overwrite) as tmp:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (tmp / sub).mkdir()
         n_test = max(1, cases // 10)
@@ -290,20 +326,6 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
             "test": test,
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=4) + "\n")
-        if out.exists():  # overwrite (or an empty folder): move the old one aside, then swap
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if (out / "dataset.json").is_file() and not overwrite:  # a concurrent writer won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -319,40 +341,33 @@ def generate_known_importance(out: str | Path, cases: int = 8, size: int = 24, s
     Returns:
         The dataset root (``out``).
     """
-    final = Path(out)
-    if (final / "dataset.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))  # renamed when complete
-    rng = np.random.default_rng(seed)
-    (root / "imagesTr").mkdir()
-    (root / "labelsTr").mkdir()
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
-    training = []
-    for k in range(cases):
-        label = np.zeros((size,) * 3, np.uint8)
-        for value in (1, 2):
-            while True:
-                centre = rng.uniform(5, size - 5, 3)
-                ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= rng.uniform(3, 5) ** 2
-                if not (label[ball] > 0).any():
-                    label[ball] = value
-                    break
-        noise = rng.normal(0, 0.3, (3, *label.shape))
-        image = np.stack([2.0 * (label == 1), 2.0 * (label == 2), 0.22 * (label == 2)]) + noise + 1.0
-        name = f"case_{k:02d}"
-        nib.save(nib.Nifti1Image(np.moveaxis(image, 0, -1).astype(np.float32), np.eye(4)),
-                 root / "imagesTr" / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({
-        "name": "KnownImportance", "modality": {"0": "A", "1": "B", "2": "C"},
-        "labels": {"0": "background", "1": "alpha", "2": "beta"}, "numTraining": cases,
-        "training": training, "test": []}))
-    try:
-        os.rename(root, final)
-    except OSError:  # another process finished first (or ``out`` exists without a dataset.json)
-        shutil.rmtree(root, ignore_errors=True)
-        if not (final / "dataset.json").is_file():
-            raise
-    return final
+    out = Path(out)
+    if _already_there(out, overwrite=False):
+        return out
+    with _staged(out) as root:
+        rng = np.random.default_rng(seed)
+        (root / "imagesTr").mkdir()
+        (root / "labelsTr").mkdir()
+        grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
+        training = []
+        for k in range(cases):
+            label = np.zeros((size,) * 3, np.uint8)
+            for value in (1, 2):
+                while True:
+                    centre = rng.uniform(5, size - 5, 3)
+                    ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= rng.uniform(3, 5) ** 2
+                    if not (label[ball] > 0).any():
+                        label[ball] = value
+                        break
+            noise = rng.normal(0, 0.3, (3, *label.shape))
+            image = np.stack([2.0 * (label == 1), 2.0 * (label == 2), 0.22 * (label == 2)]) + noise + 1.0
+            name = f"case_{k:02d}"
+            image = np.moveaxis(image, 0, -1).astype(np.float32)
+            _save(image, (1.0, 1.0, 1.0), root / "imagesTr" / f"{name}.nii.gz")
+            _save(label, (1.0, 1.0, 1.0), root / "labelsTr" / f"{name}.nii.gz")
+            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        (root / "dataset.json").write_text(json.dumps({
+            "name": "KnownImportance", "modality": {"0": "A", "1": "B", "2": "C"},
+            "labels": {"0": "background", "1": "alpha", "2": "beta"}, "numTraining": cases,
+            "training": training, "test": []}))
+    return out
