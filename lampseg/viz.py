@@ -215,21 +215,12 @@ def run_visualize(cfg, overrides: list[str], log=print) -> Path:
     return out
 
 
-def validation_overlay(model, bundle, case: str, cfg, device, run_dir: Path, logger=None,
-                       step: int = 0, png: bool = True) -> Path:
-    """During training: the montage of one validation case with the current prediction, logged to
-    TensorBoard as ``val/overlay/<case>`` and, with ``png``, written to ``run_dir/val_overlay.png``
-    (replaced at every validation)."""
-    import torch
-
-    from lampseg.engine.evaluate import case_image, roi_size
-    from lampseg.engine.inference import infer
-    from lampseg.model.unet import size_divisor
-
-    image = case_image(bundle, case).to(device)
-    with torch.no_grad():
-        logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), size_divisor(cfg.model),
-                       cfg.trainer.precision)
+def validation_overlay(bundle, case: str, image, logits, run_dir: Path, logger=None, step: int = 0,
+                       png: bool = True) -> Path:
+    """During training: the montage of one validation case with the prediction validation just made
+    (``image`` (1, C, X, Y, Z) and its ``logits``, as ``evaluate_cases`` passes them), logged to TensorBoard
+    as ``val/overlay/<case>`` and, with ``png``, written to ``run_dir/val_overlay.png`` (replaced at every
+    validation)."""
     prediction = bundle.targets.labels_from_logits(logits)[0].cpu().numpy()
     values = [v for v in sorted(bundle.dataset.labels) if v != 0]
     names = [bundle.dataset.modalities[c] for c in bundle.channels]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +32,8 @@ def roi_size(cfg, patch_size: list[int]) -> list[int]:
     return list(cfg.inference.patch_size) if cfg.inference.patch_size is not None else list(patch_size)
 
 
-def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, dims=None
+def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, dims=None,
+                   on_logits: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
                    ) -> tuple[list[dict], dict]:
     """Dice/HD95 per case (in preprocessed space, spacing from the cache metadata) and their means.
 
@@ -45,6 +47,8 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, d
         cfg: the config (``inference.*``, ``trainer.precision``, ``trainer.hd95``).
         device: where to run.
         dims: the run's ``ParallelDims`` (None: one process evaluates everything).
+        on_logits: called with each case this process infers: its name, image (1, C, X, Y, Z) and logits
+            (training draws overlays from them without a second inference).
 
     Returns:
         (per-case dicts with ``case``, ``dice``, ``hd95``, ``seconds``; means from ``metrics.summarize``).
@@ -59,6 +63,8 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, d
         logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), divisor,
                        cfg.trainer.precision)
         dice, hd = case_scores(bundle, name, logits, cfg.trainer.hd95)
+        if on_logits is not None:
+            on_logits(name, image, logits)
         per_case.append({"case": name, "dice": dict(zip(names, dice)), "hd95": dict(zip(names, hd)),
                          "seconds": time.perf_counter() - start})
     if dims is not None and dims.dp_enabled:

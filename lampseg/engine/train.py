@@ -198,6 +198,16 @@ def _drill_failure(fail_at_epoch: int | None, epoch: int, run_dir: Path) -> None
         raise RuntimeError(f"trainer.fail_at_epoch={epoch}: simulated failure after the epoch's checkpoint")
 
 
+def _overlay_drawer(bundle: DataBundle, cases: list[str], run_dir: Path, logger: RunLogger, epoch: int
+                    ) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
+    """``evaluate_cases``' ``on_logits``: pictures of ``cases`` from the predictions validation makes anyway
+    (TensorBoard; the first also ``val_overlay.png``)."""
+    def draw(case: str, image: torch.Tensor, logits: torch.Tensor) -> None:
+        if case in cases:
+            validation_overlay(bundle, case, image, logits, run_dir, logger, epoch, png=case == cases[0])
+    return draw
+
+
 def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Train a segmentation model as ``cfg`` says and write the run directory.
@@ -384,11 +394,10 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
                    "val_dice": math.nan}
             if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
                 cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
-                _, means = evaluate_cases(infer_net, bundle, cases, cfg, device, dims)
-                if main and not staged:  # pictures of the first validation cases' predictions
-                    for k, case in enumerate(cases[:cfg.trainer.val_overlays]):
-                        validation_overlay(infer_net, bundle, case, cfg, device, run_dir, logger, epoch,
-                                           png=k == 0)
+                mine = cases[::dims.dp] if dims.dp_enabled else cases  # rank 0's shard of the validation
+                drawn = mine[:cfg.trainer.val_overlays] if main and not staged else []
+                _, means = evaluate_cases(infer_net, bundle, cases, cfg, device, dims,
+                                          on_logits=_overlay_drawer(bundle, drawn, run_dir, logger, epoch))
                 row["val_dice"] = means["dice"]
                 row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
                 if means["dice"] > state["best_val_dice"]:
