@@ -391,8 +391,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("inference.overlap", "a number in [0, 1)", i.overlap)
     if i.patch_size is not None:
         _positive_ints("inference.patch_size", i.patch_size, 3)
-    if cfg.slices is not None:
-        _positive_ints("slices", [v + 1 for v in cfg.slices], 3)  # voxel indices >= 0
+    if cfg.slices is not None and (len(cfg.slices) != 3 or min(cfg.slices) < 0):
+        _fail("slices", "3 voxel indices [x, y, z], each >= 0", list(cfg.slices))
     if t.val_overlays < 0:
         _fail("trainer.val_overlays", "an integer >= 0", t.val_overlays)
     if cfg.split not in ("val", "train", "all"):

@@ -382,6 +382,8 @@ def test_shipped_configs_validate(overrides):
     ("inference.patch_size=[8,8]", "inference.patch_size"),
     ("split=test", "split"),
     ("parallel.dp=0", "parallel.dp"),
+    ("slices=[-1,0,0]", "slices"),
+    ("slices=[1,2]", "slices"),
     ("optim.beta2=1.0", "optim.beta2"),
     ("tune.search=bayes", "tune.search"),
     ("tune.scheduler=hyperband", "tune.scheduler"),
