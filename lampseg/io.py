@@ -51,3 +51,17 @@ def fsync_dir(directory: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """``rows`` as a CSV file, written atomically: ``columns`` (default: every key, in first-seen order);
+    keys outside ``columns`` are left out."""
+    import csv
+    import io
+
+    columns = columns if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())

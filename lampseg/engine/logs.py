@@ -1,7 +1,6 @@
 """Run-directory logs: ``metrics.csv``, ``summary.json``, ``progress.png`` and TensorBoard events."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lampseg.io import atomic_write_bytes, atomic_write_text
+from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 BASE_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "lr", "epoch_s", "samples_per_s", "data_wait_frac"]
 
@@ -91,13 +90,9 @@ class RunLogger:
         self.rows.append(row)
         if not self.write:
             return
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in self.rows:
-            writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-                             for k, v in r.items()})
-        atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
+        cells = [{k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in r.items()}
+                 for r in self.rows]
+        atomic_write_csv(self.run_dir / "metrics.csv", cells, self.columns)
         for key, value in row.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
                 self.scalar(f"epoch/{key}", float(value), row["step"])

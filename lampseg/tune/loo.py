@@ -15,8 +15,6 @@ Every case is held out once per condition, so conditions are compared case by ca
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -25,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import ConfigError, validate
 from lampseg.engine.logs import figure_png, pyplot
-from lampseg.io import atomic_write_bytes, atomic_write_text
+from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from lampseg.tune.stats import ConditionSummary, summarise
 
 BASELINE = "none"
@@ -99,14 +97,6 @@ def gather(study_dir: Path, subsets: dict[str, list[str]]) -> list[dict]:
     return rows
 
 
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _markdown(summary: list[ConditionSummary], cfg: DictConfig, folds: int) -> str:
     level = f"{cfg.loo.confidence:.0%}"
     lines = [f"# Leave-one-modality-out study ({folds} folds, {summary[0].cases} held-out cases)", "",
@@ -175,8 +165,8 @@ def run_loo(cfg: DictConfig, log=print) -> dict:
         dice.setdefault(row["left_out"], {})[row["case"]] = row["dice"]
     summary = summarise(dice, BASELINE, cfg.loo.confidence, cfg.loo.test)
     out = run_dir / "loo"
-    atomic_write_text(out / "results.csv", _csv(rows))
-    atomic_write_text(out / "summary.csv", _csv([r.to_dict() for r in summary]))
+    atomic_write_csv(out / "results.csv", rows)
+    atomic_write_csv(out / "summary.csv", [r.to_dict() for r in summary])
     markdown = _markdown(summary, cfg, folds)
     atomic_write_text(out / "summary.md", markdown)
     _plots(rows, summary, out)

@@ -8,8 +8,6 @@ returned, whichever launcher ran them, and reads the job directories ``RUN/0``, 
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lampseg.io import atomic_write_text
+from lampseg.io import atomic_write_csv
 
 FIELDS = ("status", "best_val_dice", "best_epoch", "epochs", "wall_s", "train_samples_per_s",
           "peak_memory_mb", "params", "model", "world_size", "dp", "pp")
@@ -49,13 +47,8 @@ def write_multirun_results(sweep_dir: Path) -> Path | None:
     rows = gather(sweep_dir)
     if not rows:
         return None
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
     out = sweep_dir / "multirun_results.csv"
-    atomic_write_text(out, buffer.getvalue())
+    atomic_write_csv(out, rows)
     return out
 
 

@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import to_container
 from lampseg.engine.logs import figure_png, pyplot
-from lampseg.io import atomic_write_bytes, atomic_write_text
+from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from lampseg.tune.space import apply_params, space_of
 
 DEFAULT_RUN_DIR = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
@@ -126,11 +124,7 @@ def write_results(grid, cfg: DictConfig, base: dict, study_dir: Path, log=print)
     """Write the study's files and print its table; returns the study summary."""
     rows = trial_rows(grid, cfg)
     columns = [k for k in rows[0] if not k.startswith("_")] if rows else ["trial_id"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(study_dir / "results.csv", buffer.getvalue())
+    atomic_write_csv(study_dir / "results.csv", rows, columns)
     metric = cfg.tune.metric
     ranked = [r for r in rows if not math.isnan(r[f"best_{metric}"])]
     summary = {"study": cfg.tune.name, "metric": metric, "mode": cfg.tune.mode, "trials": len(rows),
