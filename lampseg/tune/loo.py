@@ -58,7 +58,7 @@ def _folds(cfg: DictConfig, cases: int) -> int:
     return folds
 
 
-def study_config(cfg: DictConfig, subsets: dict[str, list[str]], folds: int) -> DictConfig:
+def loo_study(cfg: DictConfig, subsets: dict[str, list[str]], folds: int) -> DictConfig:
     """The Tune grid study of the leave-one-out trials: modality subsets x folds."""
     study = cfg.copy()
     OmegaConf.update(study, "data.folds", folds, merge=False)
@@ -157,7 +157,7 @@ def run_loo(cfg: DictConfig, log=print) -> dict:
     folds = _folds(cfg, len(dataset.cases))
     log(f"loo: {len(subsets)} conditions ({', '.join(subsets)}) x {folds} folds = {len(subsets) * folds} "
         "trials")
-    run_tune(study_config(cfg, subsets, folds), log=log, held_out=cfg.loo.checkpoint)
+    run_tune(loo_study(cfg, subsets, folds), log=log, held_out=cfg.loo.checkpoint)
     run_dir = Path(cfg.run_dir).resolve()
     rows = gather(run_dir / "tune", subsets)
     dice: dict[str, dict[str, float]] = {}

@@ -36,7 +36,7 @@ def _best(history: list[dict], metric: str, mode: str) -> tuple[float, int | Non
 def trial_rows(grid, cfg: DictConfig) -> list[dict]:
     """One row per trial: its id, status, hyperparameters, best metric, epochs, wall time, directory."""
     metric, mode, max_epochs = cfg.tune.metric, cfg.tune.mode, cfg.trainer.max_epochs
-    rows = []
+    keys, rows = list(space_of(cfg)), []
     for result in grid:
         frame = result.metrics_dataframe
         history = frame.to_dict("records") if frame is not None else []
@@ -46,7 +46,7 @@ def trial_rows(grid, cfg: DictConfig) -> list[dict]:
         epochs = int(last.get("epoch", 0) or 0)
         status = "error" if result.error else "completed" if epochs >= max_epochs else "stopped"
         rows.append({"trial_id": last.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
-                     "status": status, **{k: config.get(k) for k in space_of(cfg)},
+                     "status": status, **{k: config.get(k) for k in keys},
                      f"best_{metric}": best, "best_epoch": best_epoch, "epochs": epochs,
                      "wall_s": round(float(last.get("time_total_s", 0.0) or 0.0), 2),
                      "trial_dir": str(result.path),
