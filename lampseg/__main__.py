@@ -6,6 +6,7 @@
     python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt
     python -m lampseg predict ckpt=RUN/checkpoints/best.pt input=DIR_OR_FILE output=DIR
     python -m lampseg synth out=PATH data.synthetic.cases=10
+    python -m lampseg validate data.root=/data/Task01_BrainTumour   # every problem in a dataset at once
     python -m lampseg tune tune=berral_grid                    # Ray Tune study (experiment parallelism)
     python -m lampseg bench overhead
 """
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
     "tune": "Ray Tune study: every trial a train run (tune=berral_grid|asha_random|optuna|pbt) -> tune/",
     "loo": "leave-one-modality-out study: which modality matters (loo.folds=K|patients) -> loo/",
+    "validate": "check every file of a dataset and list every problem at once (data.root=PATH)",
     "visualize": "a case's modalities, label/prediction overlays, error map (case=, ckpt=|prediction=)",
     "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel|experiment_parallel",
 }
@@ -38,6 +40,7 @@ RUNNERS = {
     "plan": ("lampseg.parallel.plan", "run_plan", False),
     "tune": ("lampseg.tune.search", "run_tune", False),
     "loo": ("lampseg.tune.loo", "run_loo", False),
+    "validate": ("lampseg.data.check", "run_validate", False),
     "visualize": ("lampseg.viz", "run_visualize", True),
     "bench": ("lampseg.bench", "run_bench", True),
 }
@@ -144,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     # against the plugin's schema of the same name; Hydra calls that pattern deprecated on every run.
     warnings.filterwarnings("ignore", message=r"(?s)\s*'hydra/launcher/ray' is validated against ConfigStore")
     from lampseg.config import ConfigError, register_schema
-    from lampseg.data.msd import DataError
-    from lampseg.engine.checkpoint import CheckpointError
+    from lampseg.errors import LampsegError
 
     register_schema()
 
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     def app(cfg) -> None:
         try:
             _dispatch(subcommand, cfg)
-        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        except (LampsegError, FileNotFoundError) as e:
             if cfg.debug:
                 raise
             kind = "config error" if isinstance(e, ConfigError) else "error"

@@ -14,8 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lampseg.errors import LampsegError
 
-class ConfigError(ValueError):
+
+class ConfigError(LampsegError, ValueError):
     """A config value is invalid; the message names the key and what was expected."""
 
 
@@ -96,6 +98,7 @@ class DataConfig:
     foreground_ratio: float = 0.33
     target_spacing: list[float] | None = None
     regions: dict[str, list[int]] | None = None
+    nonfinite: str = "error"  # NaN/Inf image voxels: error, or zero (set to 0 with a warning)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -144,6 +147,7 @@ class TrainerConfig:
     hd95: bool = True
     stop_after_epochs: int | None = None
     fail_at_epoch: int | None = None  # fault drill: raise once after this epoch's checkpoint
+    max_nan_steps: int = 50  # abort after this many consecutive steps skipped for a non-finite loss
     val_overlays: int = 2  # validation cases drawn to TensorBoard each validation (the first also as PNG)
     curriculum: list[Any] | None = None
     curriculum_epochs: list[int] | None = None
@@ -328,6 +332,7 @@ def validate(cfg: DictConfig) -> None:
     for key, value, lo in [("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
                            ("data.samples_per_epoch", d.samples_per_epoch, 1), ("data.folds", d.folds, 2),
                            ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
+                           ("trainer.max_nan_steps", t.max_nan_steps, 1),
                            ("data.synthetic.cases", d.synthetic.cases, 2), ("inference.sw_batch_size",
                            i.sw_batch_size, 1), ("parallel.dp", p.dp or 1, 1), ("parallel.pp", p.pp, 1),
                            ("parallel.microbatches", p.microbatches or 1, 1)]:
@@ -344,6 +349,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("data.synthetic.kind", "'brats' or 'known_importance'", d.synthetic.kind)
     if d.synthetic.context not in ("none", "laterality"):
         _fail("data.synthetic.context", "'none' or 'laterality'", d.synthetic.context)
+    if d.nonfinite not in ("error", "zero"):
+        _fail("data.nonfinite", "'error' or 'zero'", d.nonfinite)
     if d.target_spacing is not None and (len(d.target_spacing) != 3 or min(d.target_spacing) <= 0):
         _fail("data.target_spacing", "3 positive numbers or null", list(d.target_spacing))
     if d.regions is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lampseg.data.msd import DataError, MSDDataset, read_case
+from lampseg.data.msd import NONFINITE_POLICIES, DataError, MSDDataset, read_case
 from lampseg.io import atomic_write, fsync_dir
 
 CACHE_VERSION = 1
@@ -39,15 +39,19 @@ class PreprocessConfig:
         target_spacing: Resample to this voxel spacing (mm); None keeps the native spacing.
         crop_nonzero: Crop to the bounding box of voxels where any channel is nonzero.
         normalize: ``"zscore_nonzero"`` (per channel, over the nonzero mask) or ``"none"``.
+        nonfinite: NaN/Inf image voxels: ``"error"`` or ``"zero"`` (`lampseg.data.msd.check_finite`).
     """
 
     target_spacing: tuple[float, float, float] | None = None
     crop_nonzero: bool = True
     normalize: str = "zscore_nonzero"
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if self.target_spacing is not None:
             spacing = tuple(float(s) for s in self.target_spacing)
             if len(spacing) != 3 or not all(s > 0 for s in spacing):
@@ -304,7 +308,7 @@ def build_cache(
     for case in dataset.cases:
         if _case_complete(directory, case.name, key):
             continue
-        image, label, affine, spacing = read_case(case, dataset)
+        image, label, affine, spacing = read_case(case, dataset, cfg.nonfinite)
         image, label, meta = preprocess_array(image, label, spacing, cfg)
         assert label is not None
         prefix = directory / case.name

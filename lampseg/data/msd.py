@@ -9,6 +9,7 @@ Every name (dataset, modalities, labels, files) comes from ``dataset.json``.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from lampseg.errors import LampsegError
+
 AFFINE_TOLERANCE = 1e-3
 MAX_LABEL = 255  # labels are stored as uint8
+NONFINITE_POLICIES = ("error", "zero")  # data.nonfinite: what NaN/Inf image voxels do
 
 
-class DataError(ValueError):
+class DataError(LampsegError, ValueError):
     """Bad dataset input; the message names the file and what was expected."""
 
 
@@ -126,12 +130,17 @@ def _int_keyed(value: Any, field: str, where: Path) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
-def _resolve(root: Path, rel: Any, where: Path, what: str) -> Path:
+def _resolve(root: Path, rel: Any, where: Path, what: str, missing: list[DataError] | None = None
+             ) -> Path | None:
     if not isinstance(rel, str) or not rel.strip():
         raise DataError(f"{where}: {what} path must be a non-empty string, got {rel!r}")
     path = root / rel.strip()  # not resolve(): a symlinked file keeps its listed name
     if not path.is_file():
-        raise DataError(f"{where}: listed {what} file {path} does not exist")
+        error = DataError(f"{where}: listed {what} file {path} does not exist")
+        if missing is None:
+            raise error
+        missing.append(error)
+        return None
     return path
 
 
@@ -144,11 +153,13 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_dataset(root: str | Path) -> MSDDataset:
+def load_dataset(root: str | Path, missing: list[DataError] | None = None) -> MSDDataset:
     """Parse and validate ``root/dataset.json`` and check that every listed file exists.
 
     Args:
         root: Dataset directory.
+        missing: when given, a listed file that does not exist is appended here (and its case left out)
+            instead of raised, so that ``lampseg validate`` reports every problem at once.
 
     Returns:
         The parsed dataset (image data is not read).
@@ -188,8 +199,10 @@ def load_dataset(root: str | Path) -> MSDDataset:
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(f"{where}: training[{i}] must be {{'image': ..., 'label': ...}}, got {entry!r}")
-        image = _resolve(root, entry["image"], where, "image")
-        cases.append(Case(_case_name(image), image, _resolve(root, entry["label"], where, "label")))
+        image = _resolve(root, entry["image"], where, "image", missing)
+        label = _resolve(root, entry["label"], where, "label", missing)
+        if image is not None and label is not None:
+            cases.append(Case(_case_name(image), image, label))
     test: list[Case] = []
     raw_test = meta.get("test") or []
     if not isinstance(raw_test, list):
@@ -199,8 +212,9 @@ def load_dataset(root: str | Path) -> MSDDataset:
             if "image" not in entry:
                 raise DataError(f"{where}: test[{i}] has no 'image' key: {entry!r}")
             entry = entry["image"]
-        image = _resolve(root, entry, where, "test image")
-        test.append(Case(_case_name(image), image, None))
+        image = _resolve(root, entry, where, "test image", missing)
+        if image is not None:
+            test.append(Case(_case_name(image), image, None))
     for group, what in ((cases, "training"), (test, "test")):
         seen: set[str] = set()
         for case in group:
@@ -262,14 +276,39 @@ def read_image(path: Path, n_channels: int) -> tuple[np.ndarray, nib.Nifti1Image
     return np.ascontiguousarray(data), img
 
 
+def check_finite(image: np.ndarray, path: Path, policy: str = "error") -> np.ndarray:
+    """Apply ``data.nonfinite`` to an image's NaN/Inf voxels.
+
+    Args:
+        image: the image array (changed in place under ``"zero"``).
+        path: its file, for the message.
+        policy: ``"error"`` raises; ``"zero"`` sets those voxels to 0 and warns with their count.
+
+    Returns:
+        The image.
+
+    Raises:
+        DataError: naming the file and the count, under ``"error"``.
+    """
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if not bad:
+        return image
+    if policy == "zero":
+        warnings.warn(f"{path}: {bad} NaN/Inf voxel(s) set to 0 (data.nonfinite=zero)", stacklevel=2)
+        return np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    raise DataError(f"{path}: image contains {bad} NaN/Inf voxel(s) (expected finite intensities; "
+                    f"data.nonfinite=zero sets them to 0 instead)")
+
+
 def read_case(
-    case: Case, dataset: MSDDataset
+    case: Case, dataset: MSDDataset, nonfinite: str = "error"
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[float, float, float]]:
     """Read and validate one case.
 
     Args:
         case: The case (``case.label`` None for test images).
         dataset: Its dataset (modality count and declared labels).
+        nonfinite: ``data.nonfinite``: ``"error"`` or ``"zero"`` for NaN/Inf image voxels (`check_finite`).
 
     Returns:
         ``(image, label, affine, spacing)``: float32 ``(C, X, Y, Z)``, uint8 ``(X, Y, Z)`` or None,
@@ -280,9 +319,7 @@ def read_case(
             mismatch, non-integer or undeclared label values.
     """
     image, img = read_image(case.image, len(dataset.modalities))
-    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise DataError(f"{case.image}: image contains {bad} NaN/Inf voxel(s)")
+    image = check_finite(image, case.image, nonfinite)
     affine = np.asarray(img.affine, dtype=np.float64)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):

@@ -41,7 +41,7 @@ def dataset_root(data_cfg, log=print) -> Path:
 
 def preprocess_config(data_cfg) -> PreprocessConfig:
     spacing = tuple(float(v) for v in data_cfg.target_spacing) if data_cfg.target_spacing else None
-    return PreprocessConfig(target_spacing=spacing)
+    return PreprocessConfig(target_spacing=spacing, nonfinite=data_cfg.nonfinite)
 
 
 @dataclass
@@ -95,7 +95,11 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
     channels = resolve_channels(dataset, d)
     targets = resolve_targets(dataset, d)
     cache_root = Path(d.cache_dir).expanduser() if d.cache_dir else lampseg_home() / "preprocessed"
-    cache = build_cache(dataset, cache_root, preprocess_config(d), log=log)
+    try:
+        cache = build_cache(dataset, cache_root, preprocess_config(d), log=log)
+    except DataError as e:
+        raise DataError(f"{e}\n(`python -m lampseg validate data.root={dataset.root}` lists every problem "
+                        f"in the dataset at once)") from e
     try:
         splits = load_or_create_splits(run_dir, cache.cases, d.folds)
     except ValueError as e:
@@ -108,7 +112,20 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
     elif any(p % divisor for p in patch):
         raise ConfigError(f"config key 'data.patch_size': expected multiples of {divisor} (the product of "
                           f"model.strides), got {list(patch)}")
+    else:
+        _warn_small_cases(cache, patch, log)
     return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole)
+
+
+def _warn_small_cases(cache, patch: list[int], log) -> None:
+    """One line when preprocessed cases are smaller than the patch (they are zero-padded, which works but
+    is rarely what a user meant)."""
+    small = {n: list(cache.image(n).shape[-3:]) for n in cache.cases
+             if any(s < p for s, p in zip(cache.image(n).shape[-3:], patch))}
+    if small:
+        examples = ", ".join(f"{n} {s}" for n, s in list(small.items())[:3])
+        log(f"warning: {len(small)} of {len(cache.cases)} case(s) are smaller than data.patch_size {patch} "
+            f"after preprocessing ({examples}{', ...' if len(small) > 3 else ''}): patches are zero-padded")
 
 
 def curriculum_phases(cfg, bundle: DataBundle) -> list[tuple[int, list[int], bool]]:

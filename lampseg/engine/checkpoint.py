@@ -1,23 +1,98 @@
-"""Atomic file writes and checkpoints (``torch.load(weights_only=True)`` only)."""
+"""Checkpoints: written atomically with a checksum, loaded with ``torch.load(weights_only=True)`` only.
+
+``torch.load`` notices a truncated file but not flipped bytes inside a tensor (it loads them silently),
+so every checkpoint carries a SHA-256 over its content (``checksum``) that loading recomputes. ``latest.pt``
+also keeps its predecessor as ``latest.prev.pt``, which resuming falls back to when ``latest.pt`` is
+corrupt.
+"""
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from lampseg.errors import LampsegError
 from lampseg.io import atomic_write_bytes
 
-
-class CheckpointError(ValueError):
-    """A file is not a loadable lampseg checkpoint; the message names it."""
+CHECKSUM_KEY = "checksum"
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Serialise ``state`` (tensors, numbers, strings, lists, dicts only) atomically."""
+class CheckpointError(LampsegError, ValueError):
+    """A file is not a loadable lampseg checkpoint, or one could not be written; the message names it."""
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where ``save_checkpoint(..., keep_previous=True)`` keeps the file it replaces: ``X.prev.pt``."""
+    path = Path(path)
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def state_digest(state) -> str:
+    """SHA-256 over a checkpoint's content (without its ``checksum`` entry) in a canonical order: tensors
+    by dtype, shape and bytes, other leaves by ``repr``."""
+    h = hashlib.sha256()
+
+    def walk(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            h.update(f"D{len(obj)}".encode())
+            for key in sorted(obj, key=repr):
+                h.update(repr(key).encode())
+                walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)}".encode())
+            for item in obj:
+                walk(item)
+        else:
+            h.update(f"V{obj!r}".encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict, keep_previous: bool = False) -> None:
+    """Serialise ``state`` (tensors, numbers, strings, lists, dicts only) with its checksum, atomically
+    (temp file, fsync, rename): a crash, a kill or a full disk leaves the old file or the new one.
+
+    Args:
+        path: the checkpoint file.
+        state: what to save.
+        keep_previous: keep the file being replaced as ``previous_path(path)`` (a hard link, or a copy
+            where links are unsupported) so that a later-corrupted ``path`` has a fallback.
+
+    Raises:
+        CheckpointError: the file could not be written (full disk, quota, permissions); the message says
+            that the previous file is intact.
+    """
+    path = Path(path)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    torch.save({**state, CHECKSUM_KEY: state_digest(state)}, buffer)
+    try:
+        if keep_previous and path.is_file():
+            _keep_copy(path, previous_path(path))
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:
+        kept = "the previous checkpoint there is intact" if path.is_file() else "nothing was written"
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}): {kept}; free space or "
+                              f"fix the folder, then rerun the same command to resume") from e
+
+
+def _keep_copy(path: Path, keep: Path) -> None:
+    """``keep`` becomes the current content of ``path`` (atomically replaced)."""
+    tmp = keep.with_name(f".{keep.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, keep)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -25,7 +100,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: naming the path when it does not exist.
-        CheckpointError: naming the path when it is not a lampseg checkpoint.
+        CheckpointError: naming the path when it is not a lampseg checkpoint or fails its checksum.
     """
     path = Path(path)
     if not path.is_file():
@@ -38,6 +113,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"({type(e).__name__}): truncated, corrupt or not a lampseg checkpoint") from e
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a lampseg checkpoint (expected a dict with 'model')")
+    saved = state.pop(CHECKSUM_KEY, None)  # absent in checkpoints older than the checksum
+    if saved is not None and saved != state_digest(state):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match the checksum it was "
+                              f"saved with (changed on disk after writing)")
     return state
 
 

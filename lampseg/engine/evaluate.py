@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from lampseg.config import Config, ConfigError
 from lampseg.data.cache import preprocess_array, restore_array
-from lampseg.data.msd import read_image
+from lampseg.data.msd import check_finite, read_image
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.inference import infer
 from lampseg.engine.logs import write_json
@@ -202,6 +202,7 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
     for path in _nifti_inputs(Path(cfg.input))[dims.dp_rank::dims.dp]:
         start = time.perf_counter()
         image, img = read_image(path, len(info["modalities"]))
+        image = check_finite(image, path, cfg.data.nonfinite)
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         pre, _, meta = preprocess_array(image[info["channels"]], None, spacing, preprocess_config(cfg.data))
         logits = infer(model, torch.from_numpy(pre)[None].to(device), cfg.inference,

@@ -7,6 +7,7 @@ and tests.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -22,15 +23,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.data.pipeline import DataBundle, curriculum_phases, phase_at, prepare_data, training_dataset
 from lampseg.engine.checkpoint import (
+    CheckpointError,
     load_checkpoint,
     load_optimizer_state_by_name,
     merge_optimizer_states,
     optimizer_state_by_name,
+    previous_path,
     save_checkpoint,
 )
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
+from lampseg.errors import TrainingDiverged
 from lampseg.engine.optim import build_optimizer, build_scheduler, lr_scale
 from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
@@ -76,14 +80,41 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _find_resume(cfg, run_dir: Path) -> Path | None:
+def _resume_checkpoint(cfg, run_dir: Path, log: Callable[[str], None], main: bool
+                       ) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from (``trainer.resume``) and its content, or None to start fresh.
+
+    ``auto`` takes ``checkpoints/latest.pt``; when that file is corrupt or unreadable it warns, renames it
+    ``latest.corrupt.pt`` (rank 0; kept for inspection, and so that it never becomes the next fallback) and
+    takes ``latest.prev.pt`` (the checkpoint before it) instead. An explicit path is loaded as is.
+
+    Raises:
+        CheckpointError: no usable checkpoint although one exists (both corrupt), or a bad explicit path.
+    """
     resume = str(cfg.trainer.resume)
     if resume == "never":
         return None
-    if resume == "auto":
-        latest = run_dir / "checkpoints" / "latest.pt"
-        return latest if latest.is_file() else None
-    return Path(resume)
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    candidates = [p for p in (latest, previous_path(latest)) if p.is_file()]
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log(f"warning: {problems[0]}; resuming from the previous checkpoint {path} "
+                f"(epoch {ckpt['train_state']['epoch']}) instead")
+            if main and latest.is_file():
+                os.replace(latest, latest.with_name("latest.corrupt.pt"))
+        return path, ckpt
+    if problems:
+        raise CheckpointError(" and ".join(problems) + ": no usable checkpoint to resume from; move the "
+                              "checkpoints folder away to start over (trainer.resume=never)")
+    return None
 
 
 class _Progress:
@@ -268,9 +299,9 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
     scaler = make_grad_scaler(cfg, device)
     state = {"epoch": 0, "step": 0, "best_val_dice": -math.inf, "best_epoch": None, "best_metrics": {},
              "history": [], "train_time_s": 0.0, "train_samples": 0, "wall_s": 0.0, "skipped_steps": 0}
-    resume_from = _find_resume(cfg, run_dir)
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors; modules copy
+    resumed = _resume_checkpoint(cfg, run_dir, log, main)  # on CPU: RNG states must stay CPU tensors
+    if resumed is not None:
+        resume_from, ckpt = resumed
         model.load_state_dict(ckpt["model"])
         load_optimizer_state_by_name(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -330,6 +361,7 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
         net, optimizer, loss_fn, cfg, device, scaler)
 
     steps_done = [state["step"]]
+    nan_streak = [0]  # consecutive skipped steps: the same on every rank (the loss is all-reduced)
 
     def step(image: torch.Tensor, target: torch.Tensor) -> float:  # the loss of the global batch
         steps_done[0] += 1
@@ -338,7 +370,16 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
         loss = replica_step(image, target)
         if dims.world > 1:
             distributed.heartbeat("finished")
-        return dims.dp_mean(loss, device)
+        loss = dims.dp_mean(loss, device)
+        nan_streak[0] = nan_streak[0] + 1 if math.isnan(loss) else 0
+        if nan_streak[0] >= cfg.trainer.max_nan_steps:
+            raise TrainingDiverged(
+                f"training diverged: {nan_streak[0]} consecutive steps (up to step {steps_done[0]}, epoch "
+                f"{state['epoch'] + 1}) had a non-finite loss or gradients and were skipped "
+                f"(trainer.max_nan_steps={cfg.trainer.max_nan_steps}); they did not change the weights and "
+                f"{run_dir / 'checkpoints' / 'latest.pt'} holds epoch {state['epoch']}. Try a lower "
+                f"optim.lr, optim.grad_clip, trainer.precision=fp32, or check the data (lampseg validate)")
+        return loss
     stage_memory: dict = {"calls": 0, "rows": None}
     if staged:  # measure each stage's peak memory on the second step (optimiser state exists by then)
         plain_step = step
@@ -406,7 +447,7 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
             logger.log_epoch(row)
             ckpt = checkpoint_state()
             if main:
-                save_checkpoint(run_dir / "checkpoints" / "latest.pt", ckpt)
+                save_checkpoint(run_dir / "checkpoints" / "latest.pt", ckpt, keep_previous=True)
                 if state["best_epoch"] == epoch:
                     save_checkpoint(run_dir / "checkpoints" / "best.pt", ckpt)
                 if reporter is not None:
