@@ -34,8 +34,8 @@ from lampseg.engine.checkpoint import (
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
-from lampseg.errors import TrainingDiverged
 from lampseg.engine.optim import build_optimizer, build_scheduler, lr_scale
+from lampseg.errors import TrainingDiverged
 from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
