@@ -13,7 +13,7 @@ import lampseg.io
 from lampseg.config import ConfigError, validate
 from lampseg.data.sampling import PatchDataset, build_augment, read_block, whole_volume_shape
 from lampseg.data.splits import kfold_splits
-from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
+from lampseg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lampseg.engine.inference import infer, pad_to_multiple
 from lampseg.engine.metrics import dice_hd95
 from lampseg.engine.optim import build_scheduler, lr_factor
@@ -325,7 +325,7 @@ def test_failed_atomic_write_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(lampseg.io.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"disk full\).*previous checkpoint there is intact"):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "epoch": 2})
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(text, "new")
