@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -44,6 +45,7 @@ RUNNERS = {
     "visualize": ("lampseg.viz", "run_visualize", True),
     "bench": ("lampseg.bench", "run_bench", True),
 }
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
 
 
@@ -163,6 +165,13 @@ def main(argv: list[str] | None = None) -> None:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"lampseg {subcommand}: {kind}: {e}", file=sys.stderr)
             sys.exit(2 if isinstance(e, ConfigError) else 1)
+        except OSError as e:  # a full disk or quota outside a checkpoint write (those say more, above)
+            if cfg.debug or e.errno not in DISK_FULL:
+                raise
+            print(f"lampseg {subcommand}: error: {e.filename or 'a file'}: {e.strerror}; lampseg writes "
+                  f"every file atomically, so what was written before is intact: free space and rerun the "
+                  f"same command to resume", file=sys.stderr)
+            sys.exit(1)
         except RuntimeError as e:  # a peer died or stalled: say so, and how to resume, instead of a traceback
             if cfg.debug or not distributed.collective_failure(e):
                 raise

@@ -125,32 +125,46 @@ def test_reporter_and_resume_from_path(tmp_path):
     assert summary["epochs"] == 3 and [r["epoch"] for r in _rows(tmp_path / "b")] == ["1", "2", "3"]
 
 
-def test_sigkill_then_same_command_matches_uninterrupted(tmp_path):
-    """A training process killed with SIGKILL resumes with the same command and ends where an
-    uninterrupted run ends (deterministic fp32 CPU config)."""
-    args = ["train", *DETERMINISTIC, "trainer.max_epochs=6", "data.samples_per_epoch=6"]
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    cmd = [sys.executable, "-m", "lampseg", *args, f"run_dir={killed}"]
+def _kill_when(cmd: list[str], run_dir: Path, rows: int, delay_s: float) -> None:
+    """Start ``cmd`` and SIGKILL it ``delay_s`` seconds after ``metrics.csv`` has ``rows`` rows."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if (killed / "metrics.csv").is_file() and len(_rows(killed)) >= 2:
+            if (run_dir / "metrics.csv").is_file() and len(_rows(run_dir)) >= rows:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
+        time.sleep(delay_s)
         assert proc.poll() is None, "training ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_sigkill_twice_then_same_command_matches_uninterrupted(tmp_path):
+    """A training process killed with SIGKILL at a random moment, twice (the second time while resuming),
+    resumes with the same command and ends where an uninterrupted run ends (deterministic fp32 CPU
+    config): nothing is lost or half-written, whatever the kill interrupted (a step, validation, a
+    checkpoint write)."""
+    rng = random.Random()
+    delays = [rng.uniform(0.0, 0.5), rng.uniform(0.0, 0.5)]
+    print(f"kill delays after the epoch rows: {delays}")  # shown on failure, to reproduce the moments
+    args = ["train", *DETERMINISTIC, "trainer.max_epochs=8", "data.samples_per_epoch=6"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "lampseg", *args, f"run_dir={killed}"]
+    _kill_when(cmd, killed, 1, delays[0])
+    first = _load(killed / "checkpoints" / "latest.pt")["epoch"]
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"
-    epoch_at_kill = _load(killed / "checkpoints" / "latest.pt")["epoch"]
-    assert 1 <= epoch_at_kill < 6  # metrics.csv is written just before latest.pt: the kill may fall between
+    _kill_when(cmd, killed, first + 2, delays[1])  # the relaunch resumes, then dies again
+    second = _load(killed / "checkpoints" / "latest.pt")["epoch"]
+    assert 1 <= first < second < 8, (first, second)
 
     lampseg(*args, f"run_dir={killed}")
     lampseg(*args, f"run_dir={clean}")
     assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
-    assert [r["epoch"] for r in _rows(killed)] == [str(e) for e in range(1, 7)]
+    assert [r["epoch"] for r in _rows(killed)] == [str(e) for e in range(1, 9)]
+    assert not list((killed / "checkpoints").glob(".*.tmp")), "a killed write's temp file was left behind"
     final_killed = _load(killed / "checkpoints" / "final.pt")
     final_clean = _load(clean / "checkpoints" / "final.pt")
     for name, tensor in final_clean["model"].items():

@@ -91,15 +91,16 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
         The data bundle for ``run``.
     """
     d = cfg.data
-    dataset = load_dataset(dataset_root(d, log))
-    channels = resolve_channels(dataset, d)
-    targets = resolve_targets(dataset, d)
+    root = dataset_root(d, log)
     cache_root = Path(d.cache_dir).expanduser() if d.cache_dir else lampseg_home() / "preprocessed"
     try:
+        dataset = load_dataset(root)
+        channels = resolve_channels(dataset, d)
+        targets = resolve_targets(dataset, d)
         cache = build_cache(dataset, cache_root, preprocess_config(d), log=log)
     except DataError as e:
-        raise DataError(f"{e}\n(`python -m lampseg validate data.root={dataset.root}` lists every problem "
-                        f"in the dataset at once)") from e
+        raise DataError(f"{e}\n(`python -m lampseg validate data.root={root}` lists every problem in the "
+                        f"dataset at once)") from e
     try:
         splits = load_or_create_splits(run_dir, cache.cases, d.folds)
     except ValueError as e:

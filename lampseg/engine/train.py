@@ -97,6 +97,9 @@ def _resume_checkpoint(cfg, run_dir: Path, log: Callable[[str], None], main: boo
     if resume != "auto":
         return Path(resume), load_checkpoint(resume)
     latest = run_dir / "checkpoints" / "latest.pt"
+    if main:  # temp files of writes a kill interrupted (the files they were replacing are intact)
+        for stale in latest.parent.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     candidates = [p for p in (latest, previous_path(latest)) if p.is_file()]
     problems = []
     for path in candidates:
