@@ -362,6 +362,10 @@ def validate(cfg: DictConfig) -> None:
     strides = _positive_ints("model.strides", m.strides)
     if len(strides) != len(channels) - 1:
         _fail("model.strides", f"len(model.channels) - 1 = {len(channels) - 1} entries", list(strides))
+    blocks = 2 * len(strides) + 1  # the U-Net's pipeline blocks: a down block per level, bottom, up blocks
+    if p.pp > blocks:
+        _fail("parallel.pp", f"at most {blocks} stages (the model has {blocks} blocks: {len(strides)} down, "
+              f"bottom, {len(strides)} up)", p.pp)
     divisor = math.prod(strides)
     if patch is not None and any(v % divisor for v in patch):
         _fail("data.patch_size", f"multiples of {divisor} (the product of model.strides)", list(patch))

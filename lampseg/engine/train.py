@@ -20,8 +20,18 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lampseg.config import ConfigError, enum_value, to_container, validate
-from lampseg.data.pipeline import DataBundle, curriculum_phases, phase_at, prepare_data, training_dataset
+from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.data.msd import load_dataset
+from lampseg.data.pipeline import (
+    DataBundle,
+    curriculum_phases,
+    dataset_root,
+    phase_at,
+    prepare_data,
+    resolve_channels,
+    resolve_targets,
+    training_dataset,
+)
 from lampseg.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -42,6 +52,7 @@ from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
 from lampseg.parallel.dims import resolve_dims
 from lampseg.parallel.parallelize import parallelize
+from lampseg.parallel.plan import plan_for
 from lampseg.viz import validation_overlay
 
 
@@ -242,6 +253,23 @@ def _overlay_drawer(bundle: DataBundle, cases: list[str], run_dir: Path, logger:
     return draw
 
 
+def _preflight_plan(cfg, log: Callable[[str], None]) -> None:
+    """Plan the pipeline split from ``dataset.json`` alone (meta tensors), before preprocessing, so that an
+    impossible ``parallel.memory_gb`` or micro-batch setting fails in seconds rather than after the cache
+    is built. Only for a fixed patch size (whole volumes need the preprocessed shapes) and estimated costs.
+
+    Raises:
+        PlanError: nothing fits; the message says what would.
+    """
+    patch = patch_size_of(cfg)
+    if cfg.parallel.name != "pipeline" or patch is None or cfg.trainer.curriculum is not None \
+            or cfg.parallel.profile != "estimate":
+        return
+    dataset = load_dataset(dataset_root(cfg.data, log))
+    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
+    plan_for(cfg, len(channels), targets.out_channels, [len(channels), *patch], "cpu", targets)
+
+
 def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Train a segmentation model as ``cfg`` says and write the run directory.
@@ -274,6 +302,7 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
                           "pipeline stages; use bf16 or fp32 with parallel.engine=pipelining")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     divisor = size_divisor(cfg.model)
+    _preflight_plan(cfg, log)
     with distributed.main_first():  # rank 0 builds the cache and splits.json, the others read them
         bundle = prepare_data(cfg, run_dir, divisor, log)
     if main:

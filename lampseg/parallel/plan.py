@@ -220,7 +220,7 @@ def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, d
     hints.append("a smaller model (fewer channels)")
     return (f"no split of the model into {pp} stage(s) fits parallel.memory_gb={budget:g} GB per stage for "
             f"input {list(input_shape)} x batch {batch} (even checkpointing everything, the lightest single "
-            f"block needs {smallest:.2f} GB). Would fit: " + "; or ".join(hints))
+            f"block needs {smallest:.3g} GB). Would fit: " + "; or ".join(hints))
 
 
 def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, input_shape: list[int],
