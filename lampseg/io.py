@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -63,5 +64,26 @@ def atomic_write_csv(path: str | Path, rows: list[dict], columns: list[str] | No
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(portable(rows))
     atomic_write_text(path, buffer.getvalue())
+
+
+def portable(value):
+    """``value`` with the user's home directory written as ``~`` in every string, recursively (dicts,
+    lists, tuples), so that shared artifacts (summaries, results, checkpoints' configs) name no user path;
+    ``Path.expanduser``, which lampseg applies to every path it reads from a config, undoes it."""
+    home = os.path.expanduser("~").rstrip("/")
+    if len(home) < 2:  # no home, or "/": nothing user-specific to hide
+        return value
+    pattern = re.compile(re.escape(home) + r"(?![^/\s'\",;:)\]}])")
+
+    def walk(v):
+        if isinstance(v, str):
+            return pattern.sub("~", v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(walk(x) for x in v)
+        return v
+
+    return walk(value)

@@ -296,3 +296,111 @@ def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
         save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "epoch": 2}, keep_previous=True)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.prev.pt", "latest.pt"]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _tiny_root(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data", n_cases=4)
+
+
+# name -> (overrides, text the error must contain); each must fail before preprocessing starts
+BAD_CONFIG = {
+    "unknown-key": (["trainer.max_epoch=3"], "trainer.max_epoch"),
+    "wrong-type": (["trainer.max_epochs=abc"], "trainer.max_epochs"),
+    "dp-times-pp-not-world-size": (["parallel=ddp", "parallel.dp=2"],
+                                   "2 processes needed, but WORLD_SIZE is 1"),
+    "more-stages-than-blocks": (["parallel=pipeline", "parallel.engine=gpipe", "parallel.pp=6"],
+                                "config key 'parallel.pp': expected at most 5 stages"),
+    "impossible-memory-budget": (["parallel=pipeline", "parallel.engine=gpipe", "parallel.memory_gb=0.0001"],
+                                 "fits parallel.memory_gb=0.0001 GB per stage"),
+    "unknown-modality": (["data.modalities=[CT,MRI]"], "unknown modality 'MRI'"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BAD_CONFIG))
+def test_bad_config_fails_before_any_heavy_work(tmp_path, fault):
+    overrides, expected = BAD_CONFIG[fault]
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    code, out, err = cli("train", "+exp=smoke", f"data.root={_tiny_root(tmp_path)}",
+                         "data.patch_size=[16,16,16]", f"data.cache_dir={cache}", *overrides,
+                         f"run_dir={run_dir}")
+    assert code != 0 and "Traceback" not in err
+    assert expected in err, err
+    assert not cache.exists() and "preprocessing" not in out  # nothing heavy ran
+    assert not (run_dir / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ safety
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint would do with code instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": _Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(evil)
+    code, _, err = cli("evaluate", f"ckpt={evil}", f"run_dir={tmp_path / 'run'}")
+    assert code == 1 and "weights_only=True" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_config_and_metadata_files_construct_no_objects(tmp_path):
+    """A YAML config with a Python tag is refused; ``_target_`` entries in dataset.json are plain data."""
+    marker = tmp_path / "pwned"
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "evil.yaml").write_text(f"defaults:\n  - lampseg_schema\n  - _self_\nseed: !!python/object/apply:"
+                                    f"pathlib.Path.touch [{marker}]\n")
+    code, out, err = cli("train", "--config-path", str(conf), "--config-name", "evil",
+                         f"run_dir={tmp_path / 'r'}")
+    assert code != 0 and not marker.exists(), out + err
+    root = _tiny_root(tmp_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["name"] = {"_target_": "pathlib.Path.touch", "_args_": [str(marker)]}
+    meta["description"] = {"_target_": "os.system", "command": f"touch {marker}"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    code, out, err = cli("validate", f"data.root={root}", f"run_dir={tmp_path / 'v'}")
+    assert code == 0 and not marker.exists(), out + err
+
+
+def test_shared_artifacts_name_no_user_path_or_secret(tmp_path, monkeypatch):
+    """With the dataset and the run under $HOME and secrets in the environment, nothing lampseg writes
+    besides the run's own config (.hydra/) and console log names the home directory or a secret: summaries,
+    metrics, eval.json, checkpoints (their embedded config), pictures, TensorBoard events."""
+    home = tmp_path / "home" / "alice"
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-aws-Zx81", "HF_TOKEN": "hf_token_Qq77",
+               "WANDB_API_KEY": "wb-K3y9"}
+    monkeypatch.setenv("HOME", str(home))
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    root = make_dataset(home / "data" / "Task99", n_cases=4)
+    run_dir = home / "runs" / "r1"
+    code, _, err = cli("train", "+exp=smoke", f"data.root={root}", "data.patch_size=[16,16,16]",
+                       "trainer.max_epochs=1", f"run_dir={run_dir}")
+    assert code == 0, err
+    code, _, err = cli("evaluate", f"ckpt={run_dir / 'checkpoints' / 'final.pt'}",
+                       f"run_dir={run_dir / 'eval'}")
+    assert code == 0, err
+    checked = 0
+    for path in run_dir.rglob("*"):
+        if not path.is_file() or ".hydra" in path.parts or path.suffix == ".log":
+            continue
+        data = path.read_bytes()
+        assert str(home).encode() not in data, path
+        for value in secrets.values():
+            assert value.encode() not in data, path
+        checked += 1
+    assert checked >= 8
+    config = load_checkpoint(run_dir / "checkpoints" / "final.pt")["config"]
+    assert config["data"]["root"] == "~/data/Task99"  # portable, and Path.expanduser restores it

@@ -8,7 +8,6 @@ warnings (training works, but probably not as intended) before exiting non-zero 
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +116,7 @@ def run_validate(cfg, log=print) -> DatasetReport:
     """
     from lampseg.config import patch_size_of
     from lampseg.data.pipeline import dataset_root, preprocess_config
-    from lampseg.io import atomic_write_text
+    from lampseg.engine.logs import write_json
 
     root = dataset_root(cfg.data, log)
     report = check_dataset(root, patch_size_of(cfg), preprocess_config(cfg.data))
@@ -126,7 +125,7 @@ def run_validate(cfg, log=print) -> DatasetReport:
             log(f"{level}: {message}")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "validate.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_json(run_dir / "validate.json", report.to_dict())
     summary = (f"{report.root}: {report.cases} training case(s) and {report.test_images} test image(s) "
                f"checked: {len(report.errors)} error(s), {len(report.warnings)} warning(s)")
     if report.errors:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, portable
 
 BASE_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "lr", "epoch_s", "samples_per_s", "data_wait_frac"]
 
@@ -26,8 +26,9 @@ def _json_safe(value):
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Atomic JSON write; NaN/inf become null so the file is strict JSON."""
-    atomic_write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+    """Atomic JSON write; NaN/inf become null so the file is strict JSON; the home directory becomes ``~``
+    (`lampseg.io.portable`)."""
+    atomic_write_text(path, json.dumps(_json_safe(portable(data)), indent=2) + "\n")
 
 
 def peak_memory_mb(device: torch.device) -> float:

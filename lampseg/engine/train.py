@@ -46,7 +46,7 @@ from lampseg.engine.inference import autocast
 from lampseg.engine.logs import RunLogger, peak_memory_mb, write_json
 from lampseg.engine.optim import build_optimizer, build_scheduler, lr_scale
 from lampseg.errors import TrainingDiverged
-from lampseg.io import atomic_write_text
+from lampseg.io import atomic_write_text, portable
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
@@ -364,7 +364,7 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
         return {"model": weights, "optimizer": optim_state,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
                 "rng": _rng_state(),
-                "train_state": dict(state), "config": to_container(cfg),
+                "train_state": dict(state), "config": portable(to_container(cfg)),
                 "data": {"modalities": bundle.dataset.modalities, "channels": bundle.channels,
                          "labels": {str(k): v for k, v in bundle.dataset.labels.items()},
                          "patch_size": bundle.patch_size}}

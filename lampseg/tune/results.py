@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import to_container
 from lampseg.engine.logs import figure_png, pyplot
-from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, portable
 from lampseg.tune.space import apply_params, space_of
 
 DEFAULT_RUN_DIR = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
@@ -62,7 +62,7 @@ def best_config_yaml(cfg: DictConfig, params: dict, comment: str) -> str:
     best = to_container(apply_params(cfg, params))
     best["run_dir"] = DEFAULT_RUN_DIR
     best["trainer"]["resume"] = "auto"
-    document = {"defaults": ["lampseg_schema", "_self_"], **best, "hydra": HYDRA}
+    document = {"defaults": ["lampseg_schema", "_self_"], **portable(best), "hydra": HYDRA}
     return comment + OmegaConf.to_yaml(OmegaConf.create(document))
 
 
