@@ -9,5 +9,5 @@ PP="${PP:-2}"
 RUN_DIR="${RUN_DIR:-runs/pipeline}"
 CORES="$(nproc 2>/dev/null || echo 1)"
 export OMP_NUM_THREADS="${OMP_THREADS:-$(( CORES / PP > 0 ? CORES / PP : 1 ))}"
-exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "$PP" \
+exec "${PYTHON:-python}" -m lampseg.launch --standalone --nproc_per_node "$PP" \
     -m lampseg train parallel=pipeline parallel.pp="$PP" run_dir="$RUN_DIR" "$@"

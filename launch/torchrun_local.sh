@@ -14,5 +14,5 @@ RUN_DIR="${RUN_DIR:-runs/ddp}"
 PARALLEL="${PARALLEL:-ddp}"
 CORES="$(nproc 2>/dev/null || echo 1)"
 export OMP_NUM_THREADS="${OMP_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+exec "$PYTHON" -m lampseg.launch --standalone --nproc_per_node "$NPROC" \
     -m lampseg train parallel="$PARALLEL" run_dir="$RUN_DIR" "$@"

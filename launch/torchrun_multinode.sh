@@ -25,6 +25,6 @@ LOCAL=()
 if [[ -n "${LOCAL_ADDR:-}" ]]; then
     LOCAL=(--local_addr "$LOCAL_ADDR")
 fi
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
+exec "$PYTHON" -m lampseg.launch --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
     --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" ${LOCAL[@]+"${LOCAL[@]}"} \
     -m lampseg train parallel="$PARALLEL" run_dir="$RUN_DIR" "$@"

@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,13 +56,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_addresses(pid: int) -> set[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket of process ``pid`` and its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for process in processes:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
+
+
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT_S
              ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node NPROC -m lampseg ARGS`` on 127.0.0.1, one thread per process."""
+    """``python -m lampseg.launch --nproc_per_node NPROC -m lampseg ARGS`` (torchrun, loopback-bound) on
+    127.0.0.1, one thread per process. While it runs, the listening sockets of the whole process tree are
+    sampled (``proc.listening``); any not on loopback fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+    command = [sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lampseg", *map(str, args)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    listening: set[tuple[str, int]] = set()
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as popen:
+        reader = ThreadPoolExecutor(1).submit(popen.communicate, timeout=timeout)
+        while not reader.done():
+            listening |= listening_addresses(popen.pid)
+            time.sleep(0.2)
+        stdout, stderr = reader.result()
+    proc = subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)
+    proc.listening = listening
+    exposed = sorted(a for a in listening if not is_loopback(a[0]))
+    if exposed:
+        pytest.fail(f"torchrun x{nproc} listened beyond loopback: {exposed}")
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun x{nproc} lampseg {' '.join(map(str, args))} exited {proc.returncode}\n"
                     f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")

@@ -221,7 +221,7 @@ def _worker_pid(rank: int, deadline: float) -> int:
                 environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"lampseg" in cmdline and b"torch.distributed.run" not in cmdline and \
+            if b"lampseg" in cmdline and b"lampseg.launch" not in cmdline and \
                     f"RANK={rank}".encode() in environ:
                 return int(entry.name)
         time.sleep(0.1)
@@ -237,7 +237,7 @@ def test_killed_rank_fails_the_job_fast_and_the_same_command_resumes(tmp_path):
               "trainer.channels_last=false", "trainer.deterministic=true"]
     torchrun(2, "train", *common, f"run_dir={tmp_path / 'whole'}")
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    command = [sys.executable, "-m", "lampseg.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "lampseg", "train", *common, f"run_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -335,7 +335,7 @@ def test_stalled_rank_times_out_with_a_clear_message(tmp_path):
     """SIGSTOP one rank: the other fails its collective after parallel.timeout_s with lampseg's message
     (no traceback) instead of hanging; the job exits non-zero."""
     run_dir = tmp_path / "stalled"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+    command = [sys.executable, "-m", "lampseg.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "-m", "lampseg", "train", "+exp=smoke", "parallel=ddp",
                "parallel.timeout_s=4", "trainer.num_threads=1", "trainer.hd95=false", "trainer.max_epochs=50",
                "data.samples_per_epoch=16", f"run_dir={run_dir}"]

@@ -17,7 +17,7 @@ WORKER = Path(__file__).parent / "workers" / "pipelining_equivalence.py"
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipelining_stages_match_unsplit_model(stages):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stages}",
+    proc = subprocess.run([sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={stages}",
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER)],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

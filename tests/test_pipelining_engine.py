@@ -115,7 +115,7 @@ def test_pipelining_across_two_nodes(tmp_path, unsplit):
     """Two torchrun 'nodes' (one process each) meeting at a c10d rendezvous on 127.0.0.1: one stage per
     node, the unsplit model's losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+    command = [sys.executable, "-m", "lampseg.launch", "--nnodes=2", "--nproc_per_node=1",
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=lampseg-test",
                "-m", "lampseg", "train", *BASE, *PIPE, "parallel.pp=2", "parallel.microbatches=2",
                f"run_dir={tmp_path / 'mn'}"]
