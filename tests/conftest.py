@@ -95,7 +95,7 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TI
         reader = ThreadPoolExecutor(1).submit(popen.communicate, timeout=timeout)
         while not reader.done():
             listening |= listening_addresses(popen.pid)
-            time.sleep(0.2)
+            time.sleep(0.5)
         stdout, stderr = reader.result()
     proc = subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)
     proc.listening = listening

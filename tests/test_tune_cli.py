@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, free_port, lampseg
+from conftest import REPO, free_port, is_loopback, lampseg, listening_addresses
 
 pytestmark = pytest.mark.slow
 STUDY = ["+exp=smoke", "trainer.hd95=false", "trainer.max_epochs=3", "tune.max_concurrent=1",
@@ -35,17 +35,31 @@ def _completed(study: Path) -> dict[str, int]:
     return done
 
 
+def _tree_commands(pid: int) -> set[str]:
+    try:
+        return {" ".join(p.cmdline()) for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
 def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     """Ctrl-C (SIGINT) after the first trial finished; the same command with tune.resume=true runs the
-    rest and leaves the finished trial alone. No Ray process outlives either command."""
+    rest and leaves the finished trial alone. No Ray process outlives either command. While the first
+    runs, the Ray it started listens on loopback only and runs no dashboard."""
     before = _ray_pids()
     run_dir = tmp_path / "study"
     command = [sys.executable, "-m", "lampseg", "tune", *STUDY, f"run_dir={run_dir}"]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy())
+    listening, commands = set(), set()
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and not _completed(run_dir / "tune"):
+        for tick in range(10**6):
+            if time.monotonic() > deadline or proc.poll() is not None or _completed(run_dir / "tune"):
+                break
+            if tick % 5 == 0:  # once a second: sampling the process tree costs CPU the trials need
+                listening |= listening_addresses(proc.pid)
+                commands |= _tree_commands(proc.pid)
             time.sleep(0.2)
         assert proc.poll() is None, "the study ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)
@@ -53,6 +67,11 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    # lampseg's own Ray: every listener (GCS, raylet, agents, workers) on loopback; Ray's dashboard head runs
+    # without its web frontend (Ray keeps a minimal head for usage stats even with include_dashboard=False)
+    assert listening and all(is_loopback(ip) for ip, _ in listening), listening
+    heads = [c for c in commands if "dashboard/dashboard.py" in c]
+    assert any("raylet" in c for c in commands) and all("--disable-frontend" in c for c in heads), commands
     finished = _completed(run_dir / "tune")
     assert 1 <= len(finished) < 3, output[-3000:]
     assert "tune.resume=true" in output
