@@ -404,3 +404,12 @@ def test_shared_artifacts_name_no_user_path_or_secret(tmp_path, monkeypatch):
     assert checked >= 8
     config = load_checkpoint(run_dir / "checkpoints" / "final.pt")["config"]
     assert config["data"]["root"] == "~/data/Task99"  # portable, and Path.expanduser restores it
+
+
+def test_debug_true_shows_the_traceback(tmp_path):
+    """The one-paragraph errors hide Python's traceback; ``debug=true`` lets the exception through."""
+    root = make_dataset(tmp_path / "data", n_cases=4)
+    (root / "labelsTr" / "case_001.nii.gz").unlink()
+    code, _, err = cli("train", "+exp=smoke", f"data.root={root}", "debug=true",
+                       f"run_dir={tmp_path / 'run'}")
+    assert code == 1 and "Traceback" in err and "DataError" in err and "case_001.nii.gz does not exist" in err
