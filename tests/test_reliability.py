@@ -413,3 +413,34 @@ def test_debug_true_shows_the_traceback(tmp_path):
     code, _, err = cli("train", "+exp=smoke", f"data.root={root}", "debug=true",
                        f"run_dir={tmp_path / 'run'}")
     assert code == 1 and "Traceback" in err and "DataError" in err and "case_001.nii.gz does not exist" in err
+
+
+@pytest.mark.parametrize("argv,local", [
+    (["--standalone", "--nproc_per_node=2"], True),
+    (["--nproc_per_node=2"], True),  # torchrun's default master address is 127.0.0.1
+    (["--master_addr=localhost", "--master_port=29500"], True),
+    (["--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29500"], True),
+    (["--rdzv-endpoint=10.1.2.3:29500", "--nnodes=2"], False),
+    (["--master_addr", "192.0.2.7"], False),
+])
+def test_launcher_knows_a_local_job(argv, local):
+    """``python -m lampseg.launch`` binds to loopback exactly when the rendezvous address is loopback."""
+    from lampseg.launch import is_local_job
+
+    assert is_local_job(argv) is local
+
+
+def test_launcher_binds_the_rendezvous_store_to_loopback():
+    """The launcher's store listens on the loopback address only (torch's own ``TCPStore`` listens on every
+    interface); every torchrun test of the suite also checks the listeners of the whole job (conftest)."""
+    import psutil
+
+    from lampseg.launch import LoopbackTCPStore
+
+    store = LoopbackTCPStore("127.0.0.1", 0, 1, True, use_libuv=True)
+    store.set("key", "value")
+    assert store.get("key") == b"value"
+    mine = {c.laddr for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+            and c.laddr.port == store.port}
+    assert mine and all(a.ip == "127.0.0.1" for a in mine), mine
+    del store
