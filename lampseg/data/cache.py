@@ -202,8 +202,9 @@ def cache_key(dataset: MSDDataset, cfg: PreprocessConfig) -> str:
 
 
 def cache_dir(dataset: MSDDataset, cache_root: str | Path, cfg: PreprocessConfig) -> Path:
-    """Directory ``cache_root / f"{dataset.name}-{cache_key[:12]}"`` (name made filesystem-safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.name).strip("._") or "dataset"
+    """Directory ``cache_root / f"{dataset.name}-{cache_key[:12]}"`` (name made filesystem-safe and at most
+    100 characters)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.name).strip("._")[:100] or "dataset"  # < NAME_MAX
     return Path(cache_root) / f"{safe}-{cache_key(dataset, cfg)[:12]}"
 
 

@@ -9,6 +9,7 @@ Every name (dataset, modalities, labels, files) comes from ``dataset.json``.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,11 @@ def _resolve(root: Path, rel: Any, where: Path, what: str, missing: list[DataErr
     if not isinstance(rel, str) or not rel.strip():
         raise DataError(f"{where}: {what} path must be a non-empty string, got {rel!r}")
     path = root / rel.strip()  # not resolve(): a symlinked file keeps its listed name
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte ...
+        raise DataError(f"{where}: listed {what} path {rel!r} is not a usable file name ({err})") from None
+    if not exists:
         error = DataError(f"{where}: listed {what} file {path} does not exist")
         if missing is None:
             raise error
@@ -236,7 +241,28 @@ def _load(path: Path) -> nib.Nifti1Image:
     return img
 
 
+GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032x: a header claiming more than that is lying
+
+
+def _check_size(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse a header whose shape is empty or needs more bytes than the file can hold, before nibabel
+    allocates that much (a flipped header byte can claim gigabytes for a kilobyte file)."""
+    shape = tuple(int(s) for s in img.shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise DataError(f"{path}: header declares shape {shape}; every dimension must be positive")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise DataError(f"{path}: voxel type {dtype} is not supported (expected integers or real numbers)")
+    claimed = math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    limit = size * GZIP_MAX_RATIO if path.name.endswith(".gz") else size
+    if claimed > limit:
+        raise DataError(f"{path}: header declares {shape} voxels of {dtype} ({claimed / 2**20:.1f} MiB), "
+                        f"more than a {size}-byte file can hold: corrupt header or truncated file")
+
+
 def _data(img: nib.Nifti1Image, path: Path, dtype: Any = None) -> np.ndarray:
+    _check_size(img, path)
     try:
         return np.asarray(img.dataobj, dtype=dtype)
     except Exception as err:  # truncated gzip, EOF, bad buffer size ...
