@@ -302,8 +302,8 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
                           "pipeline stages; use bf16 or fp32 with parallel.engine=pipelining")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     divisor = size_divisor(cfg.model)
-    _preflight_plan(cfg, log)
     with distributed.main_first():  # rank 0 builds the cache and splits.json, the others read them
+        _preflight_plan(cfg, log)
         bundle = prepare_data(cfg, run_dir, divisor, log)
     if main:
         atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
