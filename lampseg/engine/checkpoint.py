@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -118,6 +119,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match the checksum it was "
                               f"saved with (changed on disk after writing)")
     return state
+
+
+def load_latest(latest: Path, log: Callable[[str], None], main: bool = True) -> tuple[Path, dict] | None:
+    """The checkpoint to resume a run from: ``latest`` or, when it is corrupt or unreadable, its
+    predecessor (``previous_path``), with a warning. Rank 0 (``main``) first removes temp files of writes a
+    kill interrupted and renames a corrupt ``latest`` to ``latest.corrupt.pt`` (kept for inspection, and
+    so that it never becomes the next fallback).
+
+    Returns:
+        ``(path, content)``, or None when neither file exists (a fresh run).
+
+    Raises:
+        CheckpointError: both files exist and neither loads; the message names both.
+    """
+    if main:
+        for stale in latest.parent.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    problems = []
+    for path in [p for p in (latest, previous_path(latest)) if p.is_file()]:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log(f"warning: {problems[0]}; resuming from the previous checkpoint {path} "
+                f"(epoch {ckpt['train_state']['epoch']}) instead")
+            if main and latest.is_file():
+                os.replace(latest, latest.with_name("latest.corrupt.pt"))
+        return path, ckpt
+    if problems:
+        raise CheckpointError(" and ".join(problems) + ": no usable checkpoint to resume from; move the "
+                              "checkpoints folder away to start over (trainer.resume=never)")
+    return None
 
 
 def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

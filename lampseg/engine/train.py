@@ -7,7 +7,6 @@ and tests.
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
@@ -20,25 +19,14 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
-from lampseg.data.msd import load_dataset
-from lampseg.data.pipeline import (
-    DataBundle,
-    curriculum_phases,
-    dataset_root,
-    phase_at,
-    prepare_data,
-    resolve_channels,
-    resolve_targets,
-    training_dataset,
-)
+from lampseg.config import ConfigError, enum_value, to_container, validate
+from lampseg.data.pipeline import DataBundle, curriculum_phases, phase_at, prepare_data, training_dataset
 from lampseg.engine.checkpoint import (
-    CheckpointError,
     load_checkpoint,
+    load_latest,
     load_optimizer_state_by_name,
     merge_optimizer_states,
     optimizer_state_by_name,
-    previous_path,
     save_checkpoint,
 )
 from lampseg.engine.evaluate import evaluate_cases
@@ -52,7 +40,7 @@ from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
 from lampseg.parallel.dims import resolve_dims
 from lampseg.parallel.parallelize import parallelize
-from lampseg.parallel.plan import plan_for
+from lampseg.parallel.plan import preflight_plan
 from lampseg.viz import validation_overlay
 
 
@@ -93,42 +81,13 @@ def _set_rng_state(state: dict) -> None:
 
 def _resume_checkpoint(cfg, run_dir: Path, log: Callable[[str], None], main: bool
                        ) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from (``trainer.resume``) and its content, or None to start fresh.
-
-    ``auto`` takes ``checkpoints/latest.pt``; when that file is corrupt or unreadable it warns, renames it
-    ``latest.corrupt.pt`` (rank 0; kept for inspection, and so that it never becomes the next fallback) and
-    takes ``latest.prev.pt`` (the checkpoint before it) instead. An explicit path is loaded as is.
-
-    Raises:
-        CheckpointError: no usable checkpoint although one exists (both corrupt), or a bad explicit path.
-    """
+    """``trainer.resume``: never (None), auto (`load_latest`, with its fallback) or a path loaded as is."""
     resume = str(cfg.trainer.resume)
     if resume == "never":
         return None
     if resume != "auto":
         return Path(resume), load_checkpoint(resume)
-    latest = run_dir / "checkpoints" / "latest.pt"
-    if main:  # temp files of writes a kill interrupted (the files they were replacing are intact)
-        for stale in latest.parent.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    candidates = [p for p in (latest, previous_path(latest)) if p.is_file()]
-    problems = []
-    for path in candidates:
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        if problems:
-            log(f"warning: {problems[0]}; resuming from the previous checkpoint {path} "
-                f"(epoch {ckpt['train_state']['epoch']}) instead")
-            if main and latest.is_file():
-                os.replace(latest, latest.with_name("latest.corrupt.pt"))
-        return path, ckpt
-    if problems:
-        raise CheckpointError(" and ".join(problems) + ": no usable checkpoint to resume from; move the "
-                              "checkpoints folder away to start over (trainer.resume=never)")
-    return None
+    return load_latest(run_dir / "checkpoints" / "latest.pt", log, main)
 
 
 class _Progress:
@@ -253,23 +212,6 @@ def _overlay_drawer(bundle: DataBundle, cases: list[str], run_dir: Path, logger:
     return draw
 
 
-def _preflight_plan(cfg, log: Callable[[str], None]) -> None:
-    """Plan the pipeline split from ``dataset.json`` alone (meta tensors), before preprocessing, so that an
-    impossible ``parallel.memory_gb`` or micro-batch setting fails in seconds rather than after the cache
-    is built. Only for a fixed patch size (whole volumes need the preprocessed shapes) and estimated costs.
-
-    Raises:
-        PlanError: nothing fits; the message says what would.
-    """
-    patch = patch_size_of(cfg)
-    if cfg.parallel.name != "pipeline" or patch is None or cfg.trainer.curriculum is not None \
-            or cfg.parallel.profile != "estimate":
-        return
-    dataset = load_dataset(dataset_root(cfg.data, log))
-    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
-    plan_for(cfg, len(channels), targets.out_channels, [len(channels), *patch], "cpu", targets)
-
-
 def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
         log: Callable[[str], None] = print) -> dict:
     """Train a segmentation model as ``cfg`` says and write the run directory.
@@ -303,7 +245,7 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     divisor = size_divisor(cfg.model)
     with distributed.main_first():  # rank 0 builds the cache and splits.json, the others read them
-        _preflight_plan(cfg, log)
+        preflight_plan(cfg, log)
         bundle = prepare_data(cfg, run_dir, divisor, log)
     if main:
         atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))

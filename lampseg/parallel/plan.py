@@ -281,6 +281,28 @@ def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
     return plan, costs
 
 
+def preflight_plan(cfg, log=print) -> None:
+    """Plan the pipeline split from ``dataset.json`` alone (meta tensors) before ``train`` preprocesses the
+    data, so that an impossible ``parallel.memory_gb`` or micro-batch setting fails in seconds rather than
+    after the cache is built. Only for a fixed patch size (whole volumes need the preprocessed shapes) and
+    estimated costs.
+
+    Raises:
+        PlanError: nothing fits; the message says what would.
+    """
+    from lampseg.config import patch_size_of
+    from lampseg.data.msd import load_dataset
+    from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets
+
+    patch = patch_size_of(cfg)
+    if cfg.parallel.name != "pipeline" or patch is None or cfg.trainer.curriculum is not None \
+            or cfg.parallel.profile != "estimate":
+        return
+    dataset = load_dataset(dataset_root(cfg.data, log))
+    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
+    plan_for(cfg, len(channels), targets.out_channels, [len(channels), *patch], "cpu", targets)
+
+
 def run_plan(cfg, log=print) -> Plan:
     """``python -m lampseg plan``: plan the split for ``model``, ``data.*`` and ``parallel.*``; print the
     stage table and write ``plan.json`` in ``run_dir``."""
