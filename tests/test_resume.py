@@ -153,7 +153,7 @@ def test_sigkill_twice_then_same_command_matches_uninterrupted(tmp_path):
     args = ["train", *DETERMINISTIC, "trainer.max_epochs=8", "data.samples_per_epoch=6"]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     cmd = [sys.executable, "-m", "lampseg", *args, f"run_dir={killed}"]
-    _kill_when(cmd, killed, 1, delays[0])
+    _kill_when(cmd, killed, 2, delays[0])  # row 2 exists: epoch 1's checkpoint was written before it
     first = _load(killed / "checkpoints" / "latest.pt")["epoch"]
     assert json.loads((killed / "summary.json").read_text())["status"] == "running"
     _kill_when(cmd, killed, first + 2, delays[1])  # the relaunch resumes, then dies again
