@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,11 +309,8 @@ def build_cache(
     for case in dataset.cases:
         if _case_complete(directory, case.name, key):
             continue
-        with warnings.catch_warnings(record=True) as caught:  # data.nonfinite=zero: say so in the log
-            warnings.simplefilter("always")
-            image, label, affine, spacing = read_case(case, dataset, cfg.nonfinite)
-        for warning in caught:
-            log(f"warning: {warning.message}")
+        image, label, affine, spacing = read_case(case, dataset, cfg.nonfinite,
+                                                  warn=lambda message: log(f"warning: {message}"))
         image, label, meta = preprocess_array(image, label, spacing, cfg)
         assert label is not None
         prefix = directory / case.name

@@ -8,7 +8,6 @@ warnings (training works, but probably not as intended) before exiting non-zero 
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,26 +83,20 @@ def check_dataset(root: str | Path, patch_size: list[int] | None = None,
     report.errors += [str(e) for e in missing]
     for case in dataset.cases:
         report.cases += 1
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                image, label, _, spacing = read_case(case, dataset, cfg.nonfinite)
-            except DataError as e:
-                report.errors.append(str(e))
-                continue
-        report.warnings += [str(w.message) for w in caught]
+        try:
+            image, label, _, spacing = read_case(case, dataset, cfg.nonfinite, warn=report.warnings.append)
+        except DataError as e:
+            report.errors.append(str(e))
+            continue
         report.warnings += _case_warnings(case.name, case.image, image, label, dataset.modalities,
                                           patch_size, cfg, spacing)
     for case in dataset.test:
         report.test_images += 1
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                image, _ = read_image(case.image, len(dataset.modalities))
-                check_finite(image, case.image, cfg.nonfinite)
-            except DataError as e:
-                report.errors.append(str(e))
-        report.warnings += [str(w.message) for w in caught]
+        try:
+            image, _ = read_image(case.image, len(dataset.modalities))
+            check_finite(image, case.image, cfg.nonfinite, warn=report.warnings.append)
+        except DataError as e:
+            report.errors.append(str(e))
     return report
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,13 +303,15 @@ def read_image(path: Path, n_channels: int) -> tuple[np.ndarray, nib.Nifti1Image
     return np.ascontiguousarray(data), img
 
 
-def check_finite(image: np.ndarray, path: Path, policy: str = "error") -> np.ndarray:
+def check_finite(image: np.ndarray, path: Path, policy: str = "error",
+                 warn: Callable[[str], None] | None = None) -> np.ndarray:
     """Apply ``data.nonfinite`` to an image's NaN/Inf voxels.
 
     Args:
         image: the image array (changed in place under ``"zero"``).
         path: its file, for the message.
         policy: ``"error"`` raises; ``"zero"`` sets those voxels to 0 and warns with their count.
+        warn: where that warning goes (a log, a report); None: ``warnings.warn``.
 
     Returns:
         The image.
@@ -320,14 +323,15 @@ def check_finite(image: np.ndarray, path: Path, policy: str = "error") -> np.nda
     if not bad:
         return image
     if policy == "zero":
-        warnings.warn(f"{path}: {bad} NaN/Inf voxel(s) set to 0 (data.nonfinite=zero)", stacklevel=2)
+        message = f"{path}: {bad} NaN/Inf voxel(s) set to 0 (data.nonfinite=zero)"
+        warn(message) if warn is not None else warnings.warn(message, stacklevel=2)
         return np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     raise DataError(f"{path}: image contains {bad} NaN/Inf voxel(s) (expected finite intensities; "
                     f"data.nonfinite=zero sets them to 0 instead)")
 
 
 def read_case(
-    case: Case, dataset: MSDDataset, nonfinite: str = "error"
+    case: Case, dataset: MSDDataset, nonfinite: str = "error", warn: Callable[[str], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[float, float, float]]:
     """Read and validate one case.
 
@@ -335,6 +339,7 @@ def read_case(
         case: The case (``case.label`` None for test images).
         dataset: Its dataset (modality count and declared labels).
         nonfinite: ``data.nonfinite``: ``"error"`` or ``"zero"`` for NaN/Inf image voxels (`check_finite`).
+        warn: where ``check_finite``'s warning goes (None: ``warnings.warn``).
 
     Returns:
         ``(image, label, affine, spacing)``: float32 ``(C, X, Y, Z)``, uint8 ``(X, Y, Z)`` or None,
@@ -345,7 +350,7 @@ def read_case(
             mismatch, non-integer or undeclared label values.
     """
     image, img = read_image(case.image, len(dataset.modalities))
-    image = check_finite(image, case.image, nonfinite)
+    image = check_finite(image, case.image, nonfinite, warn)
     affine = np.asarray(img.affine, dtype=np.float64)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):

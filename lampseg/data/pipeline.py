@@ -121,8 +121,8 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
 def _warn_small_cases(cache, patch: list[int], log) -> None:
     """One line when preprocessed cases are smaller than the patch (they are zero-padded, which works but
     is rarely what a user meant)."""
-    small = {n: list(cache.image(n).shape[-3:]) for n in cache.cases
-             if any(s < p for s, p in zip(cache.image(n).shape[-3:], patch))}
+    shapes = {n: list(cache.image(n).shape[-3:]) for n in cache.cases}
+    small = {n: s for n, s in shapes.items() if any(v < p for v, p in zip(s, patch))}
     if small:
         examples = ", ".join(f"{n} {s}" for n, s in list(small.items())[:3])
         log(f"warning: {len(small)} of {len(cache.cases)} case(s) are smaller than data.patch_size {patch} "
