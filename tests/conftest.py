@@ -76,9 +76,11 @@ def listening_addresses(pid: int) -> set[tuple[str, int]]:
 
 
 def is_loopback(ip: str) -> bool:
+    """Whether ``ip`` is a loopback address (IPv4-mapped IPv6 addresses by their IPv4 part)."""
     import ipaddress
 
-    return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT_S

@@ -3,7 +3,6 @@ dashboard off, short temp dir). Every trial is a real ``run(cfg, reporter)`` on 
 from __future__ import annotations
 
 import csv
-import ipaddress
 import json
 import math
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import compose, lampseg
+from conftest import compose, is_loopback, lampseg
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError
@@ -37,15 +36,10 @@ def ray_session(lampseg_home):
     yield
     listening = {(p.name(), c.laddr.ip) for p in psutil.Process().children(recursive=True)
                  for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-    assert listening and all(_loopback(ip) for _, ip in listening), listening
+    assert listening and all(is_loopback(ip) for _, ip in listening), listening
     ray.shutdown()
     left = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
     assert not left, f"Ray processes left running: {left}"
-
-
-def _loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def _study(run_dir: Path, *overrides: str, log=None) -> dict:
