@@ -318,6 +318,15 @@ def patch_size_of(cfg: DictConfig) -> list[int] | None:
     return _positive_ints("data.patch_size", value, 3)
 
 
+def _check_patch(key: str, patch: list[int], divisor: int, norm: str) -> None:
+    if any(v % divisor for v in patch):
+        _fail(key, f"multiples of {divisor} (the product of model.strides)", patch)
+    if norm == "instance" and all(v == divisor for v in patch):
+        # The bottleneck would be 1x1x1: instance normalisation has nothing to normalise over.
+        _fail(key, f"a patch larger than {divisor}^3 in at least one axis (model.norm=instance cannot "
+              f"normalise the 1x1x1 bottleneck this patch leaves after model.strides)", patch)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges and cross-field rules that the typed schema cannot express.
 
@@ -367,8 +376,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("parallel.pp", f"at most {blocks} stages (the model has {blocks} blocks: {len(strides)} down, "
               f"bottom, {len(strides)} up)", p.pp)
     divisor = math.prod(strides)
-    if patch is not None and any(v % divisor for v in patch):
-        _fail("data.patch_size", f"multiples of {divisor} (the product of model.strides)", list(patch))
+    if patch is not None:
+        _check_patch("data.patch_size", list(patch), divisor, enum_value(m.norm))
     if (t.curriculum is None) != (t.curriculum_epochs is None):
         _fail("trainer.curriculum_epochs", "epochs per phase exactly when trainer.curriculum is set",
               t.curriculum_epochs)
@@ -381,9 +390,9 @@ def validate(cfg: DictConfig) -> None:
             if isinstance(phase, str):
                 if phase != "whole":
                     _fail(f"trainer.curriculum[{k}]", "a list of 3 positive integers or 'whole'", phase)
-            elif any(v % divisor for v in _positive_ints(f"trainer.curriculum[{k}]", phase, 3)):
-                _fail(f"trainer.curriculum[{k}]", f"multiples of {divisor} (the product of model.strides)",
-                      list(phase))
+            else:
+                _check_patch(f"trainer.curriculum[{k}]", _positive_ints(f"trainer.curriculum[{k}]", phase, 3),
+                             divisor, enum_value(m.norm))
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", "a number in [0, 1)", m.dropout)
     if o.lr <= 0:

@@ -314,6 +314,8 @@ BAD_CONFIG = {
     "impossible-memory-budget": (["parallel=pipeline", "parallel.engine=gpipe", "parallel.memory_gb=0.0001"],
                                  "fits parallel.memory_gb=0.0001 GB per stage"),
     "unknown-modality": (["data.modalities=[CT,MRI]"], "unknown modality 'MRI'"),
+    "one-voxel-bottleneck": (["model.channels=[8,16,32,64,128]", "model.strides=[2,2,2,2]",
+                              "model.norm=instance"], "cannot normalise the 1x1x1 bottleneck"),
 }
 
 

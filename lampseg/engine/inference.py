@@ -5,7 +5,6 @@ import contextlib
 import itertools
 
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -22,24 +21,48 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pad the last three axes up to multiples of ``divisor``.
+def pad_to_multiple(x: torch.Tensor, divisor: int, dtype: torch.dtype | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format
+                    ) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the last three axes up to multiples of ``divisor`` (centred).
+
+    Args:
+        x: (B, C, X, Y, Z).
+        divisor: the spatial multiple.
+        dtype: the padded tensor's dtype (default: ``x``'s); casting here fuses the cast the network's
+            first layer would make anyway into the one copy padding needs.
+        memory_format: the padded tensor's layout (``torch.channels_last_3d`` for a channels-last model,
+            which would otherwise reorder its input itself).
 
     Returns:
         The padded tensor and the slices that crop the result back to the input's spatial size.
     """
     shape = x.shape[-3:]
     extra = [(-s) % divisor for s in shape]
-    pad: list[int] = []
-    for e in reversed(extra):  # F.pad lists the last axis first
-        pad += [e // 2, e - e // 2]
-    crop = tuple(slice(e // 2, e // 2 + s) for e, s in zip(extra, shape))
-    return (F.pad(x, pad) if any(extra) else x), (Ellipsis, *crop)
+    crop = (Ellipsis, *(slice(e // 2, e // 2 + s) for e, s in zip(extra, shape)))
+    dtype = dtype or x.dtype
+    if not any(extra) and dtype == x.dtype and x.is_contiguous(memory_format=memory_format):
+        return x, crop
+    padded = torch.empty((*x.shape[:2], *(s + e for s, e in zip(shape, extra))), dtype=dtype, device=x.device,
+                         memory_format=memory_format)
+    if any(extra):
+        padded.zero_()
+    padded[crop] = x
+    return padded, crop
+
+
+def _input_format(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.memory_format]:
+    """The dtype and layout the model's first convolution will convert ``x`` to (autocast, channels-last)."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    weight = next((p for p in model.parameters() if p.dim() == 5), None)
+    channels_last = weight is not None and not weight.is_contiguous() and \
+        weight.is_contiguous(memory_format=torch.channels_last_3d)
+    return dtype, torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 def _forward(model: nn.Module, x: torch.Tensor, inf_cfg, roi_size: list[int], divisor: int) -> torch.Tensor:
     if enum_value(inf_cfg.mode) == "whole":
-        padded, crop = pad_to_multiple(x, divisor)
+        padded, crop = pad_to_multiple(x, divisor, *_input_format(model, x))
         return model(padded)[crop].float()
     blend = enum_value(inf_cfg.blend)
     return sliding_window_inference(x, roi_size=roi_size, sw_batch_size=inf_cfg.sw_batch_size,
@@ -75,4 +98,4 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
             out = out.to(image.device)  # a pipelined model answers on its last stage's device
             out = torch.flip(out, axes) if axes else out
             total = out if total is None else total + out
-    return total / len(flips)
+    return total if len(flips) == 1 else total / len(flips)
