@@ -93,6 +93,28 @@ def test_pad_to_multiple_round_trip(shape):
     assert padded.abs().sum() == pytest.approx(x.abs().sum().item(), rel=1e-6)  # padding is zeros
 
 
+@pytest.mark.parametrize("shape", [(5, 7, 9), (8, 8, 8)])
+def test_pad_to_multiple_casts_and_reorders_in_one_copy(shape):
+    x = torch.randn(1, 3, *shape)
+    padded, crop = pad_to_multiple(x, 4, torch.bfloat16, torch.channels_last_3d)
+    assert padded.dtype == torch.bfloat16 and padded.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(padded[crop], x.bfloat16())
+    assert padded.float().abs().sum() == pytest.approx(x.bfloat16().float().abs().sum().item(), rel=1e-3)
+
+
+def test_whole_volume_feeds_a_channels_last_model_its_own_layout():
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(2, 3, 3, padding=1).eval()
+    image = torch.randn(1, 2, 9, 10, 11)
+    expected = infer(model, image, _inference_cfg("whole"), [8, 8, 8], divisor=4)
+    seen = []
+    model = model.to(memory_format=torch.channels_last_3d)
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    got = infer(model, image, _inference_cfg("whole"), [8, 8, 8], divisor=4, precision="bf16")
+    assert seen[0].dtype == torch.bfloat16 and seen[0].is_contiguous(memory_format=torch.channels_last_3d)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=0.1)
+
+
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])
 @pytest.mark.parametrize("overlap", [0.25, 0.5])
 def test_whole_equals_sliding_for_voxelwise_model(blend, overlap):
