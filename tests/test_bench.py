@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,8 @@ def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Pa
                                                                    ) -> None:
     run_dir, ckpt = tmp_path / "run", trained_run / "checkpoints" / "best.pt"
     proc = _lampseg(["bench", "inference", f"ckpt={ckpt}",
-                     "bench.windows=[16,32]", "bench.overlaps=[0.5]", f"run_dir={run_dir}"],
+                     "bench.windows=[16,32]", "bench.overlaps=[0.5]", "bench.repeats=2",
+                     f"run_dir={run_dir}"],
                     Path(os.environ["LAMPSEG_HOME"]), tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((run_dir / "bench_inference.json").read_text())
@@ -126,6 +128,8 @@ def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Pa
     voxels = sum(x * y * z for x, y, z in result["config"]["volume_shapes"])
     for m in modes:
         assert len(m["seconds"]) == len(cases) and all(s > 0 for s in m["seconds"])
+        assert [len(r) for r in m["seconds_rounds"]] == [2] * len(cases)  # interleaved rounds
+        assert m["seconds"] == [statistics.median(r) for r in m["seconds_rounds"]]
         assert m["voxels_per_s"] == pytest.approx(voxels / sum(m["seconds"]))
         assert m["whole_speedup"] == pytest.approx(m["seconds_per_volume"] / modes[0]["seconds_per_volume"])
         assert set(m["dice_per_region"]) == {"edema", "non-enhancing tumor", "enhancing tumour"}

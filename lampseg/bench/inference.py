@@ -7,12 +7,14 @@ sliding-window inference, on your own checkpoint and validation volumes.
 For the whole volume (padded to the network's divisibility, one forward pass, pipelined when the
 checkpoint's config says so) and for every sliding window size x overlap (MONAI, Gaussian blending,
 ``inference.sw_batch_size`` windows per pass), on the validation cases (``bench.cases``, 0 = all): seconds per
-volume (median over cases, after one untimed warm-up case per mode), voxels per second, Dice per region, and
-peak memory of one volume (measured in a separate pass: the CPU measurement runs under the profiler).
+volume (after one untimed warm-up case per mode, ``bench.repeats`` rounds that interleave the modes; each
+case's median over the rounds, then the median over cases), voxels per second, Dice per region, and peak
+memory of one volume (measured in a separate pass: the CPU measurement runs under the profiler).
 Writes ``bench_inference.json`` and ``bench_inference.png`` (time vs Dice) in ``run_dir``.
 """
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -51,6 +53,16 @@ def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: in
     return logits, time.perf_counter() - start, math.prod(image.shape[-3:])
 
 
+def _mode_config(cfg, mode: dict):
+    """``cfg`` with ``inference.*`` set to one benchmarked mode."""
+    mode_cfg = copy.deepcopy(cfg)
+    OmegaConf.update(mode_cfg, "inference.mode", mode["mode"], merge=False)
+    if mode["window"] is not None:
+        OmegaConf.update(mode_cfg, "inference.patch_size", [mode["window"]] * 3, merge=False)
+        OmegaConf.update(mode_cfg, "inference.overlap", mode["overlap"], merge=False)
+    return mode_cfg
+
+
 def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     """Run the benchmark (module docstring); returns what it writes as JSON.
 
@@ -72,6 +84,9 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     cfg = config_from_checkpoint(ckpt, cfg, list(overrides or []))
     divisor = size_divisor(cfg.model)
     bad = [w for w in b.windows if w % divisor]
+    if b.repeats < 1:
+        raise ConfigError(f"config key 'bench.repeats': expected a positive number of rounds, "
+                          f"got {b.repeats}")
     if bad or not b.windows or not b.overlaps or not all(0 <= o < 1 for o in b.overlaps):
         raise ConfigError(f"config keys 'bench.windows'/'bench.overlaps': expected window sizes that are "
                           f"multiples of {divisor} and overlaps in [0, 1), got {list(b.windows)}/"
@@ -86,29 +101,37 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     cases = sorted(bundle.val_cases)[: b.cases or None]
     names = bundle.targets.names
     log(f"bench inference: {cfg.ckpt} ({cfg.model.name}), {len(cases)} validation case(s), "
-        f"{enum_value(cfg.trainer.precision)}, device {device}, TTA {bool(cfg.inference.tta)}")
-    rows = []
+        f"{enum_value(cfg.trainer.precision)}, device {device}, TTA {bool(cfg.inference.tta)}, "
+        f"{b.repeats} interleaved round(s)")
+    modes = _modes(list(b.windows), list(b.overlaps))
+    mode_cfgs = [_mode_config(cfg, mode) for mode in modes]
+    for mode_cfg in mode_cfgs:  # warm-up (allocator, kernels), untimed
+        _infer_case(model, bundle, cases[0], mode_cfg, device, divisor)
+    # Rounds interleave the modes (whole, sliding..., whole, ...) so that a burst of load on a shared
+    # machine hits every mode alike; each case's time is its median over the rounds.
+    seconds = [{name: [] for name in cases} for _ in modes]
+    dice: list[list] = [[] for _ in modes]
     start_all = time.perf_counter()
-    for mode in _modes(list(b.windows), list(b.overlaps)):
-        OmegaConf.update(cfg, "inference.mode", mode["mode"], merge=False)
-        if mode["window"] is not None:
-            OmegaConf.update(cfg, "inference.patch_size", [mode["window"]] * 3, merge=False)
-            OmegaConf.update(cfg, "inference.overlap", mode["overlap"], merge=False)
-        _infer_case(model, bundle, cases[0], cfg, device, divisor)  # warm-up (allocator, kernels)
-        seconds, dice, voxels = [], [], 0
-        for name in cases:
-            logits, elapsed, n = _infer_case(model, bundle, name, cfg, device, divisor)
-            d, _ = case_scores(bundle, name, logits, with_hd95=False)
-            seconds.append(elapsed)
-            dice.append(d)
-            voxels += n
-        largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
+    for round_ in range(b.repeats):
+        for k, mode_cfg in enumerate(mode_cfgs):
+            for name in cases:
+                logits, elapsed, _ = _infer_case(model, bundle, name, mode_cfg, device, divisor)
+                seconds[k][name].append(elapsed)
+                if round_ == 0:
+                    dice[k].append(case_scores(bundle, name, logits, with_hd95=False)[0])
+                del logits
+    voxels = sum(math.prod(bundle.cache.image(c).shape[-3:]) for c in cases)
+    largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
+    rows = []
+    for mode, mode_cfg, times, mode_dice in zip(modes, mode_cfgs, seconds, dice):
         with PeakMemory(device) as peak:
-            _infer_case(model, bundle, largest, cfg, device, divisor)
-        per_region = {n: float(np.nanmean([d[i] for d in dice])) for i, n in enumerate(names)}
-        row = {**mode, "seconds_per_volume": statistics.median(seconds), "seconds": seconds,
-               "voxels_per_s": voxels / sum(seconds), "dice": float(np.nanmean(list(per_region.values()))),
-               "dice_per_region": per_region, "peak_memory_mb": peak.bytes / 2**20}
+            _infer_case(model, bundle, largest, mode_cfg, device, divisor)
+        per_case = [statistics.median(times[name]) for name in cases]
+        per_region = {n: float(np.nanmean([d[i] for d in mode_dice])) for i, n in enumerate(names)}
+        row = {**mode, "seconds_per_volume": statistics.median(per_case), "seconds": per_case,
+               "seconds_rounds": [times[name] for name in cases], "voxels_per_s": voxels / sum(per_case),
+               "dice": float(np.nanmean(list(per_region.values()))), "dice_per_region": per_region,
+               "peak_memory_mb": peak.bytes / 2**20}
         rows.append(row)
         log(f"  {mode['name']:<22} {row['seconds_per_volume']:7.3f} s/volume  "
             f"{row['voxels_per_s'] / 1e6:6.2f} "
@@ -133,7 +156,8 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
                          "precision": enum_value(cfg.trainer.precision), "device": str(device),
                          "sw_batch_size": cfg.inference.sw_batch_size,
                          "blend": enum_value(cfg.inference.blend),
-                         "tta": bool(cfg.inference.tta), "parallel": OmegaConf.to_container(cfg.parallel),
+                         "tta": bool(cfg.inference.tta), "repeats": b.repeats,
+                         "parallel": OmegaConf.to_container(cfg.parallel),
                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
               "wall_s": round(time.perf_counter() - start_all, 1)}
     if main:
