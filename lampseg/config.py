@@ -140,6 +140,7 @@ class TrainerConfig:
     precision: Precision = Precision.bf16
     device: str = "auto"
     channels_last: bool = True
+    cache_cpu_memory: bool = True  # CPU: keep freed large blocks (parallel.memory.keep_freed_cpu_memory)
     deterministic: bool = False
     num_threads: int | None = None
     progress: str = "auto"

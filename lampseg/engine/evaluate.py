@@ -121,10 +121,13 @@ def load_model(ckpt: dict, cfg):
     """
     from lampseg.engine.train import resolve_device
     from lampseg.parallel.dims import resolve_dims
+    from lampseg.parallel.memory import keep_freed_cpu_memory
     from lampseg.parallel.parallelize import parallelize
 
     dims = resolve_dims(cfg)  # under torchrun: joins the job first, so the device is this rank's
     device = distributed.local_device(resolve_device(cfg.trainer.device))
+    if device.type == "cpu" and cfg.trainer.cache_cpu_memory:
+        keep_freed_cpu_memory()
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)

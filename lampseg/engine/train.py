@@ -39,6 +39,7 @@ from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
 from lampseg.parallel.dims import resolve_dims
+from lampseg.parallel.memory import keep_freed_cpu_memory
 from lampseg.parallel.parallelize import parallelize
 from lampseg.parallel.plan import preflight_plan
 from lampseg.viz import validation_overlay
@@ -239,6 +240,8 @@ def run(cfg, reporter: Callable[[dict, Path], None] | None = None,
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = distributed.local_device(resolve_device(cfg.trainer.device))
+    if device.type == "cpu" and cfg.trainer.cache_cpu_memory:
+        keep_freed_cpu_memory()
     if staged and enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda":
         raise ConfigError("config key 'trainer.precision': fp16 loss scaling is not coordinated across "
                           "pipeline stages; use bf16 or fp32 with parallel.engine=pipelining")

@@ -16,6 +16,9 @@ to stderr per block; CPU blocks do not nest (one profiler at a time).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
@@ -24,6 +27,30 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 GB = 1024**3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+
+
+@functools.cache
+def keep_freed_cpu_memory() -> bool:
+    """Ask glibc's malloc to keep freed large blocks in the process for reuse (``trainer.cache_cpu_memory``).
+
+    By default glibc maps every block over 32 MB afresh and unmaps it on free, so each forward pass over a
+    whole volume page-faults (and the kernel zeroes) all its activations again: on a 2-core CPU that was a
+    quarter of whole-volume inference time (docs/BENCHMARKS.md). Keeping freed blocks is what PyTorch's
+    caching allocator does on CUDA; the price is the same, the process keeps its peak memory. Process-wide,
+    applied once.
+
+    Returns:
+        Whether it applied (glibc's ``mallopt`` found; not on macOS, Windows or musl).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
