@@ -151,6 +151,7 @@ def test_bench_context_trains_each_width_and_input_size_and_resumes(tmp_path: Pa
     assert (run_dir / "bench_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = result["rows"]
     assert [(r["width"], r["input"]) for r in rows] == [(4, 16), (4, "whole")]
+    assert result["config"]["receptive_field"] > 16 and "receptive field" in proc.stdout
     assert rows[0]["channels"] == [4, 8, 16] and rows[0]["input_voxels"] == 16**3
     assert rows[1]["input_voxels"] > 16**3 and rows[0]["params"] == rows[1]["params"]
     for r in rows:

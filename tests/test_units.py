@@ -520,3 +520,33 @@ def test_keep_freed_cpu_memory_reuses_large_blocks_instead_of_faulting_them_in_a
     assert applied == "True"
     assert default > 1000  # glibc maps 128 MB afresh: one fault per page (or huge page) touched
     assert kept < default / 10, (kept, default)
+
+
+def test_receptive_field_is_the_reach_of_one_output_voxel(strides=(2, 2)):
+    """Perturbing the input just inside the reported reach changes the centre output; just outside, it
+    does not (a batch-norm model in eval mode: no statistics that mix every voxel)."""
+    from types import SimpleNamespace
+
+    from lampseg.model.unet import build_model, receptive_field
+
+    cfg = SimpleNamespace(channels=[4] * (len(strides) + 1), strides=list(strides), kernel_size=3, num_res_units=1,
+                          norm="batch", dropout=0.0)
+    reach = receptive_field(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, 1).eval().double()
+    divisor = math.prod(strides)
+    length = divisor * (4 * reach // divisor + 4)
+    x = torch.randn(1, 1, length, divisor, divisor, dtype=torch.float64)
+    base = model(x)
+    reaches = []
+    for centre in range(length // 2, length // 2 + divisor):  # every phase of the strided layers
+        def changed(offset: int, centre=centre) -> bool:
+            y = x.clone()
+            y[0, 0, centre + offset] += 10.0
+            return bool(model(y)[0, 0, centre, 0, 0] != base[0, 0, centre, 0, 0])
+
+        left = next(o for o in range(-reach - 1, reach + 1) if changed(o))  # outside in: few passes
+        right = next(o for o in range(reach + 1, -reach - 1, -1) if changed(o))
+        assert left > -reach - 1 and right < reach + 1  # nothing beyond the reported reach
+        reaches.append(right - left + 1)
+    assert max(reaches) == reach

@@ -42,14 +42,18 @@ def _settings(b) -> tuple[list, list[int]]:
 def run(cfg, log=print) -> dict:
     """Train and validate every (width, input size); returns what it writes as JSON."""
     from lampseg.engine.train import run as train
+    from lampseg.model.unet import receptive_field
 
     validate(cfg)
     sizes, widths = _settings(cfg.bench)
     base = list(cfg.model.channels)
     run_dir = Path(cfg.run_dir)
     rows, start = [], time.perf_counter()
+    reach = receptive_field(cfg.model)  # the same at every width: channels do not change it
     log(f"bench context: widths {widths} x inputs {sizes}, {cfg.trainer.max_epochs} epochs each, "
-        f"data {cfg.data.root or 'synthetic (context=' + cfg.data.synthetic.context + ')'}")
+        f"data {cfg.data.root or 'synthetic (context=' + cfg.data.synthetic.context + ')'}; the model's "
+        f"receptive field is {reach} voxels along each axis (context beyond it reaches a voxel only "
+        f"through normalisation statistics)")
     for width in widths:
         channels = [max(1, round(c * width / base[0])) for c in base]
         for size in sizes:
@@ -78,7 +82,7 @@ def run(cfg, log=print) -> dict:
                 f"({', '.join(f'{k} {v:.3f}' for k, v in summary['val_dice'].items() if v is not None)})")
     result = {"benchmark": "context", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "rows": rows, "config": {"widths": widths, "patch_sizes": sizes, "model": cfg.model.name,
-                                       "max_epochs": cfg.trainer.max_epochs,
+                                       "max_epochs": cfg.trainer.max_epochs, "receptive_field": reach,
                                        "samples_per_epoch": cfg.data.samples_per_epoch,
                                        "data": str(cfg.data.root) if cfg.data.root else
                                        OmegaConf.to_container(cfg.data.synthetic)},

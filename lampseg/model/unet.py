@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import torch
 from monai.networks.nets import UNet
 from torch import nn
 
@@ -49,3 +51,35 @@ def size_divisor(model_cfg) -> int:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def receptive_field(model_cfg) -> int:
+    """Voxels along one axis that can change one output voxel of the ``model`` config's U-Net.
+
+    Measured, not derived: the gradient of the centre output with respect to a long thin input, on a copy
+    with one channel per level and batch norm (instance and group norm mix every voxel through their
+    statistics, which is not the convolutional reach this reports). Context beyond it reaches a voxel only
+    through normalisation statistics, so whole-volume inputs help context-dependent labels only as far as
+    this reach (``bench context``).
+    """
+    probe_cfg = SimpleNamespace(channels=[1] * len(model_cfg.channels), strides=list(model_cfg.strides),
+                                kernel_size=model_cfg.kernel_size, num_res_units=model_cfg.num_res_units,
+                                norm="batch", dropout=0.0)
+    model = build_model(probe_cfg, 1, 1).eval()
+    divisor = size_divisor(model_cfg)
+    length = 4 * divisor
+    while True:
+        x = torch.randn(1, 1, length, divisor, divisor, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        out = model(x)
+        reaches = []
+        for phase in range(divisor):  # strided layers reach differently from even and odd outputs
+            (grad,) = torch.autograd.grad(out[0, 0, length // 2 + phase, divisor // 2, divisor // 2], x,
+                                          retain_graph=True)
+            reached = (grad.abs().sum((0, 1, 3, 4)) > 0).nonzero().flatten()
+            if reached.min() == 0 or reached.max() == length - 1:  # touches the probe's end: longer
+                break
+            reaches.append(int(reached.max() - reached.min() + 1))
+        else:
+            return max(reaches)
+        length *= 2
