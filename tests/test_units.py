@@ -529,8 +529,8 @@ def test_receptive_field_is_the_reach_of_one_output_voxel(strides=(2, 2)):
 
     from lampseg.model.unet import build_model, receptive_field
 
-    cfg = SimpleNamespace(channels=[4] * (len(strides) + 1), strides=list(strides), kernel_size=3, num_res_units=1,
-                          norm="batch", dropout=0.0)
+    cfg = SimpleNamespace(channels=[4] * (len(strides) + 1), strides=list(strides), kernel_size=3,
+                          num_res_units=1, norm="batch", dropout=0.0)
     reach = receptive_field(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, 1, 1).eval().double()
