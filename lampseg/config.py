@@ -50,6 +50,7 @@ class LossName(str, Enum):
 
 
 class InferenceMode(str, Enum):
+    auto = "auto"
     whole = "whole"
     sliding = "sliding"
 
@@ -156,7 +157,8 @@ class TrainerConfig:
 
 @dataclass
 class InferenceConfig:
-    mode: InferenceMode = InferenceMode.whole
+    mode: InferenceMode = InferenceMode.auto
+    memory_gb: float | None = None  # auto: budget per device (None: the device's free memory)
     patch_size: list[int] | None = None
     overlap: float = 0.5
     blend: Blend = Blend.gaussian
@@ -277,6 +279,7 @@ class Config:
     ckpt: str | None = None
     input: str | None = None
     output: str | None = None
+    overwrite: bool = False  # predict: redo inputs whose prediction is already in output (default: skip)
     out: str | None = None
     split: str = "val"
     case: str | None = None  # visualize: the case to draw (default: the dataset's first)
@@ -459,6 +462,9 @@ def validate(cfg: DictConfig) -> None:
                                 ("parallel.profile", p.profile, ("estimate", "measure"))]:
         if value not in allowed:
             _fail(key, "one of " + "|".join(allowed), value)
+    if cfg.inference.memory_gb is not None and cfg.inference.memory_gb <= 0:
+        _fail("inference.memory_gb", "a positive number of GB or null (the device's free memory)",
+              cfg.inference.memory_gb)
     if p.memory_gb is not None and p.memory_gb <= 0:
         _fail("parallel.memory_gb", "a positive number of GB or null", p.memory_gb)
 

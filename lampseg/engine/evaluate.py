@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lampseg.config import Config, ConfigError
+from lampseg.config import Config, ConfigError, enum_value
 from lampseg.data.cache import preprocess_array, restore_array
 from lampseg.data.msd import check_finite, read_image
+from lampseg.engine.auto import CasePeakMemory, inference_memory
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.inference import infer
 from lampseg.engine.logs import write_json
@@ -56,17 +57,20 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, d
     model.eval()
     names, per_case = bundle.targets.names, []
     divisor = size_divisor(cfg.model)
+    memory = inference_memory(cfg, len(bundle.channels), bundle.targets.out_channels, device)
     shard = cases[dims.dp_rank::dims.dp] if dims is not None and dims.dp_enabled else cases
     for name in shard:
         start = time.perf_counter()
         image = case_image(bundle, name).to(device)
-        logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), divisor,
-                       cfg.trainer.precision)
+        report = {"mode": enum_value(cfg.inference.mode)}
+        with CasePeakMemory(device) as peak:
+            logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), divisor,
+                           cfg.trainer.precision, memory, report)
         dice, hd = case_scores(bundle, name, logits, cfg.trainer.hd95)
         if on_logits is not None:
             on_logits(name, image, logits)
         per_case.append({"case": name, "dice": dict(zip(names, dice)), "hd95": dict(zip(names, hd)),
-                         "seconds": time.perf_counter() - start})
+                         "seconds": time.perf_counter() - start, "inference": report, **peak.report()})
     if dims is not None and dims.dp_enabled:
         order = {name: k for k, name in enumerate(cases)}
         per_case = sorted(dims.dp_gather(per_case), key=lambda c: order[c["case"]])
@@ -107,7 +111,7 @@ def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
         if key.startswith("hydra") or key == "exp":
             continue
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
-    for key in ("run_dir", "ckpt", "input", "output", "split"):
+    for key in ("run_dir", "ckpt", "input", "output", "split", "overwrite"):
         OmegaConf.update(merged, key, cfg[key], merge=False)
     return merged
 
@@ -201,15 +205,23 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
     log = log if distributed.is_main() else (lambda *_: None)
     info, out_dir = ckpt["data"], Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    memory = inference_memory(cfg, len(info["channels"]), targets.out_channels, device)
+    written, skipped = [], 0
     for path in _nifti_inputs(Path(cfg.input))[dims.dp_rank::dims.dp]:
         start = time.perf_counter()
+        target = out_dir / path.name
+        if target.exists() and not cfg.overwrite:  # written atomically: present means finished
+            written.append(target)
+            skipped += 1
+            continue
         image, img = read_image(path, len(info["modalities"]))
         image = check_finite(image, path, cfg.data.nonfinite)
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         pre, _, meta = preprocess_array(image[info["channels"]], None, spacing, preprocess_config(cfg.data))
+        report = {"mode": enum_value(cfg.inference.mode)}
         logits = infer(model, torch.from_numpy(pre)[None].to(device), cfg.inference,
-                       roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision)
+                       roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision,
+                       memory, report)
         restored = restore_array(logits[0].cpu().numpy(), meta)
         seg = targets.labels_from_logits(torch.from_numpy(restored)[None])[0].numpy().astype(np.uint8)
         header = img.header.copy()
@@ -217,11 +229,14 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
         if len(header.get_data_shape()) == 4:
             header.set_data_shape(seg.shape)
         out = nib.Nifti1Image(seg, img.affine, header)
-        target = out_dir / path.name
         if writer:
             atomic_write_bytes(target, _nifti_bytes(out, target.name))
         written.append(target)
-        log(f"{path.name}: {time.perf_counter() - start:.2f} s -> {target}")
+        window = f" {report['window']}" if report.get("window") else ""
+        log(f"{path.name}: {time.perf_counter() - start:.2f} s ({report['mode']}{window}) -> {target}")
+    if skipped:
+        log(f"skipped {skipped} input(s) whose prediction was already in {out_dir} "
+            f"(overwrite=true redoes them)")
     return written
 
 

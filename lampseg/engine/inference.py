@@ -3,12 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
 from lampseg.config import enum_value
+from lampseg.engine.auto import (
+    InferenceMemory,
+    ModeChoice,
+    choose_mode,
+    is_out_of_memory,
+    release_memory,
+    windows_to_try,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision
 
@@ -60,8 +69,9 @@ def _input_format(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch
     return dtype, torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
-def _forward(model: nn.Module, x: torch.Tensor, inf_cfg, roi_size: list[int], divisor: int) -> torch.Tensor:
-    if enum_value(inf_cfg.mode) == "whole":
+def _forward(model: nn.Module, x: torch.Tensor, mode: str, inf_cfg, roi_size: list[int],
+             divisor: int) -> torch.Tensor:
+    if mode == "whole":
         padded, crop = pad_to_multiple(x, divisor, *_input_format(model, x))
         return model(padded)[crop].float()
     blend = enum_value(inf_cfg.blend)
@@ -70,23 +80,8 @@ def _forward(model: nn.Module, x: torch.Tensor, inf_cfg, roi_size: list[int], di
                                     mode=blend, padding_mode="constant", cval=0.0).float()
 
 
-@torch.no_grad()
-def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], divisor: int,
-          precision: str = "fp32") -> torch.Tensor:
-    """Network outputs (logits) for whole volumes.
-
-    Args:
-        model: the segmentation network (in eval mode).
-        image: (B, C, X, Y, Z) on the model's device, any spatial size.
-        inf_cfg: ``inference`` config (mode whole|sliding, overlap, blend, sw_batch_size, tta).
-        roi_size: sliding-window size (``inference.patch_size`` or the training patch).
-        divisor: spatial multiple the network needs (product of strides).
-        precision: fp32|bf16|fp16 autocast.
-
-    Returns:
-        float32 logits (B, K, X, Y, Z) on the image's device. With ``tta`` the logits are averaged over
-        all 8 mirrorings (each flipped back).
-    """
+def _infer_mode(model: nn.Module, image: torch.Tensor, mode: str, inf_cfg, roi_size: list[int], divisor: int,
+                precision: str) -> torch.Tensor:
     flips = [()]
     if inf_cfg.tta:
         flips = [axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)]
@@ -94,8 +89,78 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
     with autocast(image.device, precision):
         for axes in flips:
             x = torch.flip(image, axes) if axes else image
-            out = _forward(model, x, inf_cfg, roi_size, divisor)
+            out = _forward(model, x, mode, inf_cfg, roi_size, divisor)
             out = out.to(image.device)  # a pipelined model answers on its last stage's device
             out = torch.flip(out, axes) if axes else out
             total = out if total is None else total + out
     return total if len(flips) == 1 else total / len(flips)
+
+
+@torch.no_grad()
+def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], divisor: int,
+          precision: str = "fp32", memory: InferenceMemory | None = None, report: dict | None = None
+          ) -> torch.Tensor:
+    """Network outputs (logits) for whole volumes.
+
+    Args:
+        model: the segmentation network (in eval mode).
+        image: (B, C, X, Y, Z) on the model's device, any spatial size.
+        inf_cfg: ``inference`` config (mode whole|sliding|auto, overlap, blend, sw_batch_size, tta).
+        roi_size: sliding-window size (``inference.patch_size`` or the training patch).
+        divisor: spatial multiple the network needs (product of strides).
+        precision: fp32|bf16|fp16 autocast.
+        memory: the model's memory estimate and budget (``InferenceMemory.from_config``); needed for
+            ``mode=auto``, which chooses whole volume or the largest sliding window within its budget and,
+            on an out-of-memory error, releases memory, warns once and falls back to a smaller choice.
+        report: filled with what ``auto`` chose (``ModeChoice.to_dict()``), when given.
+
+    Returns:
+        float32 logits (B, K, X, Y, Z) on the image's device. With ``tta`` the logits are averaged over
+        all 8 mirrorings (each flipped back).
+    """
+    mode = enum_value(inf_cfg.mode)
+    if mode != "auto":
+        return _infer_mode(model, image, mode, inf_cfg, roi_size, divisor, precision)
+    if memory is None:
+        raise ValueError("inference.mode=auto needs the model's InferenceMemory (memory=...)")
+    volume = list(image.shape[-3:])
+    choice = choose_mode(memory, volume, divisor, memory.budget_gb, inf_cfg.sw_batch_size)
+    while True:
+        failed = None
+        try:
+            logits = _infer_mode(model, image, choice.mode, inf_cfg, choice.window or roi_size, divisor,
+                                 precision)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
+            if not is_out_of_memory(error):
+                raise
+            where = choice.mode if choice.window is None else f"{choice.mode} {choice.window}"
+            failed = f"{where}: {error}"[:300]
+        if failed is None:
+            break
+        # Outside the except block: the traceback, and the tensors its frames hold, are gone.
+        release_memory(image.device)
+        below = None if choice.window is None else max(choice.window)
+        windows = windows_to_try(volume, divisor, below)
+        if not windows:
+            raise torch.OutOfMemoryError(f"inference.mode=auto: out of memory even with the smallest sliding "
+                                         f"window ({failed})")
+        sw, budget = inf_cfg.sw_batch_size, memory.budget_gb
+        window = next((w for w in windows if memory.sliding_gb(volume, w, sw) <= budget), windows[0])
+        _warn_fallback_once(f"inference.mode=auto: out of memory ({failed}); falling back to sliding "
+                            f"windows of {window}")
+        choice = ModeChoice("sliding", window, memory.sliding_gb(volume, window, inf_cfg.sw_batch_size),
+                            memory.budget_gb, f"fell back after out of memory: {choice.reason}",
+                            [*choice.fallbacks, failed])
+    if report is not None:
+        report.update(choice.to_dict())
+    return logits
+
+
+_warned = False
+
+
+def _warn_fallback_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,213 @@
+"""Memory-aware choices: the inference mode (``inference.mode=auto``) and the training patch
+(``data.patch_size=auto``), from the planner's per-block costs and a memory budget.
+
+    python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt inference.mode=auto inference.memory_gb=2
+    python -m lampseg plan data.patch_size=auto parallel.memory_gb=4
+
+Inference: whole volume on one device when its estimated peak fits ``inference.memory_gb`` (default:
+the device's free memory), else (a pipelined checkpoint) the whole volume split over its stages, else
+the largest sliding window that fits. If the device still runs out of memory, ``infer`` releases it,
+falls back to the next smaller choice, warns once, and finishes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from lampseg.config import enum_value
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class InferenceMemory:
+    """Estimated peak memory of one forward pass (no gradients), linear in the voxels it sees.
+
+    Attributes:
+        param_bytes: weights (fp32 masters plus, under autocast, their low-precision copies).
+        act_bytes_per_voxel: the largest block's input + output + biggest intermediate, per input voxel.
+        in_channels: image channels (the fp32 image is held whole).
+        out_channels: logit channels (the fp32 logits are held whole; sliding windows add a count map).
+        stages: pipeline stages the model is split over (activations and weights divide among them).
+        budget_gb: what ``inference.mode=auto`` may use per device (``inference.memory_gb`` or the free
+            memory when the estimate was made).
+    """
+
+    param_bytes: int
+    act_bytes_per_voxel: float
+    in_channels: int
+    out_channels: int
+    stages: int = 1
+    budget_gb: float = math.inf
+
+    @classmethod
+    def from_config(cls, model_cfg, in_channels: int, out_channels: int, precision: str = "fp32",
+                    stages: int = 1, budget_gb: float = math.inf) -> InferenceMemory:
+        """Profile ``model_cfg``'s U-Net on meta tensors (no memory, milliseconds)."""
+        from lampseg.engine.inference import DTYPES
+        from lampseg.model.unet import build_model, size_divisor
+        from lampseg.parallel.profile import profile_blocks
+
+        side = 4 * size_divisor(model_cfg)
+        with torch.device("meta"):
+            probe = build_model(model_cfg, in_channels, out_channels)
+        dtype = DTYPES[enum_value(precision)]
+        costs = profile_blocks(probe, [in_channels, side, side, side], "estimate", "meta", dtype=dtype)
+        params = sum(c.param_bytes for c in costs)
+        if dtype != torch.float32:
+            params += sum(c.params for c in costs) * torch.finfo(dtype).bits // 8  # autocast's weight cache
+        # A residual unit holds two intermediates at once (convolution and normalisation outputs): 2x the
+        # largest. Checked against bench inference's measured peaks (whole and 64-128^3 windows: within 10 %).
+        act = max(c.in_bytes + c.out_bytes + 2 * c.work_bytes for c in costs)
+        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb)
+
+    def whole_gb(self, shape: list[int]) -> float:
+        """Peak GB per device for the whole (padded) volume ``shape`` in one pass."""
+        voxels = math.prod(shape)
+        held = 4 * voxels * (self.in_channels + self.out_channels)  # fp32 image and logits
+        return (held + (self.param_bytes + self.act_bytes_per_voxel * voxels) / self.stages) / GB
+
+    def sliding_gb(self, volume: list[int], window: list[int], sw_batch_size: int) -> float:
+        """Peak GB for sliding windows of ``window`` over ``volume`` (MONAI keeps the fp32 output sum
+        and a count map of the whole volume)."""
+        voxels = math.prod(volume)
+        held = 4 * voxels * (self.in_channels + self.out_channels + 1)
+        windows = sw_batch_size * math.prod(window)
+        return (held + self.param_bytes + self.act_bytes_per_voxel * windows
+                + 4 * windows * (self.in_channels + self.out_channels)) / GB
+
+
+@dataclass
+class ModeChoice:
+    """What ``inference.mode=auto`` chose for one volume, and why."""
+
+    mode: str  # whole | sliding
+    window: list[int] | None
+    estimate_gb: float
+    budget_gb: float
+    reason: str
+    fallbacks: list[str] = field(default_factory=list)  # out-of-memory errors that moved it down
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "window": self.window, "estimate_gb": round(self.estimate_gb, 4),
+                "budget_gb": round(self.budget_gb, 4), "reason": self.reason, "fallbacks": self.fallbacks}
+
+
+def free_memory_gb(device: torch.device) -> float:
+    """Free memory of ``device``: CUDA's free bytes, or the host's available memory for CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / GB
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
+    except (ValueError, OSError, AttributeError):
+        return 16.0  # unknown platform: a laptop-sized guess; set inference.memory_gb to be exact
+
+
+def padded_shape(shape: list[int], divisor: int) -> list[int]:
+    return [-(-s // divisor) * divisor for s in shape]
+
+
+def windows_to_try(volume: list[int], divisor: int, below: int | None = None) -> list[list[int]]:
+    """Sliding windows from the padded volume's largest side down, one ``divisor`` step at a time
+    (each axis capped at the padded volume), strictly smaller than a side of ``below`` when given."""
+    padded = padded_shape(volume, divisor)
+    top = max(padded) if below is None else below - divisor
+    return [[min(side, p) for p in padded] for side in range(top, 2 * divisor - 1, -divisor)]
+
+
+def choose_mode(memory: InferenceMemory, volume: list[int], divisor: int, budget_gb: float,
+                sw_batch_size: int) -> ModeChoice:
+    """Whole volume if it fits ``budget_gb`` (split over the model's stages when pipelined), else the
+    largest sliding window that fits, else the smallest window (with the reason saying it may not fit)."""
+    whole = memory.whole_gb(padded_shape(volume, divisor))
+    if whole <= budget_gb:
+        where = "one device" if memory.stages == 1 else f"{memory.stages} pipeline stages"
+        return ModeChoice("whole", None, whole, budget_gb,
+                          f"the whole volume needs ~{whole:.3g} GB on {where}, within {budget_gb:.3g} GB")
+    candidates = windows_to_try(volume, divisor)
+    for window in candidates:
+        need = memory.sliding_gb(volume, window, sw_batch_size)
+        if need <= budget_gb:
+            return ModeChoice("sliding", window, need, budget_gb,
+                              f"the whole volume needs ~{whole:.3g} GB > {budget_gb:.3g} GB; the largest "
+                              f"window that fits is {window} (~{need:.3g} GB)")
+    window = candidates[-1] if candidates else padded_shape(volume, divisor)
+    need = memory.sliding_gb(volume, window, sw_batch_size)
+    return ModeChoice("sliding", window, need, budget_gb,
+                      f"nothing is estimated to fit {budget_gb:.3g} GB (whole ~{whole:.3g} GB); trying the "
+                      f"smallest window {window} (~{need:.3g} GB)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's and the CPU allocator's out-of-memory errors (PyTorch raises RuntimeError on CPU)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                                or "Cannot allocate memory" in text)
+
+
+def release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def inference_memory(cfg, in_channels: int, out_channels: int,
+                     device: torch.device) -> InferenceMemory | None:
+    """The model's estimate and this process's budget for ``inference.mode=auto`` (None for other modes).
+
+    The budget is ``inference.memory_gb`` or the device's free memory now; in a torchrun job, the smallest
+    over its processes, so that every pipeline stage and replica makes the same choice.
+    """
+    if enum_value(cfg.inference.mode) != "auto":
+        return None
+    budget = cfg.inference.memory_gb if cfg.inference.memory_gb is not None else free_memory_gb(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        smallest = torch.tensor([budget], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+        budget = float(smallest.item())
+    stages = cfg.parallel.pp if cfg.parallel.name == "pipeline" else 1
+    return InferenceMemory.from_config(cfg.model, in_channels, out_channels, cfg.trainer.precision, stages,
+                                       budget)
+
+
+class CasePeakMemory:
+    """Peak memory of one case for ``eval.json``: CUDA's peak allocated bytes (measured per case); on CPU
+    the process's peak resident memory so far (the allocator keeps no per-case counter, and the profiler
+    that ``PeakMemory`` uses is too slow to run on every case)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb: float | None = None
+
+    def __enter__(self) -> CasePeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource
+            import sys
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes there, KiB here
+
+    def report(self) -> dict:
+        key = "peak_memory_mb" if self.device.type == "cuda" else "process_peak_rss_mb"
+        return {key: None if self.peak_mb is None else round(self.peak_mb, 1)}
