@@ -119,8 +119,7 @@ def test_brats_recipe_composes():
 def test_evaluate(tmp_path, trained_run, mode):
     run_dir = tmp_path / "eval"
     args = ["evaluate", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"run_dir={run_dir}"]
-    if mode == "sliding":
-        args.append("inference=sliding")
+    args.append(f"inference={mode}")  # the checkpoint's own default is auto (tests/test_auto.py)
     lampseg(*args)
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["inference"]["mode"] == mode
@@ -135,7 +134,7 @@ def test_evaluate(tmp_path, trained_run, mode):
         assert f"hd95_{n}" in result["mean"]
     assert 0.0 <= result["mean"]["dice"] <= 1.0
     assert result["seconds_per_case"] > 0
-    if mode == "whole":  # validation during training used whole-volume inference on the same fold
+    if mode == "whole":  # validation during training chose whole volumes (auto, ample memory), same fold
         best = _summary(trained_run)["best_val_dice"]
         assert result["mean"]["dice"] == pytest.approx(best, abs=2e-3)
 

@@ -1,0 +1,116 @@
+"""Memory-aware defaults: ``inference.mode=auto`` (choice, out-of-memory fallback, eval.json report),
+resumable ``predict`` and ``data.patch_size=auto``."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import lampseg
+
+import lampseg.engine.inference as inference
+from lampseg.engine.auto import InferenceMemory, padded_shape, windows_to_try
+from lampseg.engine.checkpoint import load_checkpoint
+
+
+def _divisor(ckpt_path: Path) -> int:
+    strides = load_checkpoint(ckpt_path)["config"]["model"]["strides"]
+    return int(torch.tensor(strides).prod())
+
+
+def test_auto_picks_whole_volume_under_a_large_budget_and_a_window_under_a_small_one(tmp_path, trained_run):
+    ckpt = trained_run / "checkpoints" / "best.pt"
+    big, small = tmp_path / "big", tmp_path / "small"
+    lampseg("evaluate", f"ckpt={ckpt}", f"run_dir={big}", "inference.mode=auto", "inference.memory_gb=64")
+    cases = json.loads((big / "eval.json").read_text())["cases"]
+    assert cases and all(c["inference"]["mode"] == "whole" for c in cases)
+    assert all(c["inference"]["window"] is None for c in cases)
+    assert all(c["inference"]["estimate_gb"] <= 64 and c["process_peak_rss_mb"] > 0 for c in cases)
+
+    # Below every case's whole-volume estimate (but far above a small window's): auto must slide.
+    divisor = _divisor(ckpt)
+    budget = 0.9 * min(c["inference"]["estimate_gb"] for c in cases)
+    lampseg("evaluate", f"ckpt={ckpt}", f"run_dir={small}", "inference.mode=auto",
+            f"inference.memory_gb={budget}")
+    result = json.loads((small / "eval.json").read_text())
+    assert result["inference"]["memory_gb"] == pytest.approx(budget)
+    for case in result["cases"]:
+        chosen = case["inference"]
+        assert chosen["mode"] == "sliding" and chosen["estimate_gb"] <= budget, chosen
+        assert all(w % divisor == 0 for w in chosen["window"]) and "largest window" in chosen["reason"]
+    assert 0 <= result["mean"]["dice"] <= 1
+
+
+class _RefusesLargeInputs(torch.nn.Module):
+    """A voxel-wise model that raises CUDA's out-of-memory error for inputs over ``limit`` voxels."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 3, 1)
+        self.limit, self.seen = limit, []
+
+    def forward(self, x):
+        self.seen.append(list(x.shape[-3:]))
+        if x.shape[-3:].numel() > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB (injected)")
+        return self.conv(x)
+
+
+def test_auto_falls_back_after_an_out_of_memory_error_and_finishes(monkeypatch):
+    torch.manual_seed(0)
+    image = torch.randn(1, 2, 24, 20, 16)
+    model = _RefusesLargeInputs(limit=12**3).eval()
+    memory = InferenceMemory(param_bytes=0, act_bytes_per_voxel=1.0, in_channels=2, out_channels=3,
+                             budget_gb=1e9)  # the estimate says the whole volume fits: only the error tells
+    cfg = SimpleNamespace(mode="auto", overlap=0.5, blend="gaussian", sw_batch_size=1, tta=False)
+    monkeypatch.setattr(inference, "_warned", False)
+    report: dict = {}
+    with pytest.warns(RuntimeWarning, match="out of memory") as caught:
+        logits = inference.infer(model, image, cfg, [8, 8, 8], divisor=4, memory=memory, report=report)
+    assert len(caught) == 1  # warned once, however many fallbacks
+    assert model.seen[0] == [24, 20, 16]  # tried the whole volume first
+    assert report["mode"] == "sliding" and torch.Size(report["window"]).numel() <= 12**3
+    assert report["fallbacks"] and "whole" in report["fallbacks"][0]
+    assert torch.allclose(logits, model.conv(image), atol=1e-5)  # voxel-wise: windows stitch exactly
+    # Other errors are not swallowed.
+    broken = _RefusesLargeInputs(limit=0)
+    broken.forward = lambda x: (_ for _ in ()).throw(ValueError("not memory"))
+    with pytest.raises(ValueError, match="not memory"):
+        inference.infer(broken, image, cfg, [8, 8, 8], divisor=4, memory=memory)
+
+
+def test_windows_to_try_shrink_by_the_divisor_within_the_padded_volume():
+    volume = [20, 13, 9]
+    assert padded_shape(volume, 4) == [20, 16, 12]
+    windows = windows_to_try(volume, 4)
+    assert windows[0] == [20, 16, 12] and windows[-1] == [8, 8, 8]
+    assert all(max(a) > max(b) for a, b in zip(windows, windows[1:]))
+    assert windows_to_try(volume, 4, below=12) == [[8, 8, 8]]
+
+
+def test_interrupted_predict_over_a_folder_resumes_without_redoing_finished_cases(tmp_path, trained_run):
+    root = Path(json.loads((trained_run / "summary.json").read_text())["dataset"])
+    meta = json.loads((root / "dataset.json").read_text())
+    inputs, out = tmp_path / "inputs", tmp_path / "preds"
+    inputs.mkdir()
+    images = ([root / p for p in meta["test"]] + [root / c["image"] for c in meta["training"]])[:3]
+    assert len(images) == 3
+    for p in images:
+        shutil.copy(p, inputs)
+    ckpt = trained_run / "checkpoints" / "best.pt"
+    predict = ["predict", f"ckpt={ckpt}", f"input={inputs}", f"output={out}", f"run_dir={tmp_path / 'r'}"]
+    first = lampseg(*predict)
+    assert "(whole) ->" in first.stdout  # auto, with the free memory of this machine: whole volumes
+    # An interruption leaves finished cases (written atomically) and no partial file for the rest.
+    done = {p.name: (out / p.name).stat().st_mtime_ns for p in images[:-1]}
+    (out / images[-1].name).unlink()
+    again = lampseg(*predict)
+    assert f"skipped {len(done)} input(s)" in again.stdout
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == done  # not redone
+    assert (out / images[-1].name).exists() and images[-1].name in again.stdout
+    redo = lampseg(*predict, "overwrite=true")
+    assert "skipped" not in redo.stdout
+    assert all((out / n).stat().st_mtime_ns != t for n, t in done.items())
