@@ -313,13 +313,19 @@ def _positive_ints(key: str, value: Any, length: int | None = None) -> list[int]
 
 
 def patch_size_of(cfg: DictConfig) -> list[int] | None:
-    """``data.patch_size`` as three ints, or None for whole-volume training."""
+    """``data.patch_size`` as three ints, or None for whole-volume training and ``auto`` (chosen from the
+    data by ``parallel.plan.auto_patch_size``)."""
     value = cfg.data.patch_size
     if isinstance(value, str):
-        if value != "whole":
-            _fail("data.patch_size", "a list of 3 positive integers or 'whole'", value)
+        if value not in ("whole", "auto"):
+            _fail("data.patch_size", "a list of 3 positive integers, 'whole' or 'auto'", value)
         return None
     return _positive_ints("data.patch_size", value, 3)
+
+
+def is_auto_patch(cfg: DictConfig) -> bool:
+    """``data.patch_size=auto``: the largest patch that fits the memory budget."""
+    return isinstance(cfg.data.patch_size, str) and cfg.data.patch_size == "auto"
 
 
 def _check_patch(key: str, patch: list[int], divisor: int, norm: str) -> None:

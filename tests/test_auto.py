@@ -3,6 +3,7 @@ resumable ``predict`` and ``data.patch_size=auto``."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,3 +115,31 @@ def test_interrupted_predict_over_a_folder_resumes_without_redoing_finished_case
     redo = lampseg(*predict, "overwrite=true")
     assert "skipped" not in redo.stdout
     assert all((out / n).stat().st_mtime_ns != t for n, t in done.items())
+
+
+def _auto_plan(tmp_path: Path, name: str, pp: int, budget: float) -> dict:
+    run_dir = tmp_path / name
+    proc = lampseg("plan", "+exp=smoke", "data.synthetic.shape=[64,64,64]", "data.patch_size=auto",
+                   "parallel=pipeline", "parallel.engine=gpipe", f"parallel.pp={pp}",
+                   f"parallel.memory_gb={budget}", f"run_dir={run_dir}")
+    decision = json.loads((run_dir / "plan.json").read_text())["patch_size_auto"]
+    assert f"data.patch_size=auto: {decision['patch_size']}" in proc.stdout  # printed with its reason
+    return decision
+
+
+def test_patch_size_auto_takes_a_larger_patch_with_two_stages_and_train_records_the_same_choice(tmp_path):
+    ample = _auto_plan(tmp_path, "ample", 1, 64.0)
+    assert ample["patch_size"] == ample["largest_candidate"]  # the whole (padded median) volume fits
+    assert all(p % 4 == 0 and p >= m for p, m in zip(ample["patch_size"], ample["median_shape"]))
+    budget = 0.9 * ample["estimate_gb"]  # the whole volume no longer fits on one stage
+    one, two = _auto_plan(tmp_path, "pp1", 1, budget), _auto_plan(tmp_path, "pp2", 2, budget)
+    assert one["candidates_too_large"] and one["estimate_gb"] <= budget
+    assert math.prod(two["patch_size"]) > math.prod(one["patch_size"])
+    run_dir = tmp_path / "train"
+    lampseg("train", "+exp=smoke", "data.synthetic.shape=[64,64,64]", "data.patch_size=auto",
+            "parallel=pipeline", "parallel.engine=gpipe", "parallel.pp=1", f"parallel.memory_gb={budget}",
+            "trainer.max_epochs=1", f"run_dir={run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["patch_size_auto"]["patch_size"] == one["patch_size"]  # plan showed train's decision
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "final.pt")
+    assert list(ckpt["data"]["patch_size"]) == one["patch_size"]

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lampseg.config import ConfigError, patch_size_of
+from lampseg.config import ConfigError, is_auto_patch, patch_size_of
 from lampseg.data.cache import PreprocessConfig, PreprocessedDataset, build_cache
 from lampseg.data.msd import DataError, MSDDataset, load_dataset
 from lampseg.data.sampling import PatchDataset, build_augment, whole_volume_shape
@@ -56,6 +56,7 @@ class DataBundle:
     val_cases: list[str]
     patch_size: list[int]
     whole_volume: bool
+    patch_decision: dict | None = None  # data.patch_size=auto: what was chosen and why
 
     @property
     def modality_names(self) -> list[str]:
@@ -106,16 +107,32 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     fold = splits[d.fold]
-    patch = patch_size_of(cfg)
-    whole = patch is None
-    if whole:
+    patch, decision = patch_size_of(cfg), None
+    whole = patch is None and not is_auto_patch(cfg)
+    if is_auto_patch(cfg):
+        patch, decision = _auto_patch(cfg, cache, fold["train"], len(channels), targets, log)
+    elif whole:
         patch = whole_volume_shape([cache.image(n).shape[-3:] for n in cache.cases], divisor)
     elif any(p % divisor for p in patch):
         raise ConfigError(f"config key 'data.patch_size': expected multiples of {divisor} (the product of "
                           f"model.strides), got {list(patch)}")
     else:
         _warn_small_cases(cache, patch, log)
-    return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole)
+    return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole, decision)
+
+
+def _auto_patch(cfg, cache, cases: list[str], in_channels: int, targets, log) -> tuple[list[int], dict]:
+    """``data.patch_size=auto`` for the training cases, within ``parallel.memory_gb`` per stage (default:
+    the training device's free memory)."""
+    from lampseg.engine.auto import free_memory_gb
+    from lampseg.engine.train import resolve_device
+    from lampseg.parallel.plan import auto_patch_size
+
+    budget = cfg.parallel.memory_gb
+    if budget is None:
+        budget = free_memory_gb(resolve_device(cfg.trainer.device))
+    shapes = [list(cache.image(n).shape[-3:]) for n in cases]
+    return auto_patch_size(cfg, shapes, in_channels, targets, budget, log)
 
 
 def _warn_small_cases(cache, patch: list[int], log) -> None:

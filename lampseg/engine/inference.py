@@ -63,6 +63,8 @@ def pad_to_multiple(x: torch.Tensor, divisor: int, dtype: torch.dtype | None = N
 def _input_format(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.memory_format]:
     """The dtype and layout the model's first convolution will convert ``x`` to (autocast, channels-last)."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if type(model).__module__.startswith("torchgpipe"):
+        dtype = x.dtype  # its stages run in worker threads, where this thread's autocast does not apply
     weight = next((p for p in model.parameters() if p.dim() == 5), None)
     channels_last = weight is not None and not weight.is_contiguous() and \
         weight.is_contiguous(memory_format=torch.channels_last_3d)
