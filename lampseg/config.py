@@ -197,6 +197,7 @@ class BenchConfig:
     windows: list[int] = field(default_factory=lambda: [64, 96, 128])  # bench inference: sliding windows
     overlaps: list[float] = field(default_factory=lambda: [0.25, 0.5])  # bench inference
     cases: int = 0  # bench inference: validation cases (0: all)
+    auto_budgets_gb: list[float] | None = None  # bench inference auto rows (None: 2x, 0.75x whole's estimate)
     patch_sizes: list[Any] = field(default_factory=lambda: [16, 32, "whole"])  # bench context: cube sides
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # bench context: first-level channels
     processes: list[int] = field(default_factory=lambda: [1, 2])  # bench data_parallel: DDP process counts

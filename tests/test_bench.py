@@ -122,7 +122,22 @@ def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Pa
     assert (run_dir / "bench_inference.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     modes = result["modes"]
     assert [(m["mode"], m["window"], m["overlap"]) for m in modes] == [
-        ("whole", None, None), ("sliding", 16, 0.5), ("sliding", 32, 0.5)]
+        ("whole", None, None), ("sliding", 16, 0.5), ("sliding", 32, 0.5), ("auto", None, None),
+        ("auto", None, None)]
+    # auto under two budgets: 2x the whole volume's estimate (whole fits), 0.75x (it does not)
+    ample, tight = result["auto"]
+    assert ample["budget_gb"] == pytest.approx(2 * modes[0]["estimate_gb"])
+    assert ample["chose"] == "whole" and ample["fastest_fitting"] is not None
+    assert tight["chose"].startswith("sliding") and "whole" not in tight["chose"]
+    for row in (ample, tight):
+        if row["fastest_fitting"] is None:  # no forced mode is estimated to fit: nothing to compare with
+            assert row["pass"] is None and row is tight
+            continue
+        fitting = next(m for m in modes if m["name"] == row["fastest_fitting"])
+        assert fitting["estimate_gb"] <= row["budget_gb"]
+        assert row["pass"] == (row["time_vs_fastest_fitting"] <= 1.05
+                               and row["dice_minus_fastest_fitting"] >= -0.01)
+    assert all(c["estimate_gb"] <= tight["budget_gb"] for c in modes[-1]["choices"])
     cases = result["config"]["cases"]
     assert cases and result["config"]["train_patch_size"] == [32, 32, 32]
     voxels = sum(x * y * z for x, y, z in result["config"]["volume_shapes"])

@@ -15,6 +15,7 @@ Writes ``bench_inference.json`` and ``bench_inference.png`` (time vs Dice) in ``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -31,23 +32,59 @@ from lampseg.io import atomic_write_bytes
 
 SPEEDUP_TARGET = 3.0  # whole volume vs the 96^3 / overlap 0.5 sliding window
 DICE_TOLERANCE = 0.01
+AUTO_TIME_TOLERANCE = 1.05  # auto vs the fastest forced mode whose estimate fits the same budget
 
 
-def _modes(windows: list[int], overlaps: list[float]) -> list[dict]:
+def _auto_targets(rows: list[dict]) -> list[dict]:
+    """Each auto row against the fastest forced mode whose estimated peak fits its budget."""
+    out = []
+    for row in (r for r in rows if r["mode"] == "auto"):
+        fitting = [r for r in rows if r["mode"] != "auto" and r["estimate_gb"] <= row["budget_gb"]]
+        chose = sorted({"whole" if c["mode"] == "whole" else f"sliding {c['window']}"
+                        for c in row["choices"] if c})
+        entry = {"name": row["name"], "budget_gb": row["budget_gb"], "chose": ", ".join(chose),
+                 "fastest_fitting": None, "time_vs_fastest_fitting": None,
+                 "dice_minus_fastest_fitting": None, "pass": None}
+        if fitting:
+            best = min(fitting, key=lambda r: r["seconds_per_volume"])
+            ratio = row["seconds_per_volume"] / best["seconds_per_volume"]
+            same_dice = row["dice"] >= best["dice"] - DICE_TOLERANCE
+            entry.update(fastest_fitting=best["name"], time_vs_fastest_fitting=ratio,
+                         dice_minus_fastest_fitting=row["dice"] - best["dice"],
+                         **{"pass": ratio <= AUTO_TIME_TOLERANCE and same_dice})
+        out.append(entry)
+    return out
+
+
+def _modes(windows: list[int], overlaps: list[float], budgets: list[float]) -> list[dict]:
     modes = [{"name": "whole", "mode": "whole", "window": None, "overlap": None}]
     modes += [{"name": f"sliding {w}^3 / {o:g}", "mode": "sliding", "window": w, "overlap": o}
               for w in windows for o in overlaps]
+    modes += [{"name": f"auto @ {g:.3g} GB", "mode": "auto", "window": None, "overlap": None, "budget_gb": g}
+              for g in budgets]
     return modes
 
 
-def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: int):
+def _estimate_gb(memory, mode: dict, volume: list[int], divisor: int, sw_batch_size: int) -> float | None:
+    """The forced mode's estimated peak on ``volume`` (None for auto rows)."""
+    from lampseg.engine.auto import padded_shape
+
+    if mode["mode"] == "whole":
+        return memory.whole_gb(padded_shape(volume, divisor))
+    if mode["mode"] == "sliding":
+        return memory.sliding_gb(volume, [mode["window"]] * 3, sw_batch_size)
+    return None
+
+
+def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: int, memory=None,
+                report: dict | None = None):
     from lampseg.engine.evaluate import case_image, roi_size
     from lampseg.engine.inference import infer
 
     image = case_image(bundle, name).to(device)
     roi = roi_size(cfg, bundle.patch_size)
     start = time.perf_counter()
-    logits = infer(model, image, cfg.inference, roi, divisor, cfg.trainer.precision)
+    logits = infer(model, image, cfg.inference, roi, divisor, cfg.trainer.precision, memory, report)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return logits, time.perf_counter() - start, math.prod(image.shape[-3:])
@@ -71,6 +108,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
             divisibility.
     """
     from lampseg.data.pipeline import prepare_data
+    from lampseg.engine.auto import InferenceMemory, padded_shape
     from lampseg.engine.checkpoint import load_checkpoint
     from lampseg.engine.evaluate import case_scores, config_from_checkpoint, load_model
     from lampseg.model.unet import size_divisor
@@ -103,35 +141,52 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     log(f"bench inference: {cfg.ckpt} ({cfg.model.name}), {len(cases)} validation case(s), "
         f"{enum_value(cfg.trainer.precision)}, device {device}, TTA {bool(cfg.inference.tta)}, "
         f"{b.repeats} interleaved round(s)")
-    modes = _modes(list(b.windows), list(b.overlaps))
+    estimate = InferenceMemory.from_config(cfg.model, len(bundle.channels), bundle.targets.out_channels,
+                                           cfg.trainer.precision)
+    largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
+    largest_shape = list(bundle.cache.image(largest).shape[-3:])
+    whole_gb = estimate.whole_gb(padded_shape(largest_shape, divisor))
+    # auto's two budgets: one where the whole volume fits, one where it does not.
+    budgets = list(b.auto_budgets_gb) if b.auto_budgets_gb is not None else [2 * whole_gb, 0.75 * whole_gb]
+    modes = _modes(list(b.windows), list(b.overlaps), budgets)
     mode_cfgs = [_mode_config(cfg, mode) for mode in modes]
-    for mode_cfg in mode_cfgs:  # warm-up (allocator, kernels), untimed
-        _infer_case(model, bundle, cases[0], mode_cfg, device, divisor)
+    memories = [dataclasses.replace(estimate, budget_gb=m["budget_gb"]) if m["mode"] == "auto" else None
+                for m in modes]
+    for mode_cfg, memory in zip(mode_cfgs, memories):  # warm-up (allocator, kernels), untimed
+        _infer_case(model, bundle, cases[0], mode_cfg, device, divisor, memory)
     # Rounds interleave the modes (whole, sliding..., whole, ...) so that a burst of load on a shared
     # machine hits every mode alike; each case's time is its median over the rounds.
     seconds = [{name: [] for name in cases} for _ in modes]
     dice: list[list] = [[] for _ in modes]
+    choices: list[list] = [[] for _ in modes]
     start_all = time.perf_counter()
     for round_ in range(b.repeats):
-        for k, mode_cfg in enumerate(mode_cfgs):
+        for k, (mode_cfg, memory) in enumerate(zip(mode_cfgs, memories)):
             for name in cases:
-                logits, elapsed, _ = _infer_case(model, bundle, name, mode_cfg, device, divisor)
+                report: dict = {}
+                logits, elapsed, _ = _infer_case(model, bundle, name, mode_cfg, device, divisor, memory,
+                                                 report)
                 seconds[k][name].append(elapsed)
                 if round_ == 0:
                     dice[k].append(case_scores(bundle, name, logits, with_hd95=False)[0])
+                    choices[k].append(report or None)
                 del logits
     voxels = sum(math.prod(bundle.cache.image(c).shape[-3:]) for c in cases)
-    largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
     rows = []
-    for mode, mode_cfg, times, mode_dice in zip(modes, mode_cfgs, seconds, dice):
+    for mode, mode_cfg, memory, times, mode_dice, chosen in zip(modes, mode_cfgs, memories, seconds, dice,
+                                                                 choices):
         with PeakMemory(device) as peak:
-            _infer_case(model, bundle, largest, mode_cfg, device, divisor)
+            _infer_case(model, bundle, largest, mode_cfg, device, divisor, memory)
         per_case = [statistics.median(times[name]) for name in cases]
         per_region = {n: float(np.nanmean([d[i] for d in mode_dice])) for i, n in enumerate(names)}
         row = {**mode, "seconds_per_volume": statistics.median(per_case), "seconds": per_case,
                "seconds_rounds": [times[name] for name in cases], "voxels_per_s": voxels / sum(per_case),
                "dice": float(np.nanmean(list(per_region.values()))), "dice_per_region": per_region,
-               "peak_memory_mb": peak.bytes / 2**20}
+               "peak_memory_mb": peak.bytes / 2**20,
+               "estimate_gb": _estimate_gb(estimate, mode, largest_shape, divisor,
+                                           cfg.inference.sw_batch_size)}
+        if mode["mode"] == "auto":
+            row["choices"] = chosen
         rows.append(row)
         log(f"  {mode['name']:<22} {row['seconds_per_volume']:7.3f} s/volume  "
             f"{row['voxels_per_s'] / 1e6:6.2f} "
@@ -147,7 +202,17 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
         loss = reference["dice"] - whole["dice"]
         target = {"speedup_vs_96_0.5": reference["whole_speedup"], "dice_loss_vs_96_0.5": loss,
                   "pass": reference["whole_speedup"] >= SPEEDUP_TARGET and loss <= DICE_TOLERANCE}
-    result = {"benchmark": "inference", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    auto_rows = _auto_targets(rows)
+    for row in auto_rows:
+        if row["fastest_fitting"] is None:
+            log(f"{row['name']}: chose {row['chose']}; no forced mode is estimated to fit this budget")
+            continue
+        log(f"{row['name']}: chose {row['chose']}; fastest forced mode within the budget: "
+            f"{row['fastest_fitting']} -> auto takes {row['time_vs_fastest_fitting']:.2f}x its time, Dice "
+            f"{row['dice_minus_fastest_fitting']:+.4f} -> {'pass' if row['pass'] else 'FAIL'} (target: "
+            f"<= {AUTO_TIME_TOLERANCE:g}x)")
+    result = {"benchmark": "inference", "auto": auto_rows,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "ckpt": str(cfg.ckpt), "modes": rows, "target": target,
               "targets": {"speedup_min": SPEEDUP_TARGET, "dice_loss_max": DICE_TOLERANCE},
               "config": {"model": cfg.model.name, "train_patch_size": list(ckpt["data"]["patch_size"]),
@@ -176,7 +241,7 @@ def _plot(result: dict) -> bytes:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in result["modes"]:
-        marker = "*" if row["mode"] == "whole" else "o"
+        marker = {"whole": "*", "auto": "s"}.get(row["mode"], "o")
         ax.scatter(row["seconds_per_volume"], row["dice"], marker=marker, s=120 if marker == "*" else 40)
         ax.annotate(row["name"], (row["seconds_per_volume"], row["dice"]), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
