@@ -159,6 +159,7 @@ class TrainerConfig:
 class InferenceConfig:
     mode: InferenceMode = InferenceMode.auto
     memory_gb: float | None = None  # auto: budget per device (None: the device's free memory)
+    devices: int | None = None  # auto: devices to pipeline an unsplit model over (None: visible GPUs; CPU 1)
     patch_size: list[int] | None = None
     overlap: float = 0.5
     blend: Blend = Blend.gaussian
@@ -469,6 +470,9 @@ def validate(cfg: DictConfig) -> None:
                                 ("parallel.profile", p.profile, ("estimate", "measure"))]:
         if value not in allowed:
             _fail(key, "one of " + "|".join(allowed), value)
+    if cfg.inference.devices is not None and cfg.inference.devices < 1:
+        _fail("inference.devices", "a positive number of devices or null (the visible GPUs)",
+              cfg.inference.devices)
     if cfg.inference.memory_gb is not None and cfg.inference.memory_gb <= 0:
         _fail("inference.memory_gb", "a positive number of GB or null (the device's free memory)",
               cfg.inference.memory_gb)

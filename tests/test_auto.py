@@ -143,3 +143,28 @@ def test_patch_size_auto_takes_a_larger_patch_with_two_stages_and_train_records_
     assert summary["patch_size_auto"]["patch_size"] == one["patch_size"]  # plan showed train's decision
     ckpt = load_checkpoint(run_dir / "checkpoints" / "final.pt")
     assert list(ckpt["data"]["patch_size"]) == one["patch_size"]
+
+
+def test_auto_pipelines_an_unsplit_model_over_devices_when_the_whole_volume_fits_only_split():
+    from monai.networks.nets import UNet
+
+    from lampseg.engine.auto import choose_mode
+
+    torch.manual_seed(0)
+    model = UNet(3, 2, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+    image = torch.randn(1, 2, 20, 24, 16)
+    memory = InferenceMemory(param_bytes=0, act_bytes_per_voxel=1e4, in_channels=2, out_channels=3, devices=2)
+    one, two = memory.whole_gb([20, 24, 16]), memory.whole_gb([20, 24, 16], 2)
+    memory = InferenceMemory(0, 1e4, 2, 3, budget_gb=(one + two) / 2, devices=2)
+    choice = choose_mode(memory, [20, 24, 16], 4, memory.budget_gb, 1)
+    assert (choice.mode, choice.split) == ("whole", 2) and "pipelined over 2 devices" in choice.reason
+    cfg = SimpleNamespace(mode="auto", overlap=0.5, blend="gaussian", sw_batch_size=1, tta=False)
+    report: dict = {}
+    logits = inference.infer(model, image, cfg, [8, 8, 8], divisor=4, memory=memory, report=report)
+    assert report["split_over_devices"] == 2 and report["mode"] == "whole"
+    expected = inference.infer(model, image, SimpleNamespace(**{**vars(cfg), "mode": "whole"}), [8, 8, 8], 4)
+    assert torch.allclose(logits, expected, atol=1e-5)  # same weights, same logits, split in two
+    assert next(model.parameters()).device.type == "cpu" and not hasattr(model, "partitions")  # untouched
+    # With one device only, the same budget means sliding windows.
+    single = InferenceMemory(0, 1e4, 2, 3, budget_gb=memory.budget_gb, devices=1)
+    assert choose_mode(single, [20, 24, 16], 4, single.budget_gb, 1).mode == "sliding"

@@ -34,6 +34,8 @@ class InferenceMemory:
         stages: pipeline stages the model is split over (activations and weights divide among them).
         budget_gb: what ``inference.mode=auto`` may use per device (``inference.memory_gb`` or the free
             memory when the estimate was made).
+        devices: devices an unsplit model may be pipelined over for a whole volume that does not fit one
+            (``inference.devices``; default: the visible GPUs, 1 on CPU).
     """
 
     param_bytes: int
@@ -42,10 +44,11 @@ class InferenceMemory:
     out_channels: int
     stages: int = 1
     budget_gb: float = math.inf
+    devices: int = 1
 
     @classmethod
     def from_config(cls, model_cfg, in_channels: int, out_channels: int, precision: str = "fp32",
-                    stages: int = 1, budget_gb: float = math.inf) -> InferenceMemory:
+                    stages: int = 1, budget_gb: float = math.inf, devices: int = 1) -> InferenceMemory:
         """Profile ``model_cfg``'s U-Net on meta tensors (no memory, milliseconds)."""
         from lampseg.engine.inference import DTYPES
         from lampseg.model.unet import build_model, size_divisor
@@ -62,13 +65,14 @@ class InferenceMemory:
         # A residual unit holds two intermediates at once (convolution and normalisation outputs): 2x the
         # largest. Checked against bench inference's measured peaks (whole and 64-128^3 windows: within 10 %).
         act = max(c.in_bytes + c.out_bytes + 2 * c.work_bytes for c in costs)
-        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb)
+        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb, devices)
 
-    def whole_gb(self, shape: list[int]) -> float:
-        """Peak GB per device for the whole (padded) volume ``shape`` in one pass."""
+    def whole_gb(self, shape: list[int], split: int | None = None) -> float:
+        """Peak GB per device for the whole (padded) volume ``shape`` in one pass, over ``split`` devices
+        (default: the model's stages)."""
         voxels = math.prod(shape)
         held = 4 * voxels * (self.in_channels + self.out_channels)  # fp32 image and logits
-        return (held + (self.param_bytes + self.act_bytes_per_voxel * voxels) / self.stages) / GB
+        return (held + (self.param_bytes + self.act_bytes_per_voxel * voxels) / (split or self.stages)) / GB
 
     def sliding_gb(self, volume: list[int], window: list[int], sw_batch_size: int) -> float:
         """Peak GB for sliding windows of ``window`` over ``volume`` (MONAI keeps the fp32 output sum
@@ -90,10 +94,12 @@ class ModeChoice:
     budget_gb: float
     reason: str
     fallbacks: list[str] = field(default_factory=list)  # out-of-memory errors that moved it down
+    split: int = 1  # > 1: an unsplit model pipelined over this many devices for the whole volume
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "window": self.window, "estimate_gb": round(self.estimate_gb, 4),
-                "budget_gb": round(self.budget_gb, 4), "reason": self.reason, "fallbacks": self.fallbacks}
+        return {"mode": self.mode, "window": self.window, "split_over_devices": self.split,
+                "estimate_gb": round(self.estimate_gb, 4), "budget_gb": round(self.budget_gb, 4),
+                "reason": self.reason, "fallbacks": self.fallbacks}
 
 
 def free_memory_gb(device: torch.device) -> float:
@@ -134,6 +140,13 @@ def choose_mode(memory: InferenceMemory, volume: list[int], divisor: int, budget
         where = "one device" if memory.stages == 1 else f"{memory.stages} pipeline stages"
         return ModeChoice("whole", None, whole, budget_gb,
                           f"the whole volume needs ~{whole:.3g} GB on {where}, within {budget_gb:.3g} GB")
+    if memory.stages == 1 and memory.devices > 1:
+        split = memory.whole_gb(padded_shape(volume, divisor), memory.devices)
+        if split <= budget_gb:
+            return ModeChoice("whole", None, split, budget_gb,
+                              f"the whole volume needs ~{whole:.3g} GB on one device > {budget_gb:.3g} GB; "
+                              f"pipelined over {memory.devices} devices ~{split:.3g} GB each",
+                              split=memory.devices)
     candidates = windows_to_try(volume, divisor)
     for window in candidates:
         need = memory.sliding_gb(volume, window, sw_batch_size)
@@ -180,8 +193,30 @@ def inference_memory(cfg, in_channels: int, out_channels: int,
         torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
         budget = float(smallest.item())
     stages = cfg.parallel.pp if cfg.parallel.name == "pipeline" else 1
+    devices = cfg.inference.devices
+    if devices is None:
+        devices = torch.cuda.device_count() if device.type == "cuda" else 1
     return InferenceMemory.from_config(cfg.model, in_channels, out_channels, cfg.trainer.precision, stages,
-                                       budget)
+                                       budget, devices)
+
+
+def split_over_devices(model: torch.nn.Module, devices: int, device: torch.device) -> torch.nn.Module:
+    """A copy of the unsplit U-Net ``model`` pipelined (torchgpipe, one micro-batch) over ``devices``
+    devices: ``cuda:0..devices-1``, or the CPU repeated. Blocks are divided evenly, which puts the two
+    full-resolution ends (where most activation memory is) on different devices. Built per call (the
+    weights are copied, so training's validation sees its current weights); the original stays whole on
+    its device."""
+    import copy
+
+    from torchgpipe import GPipe
+
+    from lampseg.parallel.blocks import sequential_unet
+    from lampseg.parallel.parallelize import pipeline_devices
+
+    blocks = sequential_unet(copy.deepcopy(model))
+    n = len(blocks)
+    balance = [n // devices + (1 if k < n % devices else 0) for k in range(devices)]
+    return GPipe(blocks, balance=balance, devices=pipeline_devices(devices, device), chunks=1).eval()
 
 
 class CasePeakMemory:

@@ -16,6 +16,7 @@ from lampseg.engine.auto import (
     choose_mode,
     is_out_of_memory,
     release_memory,
+    split_over_devices,
     windows_to_try,
 )
 
@@ -130,7 +131,8 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
     while True:
         failed = None
         try:
-            logits = _infer_mode(model, image, choice.mode, inf_cfg, choice.window or roi_size, divisor,
+            net = split_over_devices(model, choice.split, image.device) if choice.split > 1 else model
+            logits = _infer_mode(net, image, choice.mode, inf_cfg, choice.window or roi_size, divisor,
                                  precision)
         except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
             if not is_out_of_memory(error):
