@@ -13,7 +13,8 @@ import torch
 from conftest import lampseg
 
 import lampseg.engine.inference as inference
-from lampseg.engine.auto import InferenceMemory, padded_shape, windows_to_try
+from lampseg.data.sampling import whole_volume_shape
+from lampseg.engine.auto import InferenceMemory, windows_to_try
 from lampseg.engine.checkpoint import load_checkpoint
 
 
@@ -85,7 +86,7 @@ def test_auto_falls_back_after_an_out_of_memory_error_and_finishes(monkeypatch):
 
 def test_windows_to_try_shrink_by_the_divisor_within_the_padded_volume():
     volume = [20, 13, 9]
-    assert padded_shape(volume, 4) == [20, 16, 12]
+    assert whole_volume_shape([volume], 4) == [20, 16, 12]
     windows = windows_to_try(volume, 4)
     assert windows[0] == [20, 16, 12] and windows[-1] == [8, 8, 8]
     assert all(max(a) > max(b) for a, b in zip(windows, windows[1:]))
@@ -156,7 +157,7 @@ def test_auto_pipelines_an_unsplit_model_over_devices_when_the_whole_volume_fits
     memory = InferenceMemory(param_bytes=0, act_bytes_per_voxel=1e4, in_channels=2, out_channels=3, devices=2)
     one, two = memory.whole_gb([20, 24, 16]), memory.whole_gb([20, 24, 16], 2)
     memory = InferenceMemory(0, 1e4, 2, 3, budget_gb=(one + two) / 2, devices=2)
-    choice = choose_mode(memory, [20, 24, 16], 4, memory.budget_gb, 1)
+    choice = choose_mode(memory, [20, 24, 16], 4, 1)
     assert (choice.mode, choice.split) == ("whole", 2) and "pipelined over 2 devices" in choice.reason
     cfg = SimpleNamespace(mode="auto", overlap=0.5, blend="gaussian", sw_batch_size=1, tta=False)
     report: dict = {}
@@ -167,4 +168,4 @@ def test_auto_pipelines_an_unsplit_model_over_devices_when_the_whole_volume_fits
     assert next(model.parameters()).device.type == "cpu" and not hasattr(model, "partitions")  # untouched
     # With one device only, the same budget means sliding windows.
     single = InferenceMemory(0, 1e4, 2, 3, budget_gb=memory.budget_gb, devices=1)
-    assert choose_mode(single, [20, 24, 16], 4, single.budget_gb, 1).mode == "sliding"
+    assert choose_mode(single, [20, 24, 16], 4, 1).mode == "sliding"

@@ -72,10 +72,10 @@ def _modes(windows: list[int], overlaps: list[float], budgets: list[float]) -> l
 
 def _estimate_gb(memory, mode: dict, volume: list[int], divisor: int, sw_batch_size: int) -> float | None:
     """The forced mode's estimated peak on ``volume`` (None for auto rows)."""
-    from lampseg.engine.auto import padded_shape
+    from lampseg.data.sampling import whole_volume_shape
 
     if mode["mode"] == "whole":
-        return memory.whole_gb(padded_shape(volume, divisor))
+        return memory.whole_gb(whole_volume_shape([volume], divisor))
     if mode["mode"] == "sliding":
         return memory.sliding_gb(volume, [mode["window"]] * 3, sw_batch_size)
     return None
@@ -113,7 +113,8 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
             divisibility.
     """
     from lampseg.data.pipeline import prepare_data
-    from lampseg.engine.auto import InferenceMemory, padded_shape
+    from lampseg.data.sampling import whole_volume_shape
+    from lampseg.engine.auto import InferenceMemory
     from lampseg.engine.checkpoint import load_checkpoint
     from lampseg.engine.evaluate import case_scores, config_from_checkpoint, load_model
     from lampseg.model.unet import size_divisor
@@ -150,7 +151,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
                                            cfg.trainer.precision)
     largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
     largest_shape = list(bundle.cache.image(largest).shape[-3:])
-    whole_gb = estimate.whole_gb(padded_shape(largest_shape, divisor))
+    whole_gb = estimate.whole_gb(whole_volume_shape([largest_shape], divisor))
     # auto's two budgets: one where the whole volume fits, one where it does not.
     budgets = list(b.auto_budgets_gb) if b.auto_budgets_gb is not None else [2 * whole_gb, 0.75 * whole_gb]
     modes = _modes(list(b.windows), list(b.overlaps), budgets)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lampseg.config import enum_value
+from lampseg.data.sampling import whole_volume_shape
+from lampseg.engine.logs import peak_memory_mb
 
 GB = 1024**3
 
@@ -119,42 +121,51 @@ def free_memory_gb(device: torch.device) -> float:
         return 16.0  # unknown platform: a laptop-sized guess; set inference.memory_gb to be exact
 
 
-def padded_shape(shape: list[int], divisor: int) -> list[int]:
-    return [-(-s // divisor) * divisor for s in shape]
-
-
 def windows_to_try(volume: list[int], divisor: int, below: int | None = None) -> list[list[int]]:
     """Sliding windows from the padded volume's largest side down, one ``divisor`` step at a time
     (each axis capped at the padded volume), strictly smaller than a side of ``below`` when given."""
-    padded = padded_shape(volume, divisor)
+    padded = whole_volume_shape([volume], divisor)
     top = max(padded) if below is None else below - divisor
     return [[min(side, p) for p in padded] for side in range(top, 2 * divisor - 1, -divisor)]
 
 
-def choose_mode(memory: InferenceMemory, volume: list[int], divisor: int, budget_gb: float,
-                sw_batch_size: int) -> ModeChoice:
-    """Whole volume if it fits ``budget_gb`` (split over the model's stages when pipelined), else the
-    largest sliding window that fits, else the smallest window (with the reason saying it may not fit)."""
-    whole = memory.whole_gb(padded_shape(volume, divisor))
+def largest_fitting_window(memory: InferenceMemory, volume: list[int], windows: list[list[int]],
+                           sw_batch_size: int) -> tuple[list[int], float] | None:
+    """The first of ``windows`` (largest first) whose sliding estimate fits ``memory.budget_gb``, with that
+    estimate; None when none does."""
+    for window in windows:
+        need = memory.sliding_gb(volume, window, sw_batch_size)
+        if need <= memory.budget_gb:
+            return window, need
+    return None
+
+
+def choose_mode(memory: InferenceMemory, volume: list[int], divisor: int, sw_batch_size: int) -> ModeChoice:
+    """Whole volume if it fits ``memory.budget_gb`` (split over the model's stages when pipelined, or over
+    ``memory.devices`` devices), else the largest sliding window that fits, else the smallest window (with
+    the reason saying it may not fit)."""
+    budget_gb = memory.budget_gb
+    padded = whole_volume_shape([volume], divisor)
+    whole = memory.whole_gb(padded)
     if whole <= budget_gb:
         where = "one device" if memory.stages == 1 else f"{memory.stages} pipeline stages"
         return ModeChoice("whole", None, whole, budget_gb,
                           f"the whole volume needs ~{whole:.3g} GB on {where}, within {budget_gb:.3g} GB")
     if memory.stages == 1 and memory.devices > 1:
-        split = memory.whole_gb(padded_shape(volume, divisor), memory.devices)
+        split = memory.whole_gb(padded, memory.devices)
         if split <= budget_gb:
             return ModeChoice("whole", None, split, budget_gb,
                               f"the whole volume needs ~{whole:.3g} GB on one device > {budget_gb:.3g} GB; "
                               f"pipelined over {memory.devices} devices ~{split:.3g} GB each",
                               split=memory.devices)
     candidates = windows_to_try(volume, divisor)
-    for window in candidates:
-        need = memory.sliding_gb(volume, window, sw_batch_size)
-        if need <= budget_gb:
-            return ModeChoice("sliding", window, need, budget_gb,
-                              f"the whole volume needs ~{whole:.3g} GB > {budget_gb:.3g} GB; the largest "
-                              f"window that fits is {window} (~{need:.3g} GB)")
-    window = candidates[-1] if candidates else padded_shape(volume, divisor)
+    fitting = largest_fitting_window(memory, volume, candidates, sw_batch_size)
+    if fitting is not None:
+        window, need = fitting
+        return ModeChoice("sliding", window, need, budget_gb,
+                          f"the whole volume needs ~{whole:.3g} GB > {budget_gb:.3g} GB; the largest "
+                          f"window that fits is {window} (~{need:.3g} GB)")
+    window = candidates[-1] if candidates else padded
     need = memory.sliding_gb(volume, window, sw_batch_size)
     return ModeChoice("sliding", window, need, budget_gb,
                       f"nothing is estimated to fit {budget_gb:.3g} GB (whole ~{whole:.3g} GB); trying the "
@@ -234,14 +245,7 @@ class CasePeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            import resource
-            import sys
-
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.peak_mb = rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes there, KiB here
+        self.peak_mb = peak_memory_mb(self.device)
 
     def report(self) -> dict:
         key = "peak_memory_mb" if self.device.type == "cuda" else "process_peak_rss_mb"

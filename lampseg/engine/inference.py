@@ -15,6 +15,7 @@ from lampseg.engine.auto import (
     ModeChoice,
     choose_mode,
     is_out_of_memory,
+    largest_fitting_window,
     release_memory,
     split_over_devices,
     windows_to_try,
@@ -127,7 +128,7 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
     if memory is None:
         raise ValueError("inference.mode=auto needs the model's InferenceMemory (memory=...)")
     volume = list(image.shape[-3:])
-    choice = choose_mode(memory, volume, divisor, memory.budget_gb, inf_cfg.sw_batch_size)
+    choice = choose_mode(memory, volume, divisor, inf_cfg.sw_batch_size)
     while True:
         failed = None
         try:
@@ -148,13 +149,13 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
         if not windows:
             raise torch.OutOfMemoryError(f"inference.mode=auto: out of memory even with the smallest sliding "
                                          f"window ({failed})")
-        sw, budget = inf_cfg.sw_batch_size, memory.budget_gb
-        window = next((w for w in windows if memory.sliding_gb(volume, w, sw) <= budget), windows[0])
+        sw = inf_cfg.sw_batch_size
+        window, need = (largest_fitting_window(memory, volume, windows, sw)
+                        or (windows[0], memory.sliding_gb(volume, windows[0], sw)))  # else one step down
         _warn_fallback_once(f"inference.mode=auto: out of memory ({failed}); falling back to sliding "
                             f"windows of {window}")
-        choice = ModeChoice("sliding", window, memory.sliding_gb(volume, window, inf_cfg.sw_batch_size),
-                            memory.budget_gb, f"fell back after out of memory: {choice.reason}",
-                            [*choice.fallbacks, failed])
+        choice = ModeChoice("sliding", window, need, memory.budget_gb,
+                            f"fell back after out of memory: {choice.reason}", [*choice.fallbacks, failed])
     if report is not None:
         report.update(choice.to_dict())
     return logits

@@ -380,13 +380,14 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
         PlanError: not even the smallest patch fits; the message says what would.
     """
     from lampseg.config import enum_value
+    from lampseg.data.sampling import whole_volume_shape
     from lampseg.engine.inference import DTYPES
     from lampseg.model.losses import build_loss
     from lampseg.model.unet import build_model, size_divisor
 
     divisor = size_divisor(cfg.model)
     median = [int(sorted(s[k] for s in shapes)[len(shapes) // 2]) for k in range(3)]
-    cap = [-(-m // divisor) * divisor for m in median]
+    cap = whole_volume_shape([median], divisor)
     p, batch = cfg.parallel, cfg.data.batch_size
     pipelined = p.name == "pipeline"
     pp = p.pp if pipelined else 1
