@@ -16,6 +16,8 @@ import errno
 import importlib
 import os
 import sys
+import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -36,14 +38,14 @@ SUBCOMMANDS = {
 # subcommand -> (module, function, whether it takes the command line's overrides besides the config)
 RUNNERS = {
     "train": ("lampseg.engine.train", "run", False),
-    "evaluate": ("lampseg.engine.evaluate", "run_evaluate", True),
-    "predict": ("lampseg.engine.evaluate", "run_predict", True),
-    "plan": ("lampseg.parallel.plan", "run_plan", False),
+    "evaluate": ("lampseg.commands.evaluate", "run_evaluate", True),
+    "predict": ("lampseg.commands.predict", "run_predict", True),
+    "plan": ("lampseg.commands.plan", "run_plan", False),
     "tune": ("lampseg.tune.search", "run_tune", False),
     "loo": ("lampseg.tune.loo", "run_loo", False),
-    "validate": ("lampseg.data.check", "run_validate", False),
-    "visualize": ("lampseg.viz", "run_visualize", True),
-    "bench": ("lampseg.bench", "run_bench", True),
+    "validate": ("lampseg.commands.validate", "run_validate", False),
+    "visualize": ("lampseg.commands.visualize", "run_visualize", True),
+    "bench": ("lampseg.bench.cli", "run_bench", True),
 }
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
@@ -66,8 +68,12 @@ def _print_help() -> None:
           "tune exp;\nsee `python -m lampseg train --help` and docs/.")
 
 
+# lampseg's own modules and Hydra are imported inside the functions below, once a subcommand is known:
+# they pull in torch, and `python -m lampseg --help` should answer at once.
+
+
 def _dispatch(subcommand: str, cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig  # lazy: see above
 
     from lampseg.config import validate
 
@@ -85,7 +91,7 @@ def _dispatch(subcommand: str, cfg) -> None:
 
 def _synth_to(cfg) -> Path:
     """``synth``: write to ``out=PATH``, or the default location ``data.root=null`` trains on."""
-    from lampseg.data.pipeline import dataset_root
+    from lampseg.data.prepare import dataset_root  # lazy: see above
     from lampseg.data.synth import generate_dataset
 
     s = cfg.data.synthetic
@@ -105,10 +111,7 @@ def _torchrun_argv(argv: list[str]) -> list[str]:
     """Under torchrun: join the job (``parallel.backend`` and ``parallel.timeout_s`` are read from the
     command line here, before Hydra composes the config), give every rank rank 0's run directory (each
     would otherwise stamp its own time) and let only rank 0 write Hydra's files and log."""
-    import os
-    import time
-
-    from lampseg.parallel import distributed
+    from lampseg.parallel import distributed  # lazy: see above
 
     timeout = _override(argv, "parallel.timeout_s")
     if timeout is not None:
@@ -141,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]
 
-    import warnings
-
-    import hydra
+    import hydra  # lazy: see above
 
     # conf/hydra/launcher/ray.yaml sets lampseg's defaults for hydra-ray-launcher and is deliberately checked
     # against the plugin's schema of the same name; Hydra calls that pattern deprecated on every run.

@@ -1,6 +1,10 @@
 """Atomic file writes: a crash, a kill or a full disk leaves the old file or the new one, not half."""
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
 import re
 import tempfile
@@ -57,9 +61,6 @@ def fsync_dir(directory: str | Path) -> None:
 def atomic_write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
     """``rows`` as a CSV file, written atomically: ``columns`` (default: every key, in first-seen order);
     keys outside ``columns`` are left out."""
-    import csv
-    import io
-
     columns = columns if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -87,3 +88,19 @@ def portable(value):
         return v
 
     return walk(value)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Atomic JSON write; NaN/inf become null so the file is strict JSON; the home directory becomes ``~``
+    (``portable``)."""
+    atomic_write_text(path, json.dumps(_json_safe(portable(data)), indent=2) + "\n")

@@ -14,7 +14,7 @@ from conftest import lampseg
 
 import lampseg.engine.inference as inference
 from lampseg.data.sampling import whole_volume_shape
-from lampseg.engine.auto import InferenceMemory, windows_to_try
+from lampseg.engine.inference_memory import InferenceMemory, windows_to_try
 from lampseg.engine.checkpoint import load_checkpoint
 
 
@@ -149,7 +149,7 @@ def test_patch_size_auto_takes_a_larger_patch_with_two_stages_and_train_records_
 def test_auto_pipelines_an_unsplit_model_over_devices_when_the_whole_volume_fits_only_split():
     from monai.networks.nets import UNet
 
-    from lampseg.engine.auto import choose_mode
+    from lampseg.engine.inference_memory import choose_mode
 
     torch.manual_seed(0)
     model = UNet(3, 2, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()

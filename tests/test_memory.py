@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lampseg.parallel.memory import GB, PeakMemory, tensor_bytes
+from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 
 MB = 2**20
 

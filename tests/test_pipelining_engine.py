@@ -88,7 +88,7 @@ def test_pipelining_resumes_and_checkpoints_are_portable(tmp_path, unsplit):
     assert (split["parallel"]["engine"], split["parallel"]["pp"]) == ("pipelining", 2)
     assert split["mean"]["dice"] == pytest.approx(whole["mean"]["dice"], abs=1e-6)
 
-    from lampseg.data.pipeline import dataset_root
+    from lampseg.data.prepare import dataset_root
 
     image = sorted((dataset_root(compose("+exp=smoke").data) / "imagesTr").glob("*.nii.gz"))[0]
     torchrun(2, "predict", f"ckpt={final}", f"input={image}", f"output={tmp_path / 'pred_split'}")

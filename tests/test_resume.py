@@ -18,7 +18,8 @@ from conftest import compose, lampseg, train_here
 from omegaconf import OmegaConf
 
 from lampseg.engine.checkpoint import save_checkpoint
-from lampseg.engine.train import _rng_state, _set_rng_state, run
+from lampseg.engine.train import run
+from lampseg.runtime.device import rng_state, set_rng_state
 
 # trainer.num_threads=1: on 2 shared cores a second intra-op thread only adds stalls to these tiny steps.
 DETERMINISTIC = ["+exp=smoke", "trainer.precision=fp32", "trainer.deterministic=true", "trainer.max_epochs=4",
@@ -97,10 +98,10 @@ def test_rng_state_round_trip(tmp_path):
     np.random.seed(0)
     np.random.random(5)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
-    save_checkpoint(tmp_path / "rng.pt", {"model": {}, "rng": _rng_state()})
+    save_checkpoint(tmp_path / "rng.pt", {"model": {}, "rng": rng_state()})
     state = _load(tmp_path / "rng.pt")["rng"]
     first = (np.random.random(3).tolist(), np.random.standard_normal(), random.random(), torch.rand(2))
-    _set_rng_state(state)
+    set_rng_state(state)
     again = (np.random.random(3).tolist(), np.random.standard_normal(), random.random(), torch.rand(2))
     assert first[:3] == again[:3]
     assert torch.equal(first[3], again[3])

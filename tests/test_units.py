@@ -439,15 +439,15 @@ def test_dice_hd95_match_monai_on_random_masks():
 
 
 def test_progress_bar_on_request_and_silent_otherwise(capsys):
-    from lampseg.engine.train import _Progress
+    from lampseg.engine.steps import Progress
 
-    bar = _Progress("bar", total=3, epoch=7)
+    bar = Progress("bar", total=3, epoch=7)
     for loss in (0.5, 0.4, 0.3):
         bar.update(loss)
     bar.close()
     err = capsys.readouterr().err
     assert "epoch 7" in err and "3/3" in err and "loss=0.3000" in err
-    quiet = _Progress("auto", total=3, epoch=1)  # pytest's stderr is not a terminal: no bar
+    quiet = Progress("auto", total=3, epoch=1)  # pytest's stderr is not a terminal: no bar
     quiet.update(0.1)
     quiet.close()
     assert quiet.bar is None and capsys.readouterr().err == ""
@@ -459,7 +459,8 @@ def test_a_step_with_non_finite_gradients_is_skipped_not_applied(clip):
     an infinite norm would otherwise turn every weight into NaN) and report NaN so the epoch counts it."""
     import math
 
-    from lampseg.engine.train import local_step, make_grad_scaler
+    from lampseg.engine.setup import make_grad_scaler
+    from lampseg.engine.steps import local_step
 
     cfg = compose("+exp=smoke", "trainer.precision=fp32",
                   f"optim.grad_clip={'null' if clip is None else clip}")
@@ -495,7 +496,7 @@ def test_every_subcommand_has_a_runner():
 
 _REFAULTS = """
 import resource, sys, torch
-from lampseg.parallel.memory import keep_freed_cpu_memory
+from lampseg.runtime.memory import keep_freed_cpu_memory
 applied = keep_freed_cpu_memory() if sys.argv[1] == "keep" else False
 faults = []
 for _ in range(8):  # allocate, touch and free 128 MB again and again

@@ -24,8 +24,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError, validate
-from lampseg.engine.logs import figure_png, pyplot, write_json
-from lampseg.io import atomic_write_bytes
+from lampseg.engine.checkpoint import load_checkpoint
+from lampseg.engine.train import run as train
+from lampseg.io import atomic_write_bytes, write_json
+from lampseg.model.unet import receptive_field
+from lampseg.plots import figure_png, pyplot
 
 
 def _settings(b) -> tuple[list, list[int]]:
@@ -41,9 +44,6 @@ def _settings(b) -> tuple[list, list[int]]:
 
 def run(cfg, log=print) -> dict:
     """Train and validate every (width, input size); returns what it writes as JSON."""
-    from lampseg.engine.train import run as train
-    from lampseg.model.unet import receptive_field
-
     validate(cfg)
     sizes, widths = _settings(cfg.bench)
     base = list(cfg.model.channels)
@@ -96,8 +96,6 @@ def run(cfg, log=print) -> dict:
 
 def _whole(cfg) -> list[int]:
     """The padded whole-volume shape a run trained on (read back from its checkpoint)."""
-    from lampseg.engine.checkpoint import load_checkpoint
-
     return list(load_checkpoint(Path(cfg.run_dir) / "checkpoints" / "final.pt")["data"]["patch_size"])
 
 

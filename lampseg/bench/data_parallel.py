@@ -4,7 +4,7 @@
 
 For every process count in ``bench.processes`` (default 1 and 2) one ``torchrun --nproc_per_node N`` job
 (127.0.0.1, ``OMP_NUM_THREADS`` threads per process, default 1) trains the configured U-Net through the same
-step as ``lampseg train`` (``engine.train.local_step``; ``DistributedDataParallel`` when N > 1) on random
+step as ``lampseg train`` (``engine.steps.local_step``; ``parallelize``'s DDP when N > 1) on random
 batches of ``data.batch_size`` per process (weak scaling: the global batch is N x batch). Every step starts
 and ends at a barrier, so its time is the slowest rank's. The jobs are interleaved ``bench.repeats`` times
 (1, 2, 1, 2, ...) so that the machine's noise hits every count alike; per count the median step time over
@@ -27,23 +27,30 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lampseg.bench import launch_workers
+from lampseg.bench.workers import launch_workers
 from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
-from lampseg.engine.logs import figure_png, pyplot, write_json
-from lampseg.io import atomic_write_bytes, atomic_write_text
+from lampseg.data.msd import load_dataset
+from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
+from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
+from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.device import resolve_device
 
 
 def _worker(spec_path: str, out_path: str) -> None:
     """One rank: warm-up and timed steps of DDP training on random data; rank 0 writes the timings."""
     started = time.time()
+    # Imported after the clock starts: a job's start-up (startup_s) includes what a worker must import.
     import torch.distributed as dist
 
     from lampseg.engine.optim import build_optimizer
-    from lampseg.engine.train import local_step, make_grad_scaler, resolve_device
+    from lampseg.engine.setup import make_grad_scaler
+    from lampseg.engine.steps import local_step
     from lampseg.model.losses import Targets, build_loss
     from lampseg.model.unet import build_model
     from lampseg.parallel import distributed
-    from lampseg.parallel.parallelize import data_parallel
+    from lampseg.parallel.dims import ParallelDims
+    from lampseg.parallel.parallelize import parallelize
+    from lampseg.runtime.device import resolve_device
 
     spec = json.loads(Path(spec_path).read_text())
     cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
@@ -56,7 +63,8 @@ def _worker(spec_path: str, out_path: str) -> None:
     model = build_model(cfg.model, spec["in_channels"], targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    net = data_parallel(model, device) if world > 1 else model
+    dims = ParallelDims(dp=world, pp=1, world=world)  # DDP over the job's processes (none for one)
+    net, _ = parallelize(model, dims, cfg, [spec["in_channels"], *spec["patch"]], device)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = build_loss(cfg.optim, targets)
     step = local_step(net, optimizer, loss_fn, cfg, device, make_grad_scaler(cfg, device))
@@ -143,10 +151,6 @@ def run(cfg, log=print) -> dict:
     Raises:
         ConfigError: for bad ``bench.*`` values or a whole-volume patch size.
     """
-    from lampseg.data.msd import load_dataset
-    from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets
-    from lampseg.engine.train import resolve_device
-
     validate(cfg)
     b = cfg.bench
     if b.steps < 1 or b.warmup < 0 or b.repeats < 1:

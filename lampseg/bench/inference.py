@@ -27,8 +27,17 @@ import torch
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError, enum_value
-from lampseg.engine.logs import figure_png, pyplot, write_json
-from lampseg.io import atomic_write_bytes
+from lampseg.data.sampling import whole_volume_shape
+from lampseg.engine.checkpoint import load_checkpoint
+from lampseg.engine.evaluate import case_image, case_scores, config_from_checkpoint, load_model, roi_size
+from lampseg.engine.inference import infer
+from lampseg.engine.inference_memory import InferenceMemory
+from lampseg.engine.setup import load_data
+from lampseg.io import atomic_write_bytes, write_json
+from lampseg.model.unet import size_divisor
+from lampseg.parallel import distributed
+from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.memory import PeakMemory
 
 SPEEDUP_TARGET = 3.0  # whole volume vs the 96^3 / overlap 0.5 sliding window
 DICE_TOLERANCE = 0.01
@@ -72,8 +81,6 @@ def _modes(windows: list[int], overlaps: list[float], budgets: list[float]) -> l
 
 def _estimate_gb(memory, mode: dict, volume: list[int], divisor: int, sw_batch_size: int) -> float | None:
     """The forced mode's estimated peak on ``volume`` (None for auto rows)."""
-    from lampseg.data.sampling import whole_volume_shape
-
     if mode["mode"] == "whole":
         return memory.whole_gb(whole_volume_shape([volume], divisor))
     if mode["mode"] == "sliding":
@@ -83,9 +90,6 @@ def _estimate_gb(memory, mode: dict, volume: list[int], divisor: int, sw_batch_s
 
 def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: int, memory=None,
                 report: dict | None = None):
-    from lampseg.engine.evaluate import case_image, roi_size
-    from lampseg.engine.inference import infer
-
     image = case_image(bundle, name).to(device)
     roi = roi_size(cfg, bundle.patch_size)
     start = time.perf_counter()
@@ -112,15 +116,6 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
         ConfigError: without ``ckpt``, or for window sizes that are not multiples of the network's
             divisibility.
     """
-    from lampseg.data.pipeline import prepare_data
-    from lampseg.data.sampling import whole_volume_shape
-    from lampseg.engine.auto import InferenceMemory
-    from lampseg.engine.checkpoint import load_checkpoint
-    from lampseg.engine.evaluate import case_scores, config_from_checkpoint, load_model
-    from lampseg.model.unet import size_divisor
-    from lampseg.parallel import distributed
-    from lampseg.parallel.memory import PeakMemory
-
     if cfg.ckpt is None:
         raise ConfigError("config key 'ckpt': bench inference needs a trained checkpoint (ckpt=PATH)")
     b = cfg.bench
@@ -141,7 +136,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     main = distributed.is_main()
     log = log if main else (lambda *_: None)
     with distributed.main_first():
-        bundle = prepare_data(cfg, run_dir, divisor, log)
+        bundle = load_data(cfg, run_dir, log)
     cases = sorted(bundle.val_cases)[: b.cases or None]
     names = bundle.targets.names
     log(f"bench inference: {cfg.ckpt} ({cfg.model.name}), {len(cases)} validation case(s), "

@@ -4,10 +4,10 @@ Both loops train the same network (one model deep-copied, so identical initial w
 patches (one ``PatchDataset``, same seed and epoch), with the same batch size, precision, memory format,
 optimizer and loss:
 
-* **lampseg**: ``lampseg.engine.train._train_epoch`` -- the function ``run()`` calls every epoch, with a
-  ``torch.utils.data.DataLoader`` built exactly as ``run()`` builds it -- so the time includes lampseg's
-  data loading, target mapping, autocast, clipping and per-step bookkeeping. Its own seconds and
-  data-wait seconds are used.
+* **lampseg**: ``lampseg.engine.steps.train_epoch`` -- the function ``Trainer.train`` calls every epoch,
+  with a ``torch.utils.data.DataLoader`` built exactly as ``Trainer.loader`` builds it -- so the time
+  includes lampseg's data loading, target mapping, autocast, clipping and per-step bookkeeping. Its own
+  seconds and data-wait seconds are used.
 * **plain**: ``monai.data.DataLoader`` over the same dataset and the loop of the MONAI tutorials:
   ``to(device)``, autocast, ``DiceCELoss``, ``backward``, ``clip_grad_norm_``, ``step``, ``loss.item()``
   (through a ``GradScaler``, enabled only for fp16 on CUDA, as lampseg does).
@@ -32,28 +32,23 @@ from pathlib import Path
 
 import monai
 import torch
+from hydra.core.hydra_config import HydraConfig
 from monai.data import DataLoader as MonaiDataLoader
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lampseg.config import ConfigError, enum_value, validate
-from lampseg.data.pipeline import DataBundle, prepare_data, training_dataset
+from lampseg.data.prepare import DataBundle, training_dataset
 from lampseg.data.sampling import PatchDataset
-from lampseg.engine.inference import autocast
-from lampseg.engine.logs import figure_png, pyplot, write_json
 from lampseg.engine.optim import build_optimizer
-from lampseg.engine.train import (
-    _Progress,
-    _train_epoch,
-    local_step,
-    make_grad_scaler,
-    resolve_device,
-    seed_everything,
-)
-from lampseg.io import atomic_write_bytes
+from lampseg.engine.setup import load_data, make_grad_scaler
+from lampseg.engine.steps import EpochResult, Progress, local_step, train_epoch
+from lampseg.io import atomic_write_bytes, write_json
 from lampseg.model.losses import build_loss
-from lampseg.model.unet import build_model, count_parameters, size_divisor
+from lampseg.model.unet import build_model, count_parameters
+from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.device import autocast, resolve_device, seed_everything
 
 MAX_OVERHEAD = 0.05
 MAX_DATA_WAIT = 0.05
@@ -69,14 +64,14 @@ def _dataset(cfg: DictConfig, bundle: DataBundle, steps: int) -> PatchDataset:
 
 def _lampseg_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                    scaler: torch.amp.GradScaler, dataset: PatchDataset, epoch: int, bundle: DataBundle,
-                   cfg: DictConfig, device: torch.device) -> tuple[float, int, float, float]:
-    """One "epoch" of lampseg's real training function; returns (mean loss, steps, seconds, wait seconds)."""
+                   cfg: DictConfig, device: torch.device) -> EpochResult:
+    """One "epoch" of lampseg's real training function (loss, steps, seconds, wait seconds, skipped)."""
     dataset.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     step = local_step(model, optimizer, loss_fn, cfg, device, scaler)
-    result = _train_epoch(model, step, loader, bundle, cfg, device, _Progress("none", 0, 0))
+    result = train_epoch(model, step, loader, bundle, cfg, device, Progress("none", 0, 0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result
@@ -121,7 +116,7 @@ def _plain_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn
         epoch_loss += loss.item()
         steps += 1
         tick = time.perf_counter()
-    seconds = time.perf_counter() - start  # taken where _train_epoch takes it: loss.item() synced each step
+    seconds = time.perf_counter() - start  # taken where train_epoch takes it: loss.item() synced each step
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return epoch_loss / max(steps, 1), steps, seconds, wait
@@ -140,8 +135,6 @@ def _loop_stats(rows: list[tuple[float, int, float, float]], batch_size: int) ->
 def _overrides() -> list[str]:
     """The command line's Hydra overrides, when running under Hydra."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return [o for o in HydraConfig.get().overrides.task if not o.startswith("bench.name=")]
     except (ImportError, ValueError):
         return []
@@ -151,7 +144,7 @@ def _plot(result: dict) -> bytes:
     """PNG bytes: median step time per loop with the data wait stacked under compute, and every repeat."""
     plt = pyplot()
     names = ["lampseg", "plain"]
-    labels = ["lampseg _train_epoch", "plain MONAI loop"]
+    labels = ["lampseg train_epoch", "plain MONAI loop"]
     total = [result[n]["step_s_median"] * 1e3 for n in names]
     wait = [t * result[n]["data_wait_frac_median"] for t, n in zip(total, names)]
     top = max(total) * 1.5
@@ -207,7 +200,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
+    bundle = load_data(cfg, run_dir, log)
     model_a = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model_a = model_a.to(memory_format=torch.channels_last_3d)
@@ -216,7 +209,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     # Both loops use the same MONAI loss object type (build_loss returns DiceCELoss/DiceFocalLoss as is).
     loss_a, loss_b = build_loss(cfg.optim, bundle.targets), build_loss(cfg.optim, bundle.targets)
     fp16 = enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda"
-    scaler_a = make_grad_scaler(cfg, device)  # one for the whole run, as run() does
+    scaler_a = make_grad_scaler(cfg, device)  # one for the whole run, as setup() makes it
     scaler_b = torch.amp.GradScaler(device.type, enabled=fp16)  # disabled: every call is a pass-through
     timed, warm = _dataset(cfg, bundle, b.steps), _dataset(cfg, bundle, b.warmup) if b.warmup else None
     bs = cfg.data.batch_size

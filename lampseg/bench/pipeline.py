@@ -5,12 +5,12 @@
 For every pp in ``bench.pp`` (default 1, 2, 4) one ``torchrun --nproc_per_node pp`` job (127.0.0.1, one
 thread per process) trains the configured U-Net with ``lampseg.parallel.pipelining.PipelinedUNet`` for
 every micro-batch count in ``bench.microbatches`` (default 1, 2, 4, 8; the batch is their least common
-multiple) on random data, and each rank reports:
+multiple), built by ``parallelize`` as ``train`` builds it, on random data, and each rank reports:
 
 * step time (median of ``bench.steps`` timed steps after ``bench.warmup``), the same on all ranks;
 * peak memory of one step: CUDA's peak allocated; on CPU, the bytes held at entry (parameters and
   optimiser state of the stage) plus the peak the step allocates, read from the profiler's allocation
-  events (``lampseg.parallel.memory.PeakMemory``); split into static (weights, gradients, optimiser
+  events (``lampseg.runtime.memory.PeakMemory``); split into static (weights, gradients, optimiser
   state, counted exactly) and activations (the rest);
 * the plan's estimate for the same stage.
 
@@ -33,12 +33,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench import launch_workers
+from lampseg.bench.workers import launch_workers
 from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
-from lampseg.engine.logs import figure_png, pyplot, write_json
-from lampseg.io import atomic_write_bytes, atomic_write_text
+from lampseg.data.msd import load_dataset
+from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
+from lampseg.engine.optim import build_optimizer
+from lampseg.engine.steps import pipelined_step
+from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
+from lampseg.model.losses import Targets, build_loss
+from lampseg.model.unet import build_model, size_divisor
+from lampseg.parallel import distributed
+from lampseg.parallel.dims import ParallelDims
+from lampseg.parallel.parallelize import parallelize
+from lampseg.parallel.plan import OPTIMIZER_STATES, largest_cube, plan_for
+from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.device import resolve_device
 
 MEMORY_TOLERANCE = 0.20  # planned within 20 % of measured
 ACTIVATION_SHARE = 1.25  # per-stage activations <= 1.25 x unsplit / pp
@@ -47,22 +59,13 @@ EFFICIENCY_TOLERANCE = 0.15  # GPU: efficiency within 15 % of M / (M + S - 1)
 
 def _worker(config_path: str, out_path: str) -> None:
     """One rank of one pp: every micro-batch count, one JSON row per (M, rank) gathered on rank 0."""
-    import torch.distributed as dist
-
-    from lampseg.engine.optim import build_optimizer
-    from lampseg.engine.train import pipelined_step, resolve_device
-    from lampseg.model.losses import Targets, build_loss
-    from lampseg.model.unet import build_model
-    from lampseg.parallel import distributed
-    from lampseg.parallel.pipelining import PipelinedUNet
-    from lampseg.parallel.plan import plan_for
-
     spec = json.loads(Path(config_path).read_text())
     cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
     torch.set_num_threads(cfg.trainer.num_threads or 1)
     distributed.init_from_env(alone=True)
     pp, rank = dist.get_world_size(), dist.get_rank()
     device = distributed.local_device(resolve_device(cfg.trainer.device))
+    dims = ParallelDims(dp=1, pp=pp, world=pp, engine="pipelining")
     in_ch, labels, patch, batch = spec["in_channels"], spec["labels"], spec["patch"], spec["batch"]
     targets = Targets.from_config({int(k): v for k, v in labels.items()}, cfg.data.regions)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -77,13 +80,7 @@ def _worker(config_path: str, out_path: str) -> None:
         OmegaConf.update(cfg, "parallel", {"name": "pipeline", "pp": pp, "microbatches": micro}, merge=True)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, in_ch, targets.out_channels)
-        plan = None
-        if rank == 0:
-            plan = plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)[0]
-        plan = distributed.broadcast_object(plan)
-        with torch.device("meta"):
-            probe = build_model(cfg.model, in_ch, targets.out_channels)
-        net = PipelinedUNet(model, probe, plan, device, cfg.trainer.precision)
+        net, plan = parallelize(model, dims, cfg, [in_ch, *patch], device, targets)  # rank 0 plans for all
         net.train()
         optimizer = build_optimizer(net, cfg.optim)
         step = pipelined_step(net, optimizer, build_loss(cfg.optim, targets), cfg)
@@ -186,12 +183,6 @@ def run(cfg, log=print) -> dict:
     Raises:
         ConfigError: for bad ``bench.*`` values or a patch size that is not set.
     """
-    from lampseg.data.msd import load_dataset
-    from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets
-    from lampseg.engine.train import resolve_device
-    from lampseg.model.unet import size_divisor
-    from lampseg.parallel.plan import OPTIMIZER_STATES, largest_cube, plan_for
-
     validate(cfg)
     b = cfg.bench
     if b.steps < 1 or b.warmup < 0:

@@ -98,30 +98,3 @@ def check_dataset(root: str | Path, patch_size: list[int] | None = None,
         except DataError as e:
             report.errors.append(str(e))
     return report
-
-
-def run_validate(cfg, log=print) -> DatasetReport:
-    """``validate``: check the dataset ``data.root`` names (the synthetic one when null) and print every
-    problem; writes ``RUN_DIR/validate.json``.
-
-    Raises:
-        DataError: when there is at least one error (after printing them all).
-    """
-    from lampseg.config import patch_size_of
-    from lampseg.data.pipeline import dataset_root, preprocess_config
-    from lampseg.engine.logs import write_json
-
-    root = dataset_root(cfg.data, log)
-    report = check_dataset(root, patch_size_of(cfg), preprocess_config(cfg.data))
-    for level, messages in (("error", report.errors), ("warning", report.warnings)):
-        for message in messages:
-            log(f"{level}: {message}")
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "validate.json", report.to_dict())
-    summary = (f"{report.root}: {report.cases} training case(s) and {report.test_images} test image(s) "
-               f"checked: {len(report.errors)} error(s), {len(report.warnings)} warning(s)")
-    if report.errors:
-        raise DataError(summary + " (listed above)")
-    log(summary)
-    return report

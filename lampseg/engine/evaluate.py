@@ -1,31 +1,27 @@
-"""Validation during training, ``evaluate`` (eval.json) and ``predict`` (NIfTI in the input's space).
+"""Scoring a model on cached cases (validation during training, ``evaluate``, ``bench inference``) and
+rebuilding a checkpoint's model under any parallel layout (``evaluate``, ``predict``).
 
     python -m lampseg evaluate ckpt=outputs/run/checkpoints/best.pt inference.mode=sliding
-    python -m lampseg predict ckpt=outputs/run/checkpoints/best.pt input=imagesTs output=preds
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lampseg.config import Config, ConfigError, enum_value
-from lampseg.data.cache import preprocess_array, restore_array
-from lampseg.data.msd import check_finite, read_image
-from lampseg.engine.auto import CasePeakMemory, inference_memory
-from lampseg.engine.checkpoint import load_checkpoint
+from lampseg.config import Config, enum_value
 from lampseg.engine.inference import infer
-from lampseg.engine.logs import write_json
+from lampseg.engine.inference_memory import inference_memory
 from lampseg.engine.metrics import dice_hd95, summarize
-from lampseg.io import atomic_write_bytes
+from lampseg.engine.setup import select_device
 from lampseg.model.losses import Targets
 from lampseg.model.unet import build_model, size_divisor
-from lampseg.parallel import distributed
+from lampseg.parallel.dims import resolve_dims
+from lampseg.parallel.parallelize import parallelize
+from lampseg.runtime.memory import CasePeakMemory
 
 
 def roi_size(cfg, patch_size: list[int]) -> list[int]:
@@ -123,15 +119,8 @@ def load_model(ckpt: dict, cfg):
     Returns:
         (the module to run, the targets, this process's device, the run's ``ParallelDims``).
     """
-    from lampseg.engine.train import resolve_device
-    from lampseg.parallel.dims import resolve_dims
-    from lampseg.parallel.memory import keep_freed_cpu_memory
-    from lampseg.parallel.parallelize import parallelize
-
     dims = resolve_dims(cfg)  # under torchrun: joins the job first, so the device is this rank's
-    device = distributed.local_device(resolve_device(cfg.trainer.device))
-    if device.type == "cpu" and cfg.trainer.cache_cpu_memory:
-        keep_freed_cpu_memory()
+    device = select_device(cfg)
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
@@ -141,112 +130,3 @@ def load_model(ckpt: dict, cfg):
     net, _ = parallelize(model.to(device), dims, cfg, [len(info["channels"]), *info["patch_size"]], device,
                          train=False)
     return net.eval(), targets, device, dims
-
-
-def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
-    """``evaluate ckpt=...``: metrics of a checkpoint on the validation fold (``split=val``), the training
-    fold (``split=train``) or all cases (``split=all``); writes ``eval.json`` in ``run_dir``."""
-    from lampseg.data.pipeline import prepare_data
-
-    if cfg.ckpt is None:
-        raise ConfigError("config key 'ckpt': expected the path of a checkpoint (ckpt=PATH), got None")
-    ckpt = load_checkpoint(cfg.ckpt)
-    cfg = config_from_checkpoint(ckpt, cfg, overrides)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model, _, device, dims = load_model(ckpt, cfg)  # under torchrun: this rank's pipeline stage
-    main = distributed.is_main()
-    log = log if main else (lambda *_: None)
-    with distributed.main_first():
-        bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
-    cases = {"val": bundle.val_cases, "train": bundle.train_cases,
-             "all": bundle.train_cases + bundle.val_cases}[cfg.split]
-    per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device, dims)
-    result = {"ckpt": str(cfg.ckpt), "split": cfg.split,
-              "inference": OmegaConf.to_container(cfg.inference, enum_to_str=True),
-              "parallel": OmegaConf.to_container(cfg.parallel), "mean": means,
-              "seconds_per_case": float(np.mean([c["seconds"] for c in per_case])), "cases": per_case}
-    if main:
-        write_json(run_dir / "eval.json", result)
-    names = bundle.targets.names
-    log(f"evaluated {len(per_case)} cases: mean Dice {means['dice']:.4f} ("
-        + ", ".join(f"{n} {means[f'dice_{n}']:.4f}" for n in names)
-        + f"), {result['seconds_per_case']:.2f} s/case -> {run_dir / 'eval.json'}")
-    return result
-
-
-def _nifti_inputs(path: Path) -> list[Path]:
-    if path.is_dir():
-        # Hidden files are skipped: MSD's archives carry macOS "._BRATS_001.nii.gz" resource forks.
-        files = sorted(p for p in path.iterdir()
-                       if p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith("."))
-        if not files:
-            raise ConfigError(f"config key 'input': no .nii/.nii.gz files in {path}")
-        return files
-    if not path.is_file():
-        raise ConfigError(f"config key 'input': {path} does not exist")
-    return [path]
-
-
-def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
-    """``predict ckpt=... input=FILE_OR_DIR output=DIR``: label NIfTIs in each input's original space
-    (preprocessing undone, the input's affine and header kept)."""
-    from lampseg.data.pipeline import preprocess_config
-
-    for key in ("ckpt", "input", "output"):
-        if cfg[key] is None:
-            raise ConfigError(f"config key '{key}': expected a path ({key}=PATH), got None")
-    ckpt = load_checkpoint(cfg.ckpt)
-    cfg = config_from_checkpoint(ckpt, cfg, overrides)
-    model, targets, device, dims = load_model(ckpt, cfg)
-    # Under torchrun each data-parallel replica segments every dp-th image; the first stage of each
-    # replica writes its images (rank 0's replica logs).
-    writer = dims.mesh.get_local_rank("pp") == 0 if dims.mesh is not None else True
-    log = log if distributed.is_main() else (lambda *_: None)
-    info, out_dir = ckpt["data"], Path(cfg.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    memory = inference_memory(cfg, len(info["channels"]), targets.out_channels, device)
-    written, skipped = [], 0
-    for path in _nifti_inputs(Path(cfg.input))[dims.dp_rank::dims.dp]:
-        start = time.perf_counter()
-        target = out_dir / path.name
-        if target.exists() and not cfg.overwrite:  # written atomically: present means finished
-            written.append(target)
-            skipped += 1
-            continue
-        image, img = read_image(path, len(info["modalities"]))
-        image = check_finite(image, path, cfg.data.nonfinite)
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        pre, _, meta = preprocess_array(image[info["channels"]], None, spacing, preprocess_config(cfg.data))
-        report = {"mode": enum_value(cfg.inference.mode)}
-        logits = infer(model, torch.from_numpy(pre)[None].to(device), cfg.inference,
-                       roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision,
-                       memory, report)
-        restored = restore_array(logits[0].cpu().numpy(), meta)
-        seg = targets.labels_from_logits(torch.from_numpy(restored)[None])[0].numpy().astype(np.uint8)
-        header = img.header.copy()
-        header.set_data_dtype(np.uint8)
-        if len(header.get_data_shape()) == 4:
-            header.set_data_shape(seg.shape)
-        out = nib.Nifti1Image(seg, img.affine, header)
-        if writer:
-            atomic_write_bytes(target, _nifti_bytes(out, target.name))
-        written.append(target)
-        window = f" {report['window']}" if report.get("window") else ""
-        log(f"{path.name}: {time.perf_counter() - start:.2f} s ({report['mode']}{window}) -> {target}")
-    if skipped:
-        log(f"skipped {skipped} input(s) whose prediction was already in {out_dir} "
-            f"(overwrite=true redoes them)")
-    return written
-
-
-def _nifti_bytes(image: nib.Nifti1Image, name: str) -> bytes:
-    """Serialise a NIfTI image (gzipped when ``name`` ends in .gz) so it can be written atomically."""
-    import gzip
-    import io
-
-    buffer = io.BytesIO()
-    file_map = nib.Nifti1Image.make_file_map({"image": buffer, "header": buffer})
-    image.to_file_map(file_map)
-    data = buffer.getvalue()
-    return gzip.compress(data, compresslevel=1) if name.endswith(".gz") else data

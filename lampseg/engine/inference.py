@@ -1,7 +1,6 @@
 """Whole-volume and sliding-window inference behind ``inference.*`` (validation, evaluate, predict)."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import warnings
 
@@ -10,26 +9,16 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from lampseg.config import enum_value
-from lampseg.engine.auto import (
+from lampseg.engine.inference_memory import (
     InferenceMemory,
     ModeChoice,
     choose_mode,
-    is_out_of_memory,
     largest_fitting_window,
-    release_memory,
-    split_over_devices,
     windows_to_try,
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast context for ``trainer.precision`` (fp32: no autocast; fp16 only on CUDA)."""
-    precision = enum_value(precision)
-    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+from lampseg.parallel.parallelize import split_for_inference
+from lampseg.runtime.device import autocast
+from lampseg.runtime.memory import is_out_of_memory, release_memory
 
 
 def pad_to_multiple(x: torch.Tensor, divisor: int, dtype: torch.dtype | None = None,
@@ -132,7 +121,7 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
     while True:
         failed = None
         try:
-            net = split_over_devices(model, choice.split, image.device) if choice.split > 1 else model
+            net = split_for_inference(model, choice.split, image.device) if choice.split > 1 else model
             logits = _infer_mode(net, image, choice.mode, inf_cfg, choice.window or roi_size, divisor,
                                  precision)
         except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised

@@ -1,60 +1,13 @@
 """Run-directory logs: ``metrics.csv``, ``summary.json``, ``progress.png`` and TensorBoard events."""
 from __future__ import annotations
 
-import io
-import json
 import math
-import resource
-import sys
 from pathlib import Path
 
-import torch
-
-from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, portable
+from lampseg.io import atomic_write_bytes, atomic_write_csv
+from lampseg.plots import figure_png, pyplot
 
 BASE_COLUMNS = ["epoch", "step", "train_loss", "val_dice", "lr", "epoch_s", "samples_per_s", "data_wait_frac"]
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Atomic JSON write; NaN/inf become null so the file is strict JSON; the home directory becomes ``~``
-    (`lampseg.io.portable`)."""
-    atomic_write_text(path, json.dumps(_json_safe(portable(data)), indent=2) + "\n")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def pyplot():
-    """``matplotlib.pyplot`` on the non-interactive Agg backend (PNG files only, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def figure_png(fig, dpi: int) -> bytes:
-    """The figure as PNG bytes (for an atomic write); the figure is closed."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    pyplot().close(fig)
-    return buffer.getvalue()
 
 
 class RunLogger:
@@ -76,7 +29,7 @@ class RunLogger:
 
     @property
     def tb(self):
-        if self._tb is None:
+        if self._tb is None:  # imported late: TensorBoard costs a second, ranks other than 0 never use it
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tb"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from lampseg.config import ConfigError, enum_value
 from lampseg.parallel import distributed
@@ -89,8 +90,6 @@ class ParallelDims:
     def build_mesh(self, device_type: str):
         """The ``(dp, pp)`` device mesh of a staged run (None otherwise); kept on ``self.mesh``."""
         if self.staged and self.mesh is None:
-            from torch.distributed.device_mesh import init_device_mesh
-
             self.mesh = init_device_mesh(device_type, (self.dp, self.pp), mesh_dim_names=("dp", "pp"))
         return self.mesh
 

@@ -1,55 +1,34 @@
-"""Apply the run's parallelisms to a model, in a fixed order: ``parallelize(model, dims, cfg, ...)``.
+"""Apply the run's parallelisms to a model, in a fixed order: ``parallelize(model, dims, cfg, ...)``. The one
+place that wraps a model; the engine, evaluation and the benchmarks all come through here.
 
 1. **Pipeline (PP)**, ``parallel=pipeline``: plan the split (``plan.py``), then
    - ``parallel.engine=pipelining`` (default): this process keeps one stage (``pipelining.PipelinedUNet``,
      ``torch.distributed.pipelining``) of the pipeline it belongs to in the ``(dp, pp)`` device mesh;
      rank 0 plans for every pipeline;
-   - ``parallel.engine=gpipe``: torchgpipe's ``GPipe`` over ``parallel.pp`` devices in this process (LAMP's
-     engine; ``['cpu', 'cpu', ...]`` on a CPU). Its blocks share the model's parameters, so optimisers,
-     checkpoints (unsplit parameter names) and ``evaluate`` keep using the original model object.
-2. **Data (DP)**, ``parallel.dp > 1``: ``DistributedDataParallel`` over the replicas: of the whole model
-   (``parallel=ddp``), or of each stage over the ``dp`` dimension of the mesh (DP x PP). Inference never
-   goes through DDP (``train=False``): validation shards cases, not batches.
+   - ``parallel.engine=gpipe``: torchgpipe's ``GPipe`` over ``parallel.pp`` devices in this process
+     (``gpipe.py``).
+2. **Data (DP)**, ``parallel.dp > 1``: ``DistributedDataParallel`` (``ddp.py``) over the replicas: of the
+   whole model (``parallel=ddp``), or of each stage over the ``dp`` dimension of the mesh (DP x PP).
+   Inference never goes through DDP (``train=False``): validation shards cases, not batches.
+
+``split_for_inference`` pipelines an unsplit model over several devices for one whole volume that does not
+fit one device (``inference.mode=auto``).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 
-from lampseg.config import ConfigError
+from lampseg.model.unet import build_model
 from lampseg.parallel import distributed
-from lampseg.parallel.blocks import sequential_unet
+from lampseg.parallel.blocks import unet_blocks
+from lampseg.parallel.ddp import data_parallel
 from lampseg.parallel.dims import ParallelDims
+from lampseg.parallel.gpipe import even_balance, gpipe
+from lampseg.parallel.pipelining import PipelinedUNet
 from lampseg.parallel.plan import Plan, plan_for
-
-# lampseg's checkpointing policies in torchgpipe's terms (it checkpoints whole partitions per micro-batch).
-GPIPE_CHECKPOINT = {"none": "never", "block": "except_last", "all": "always"}
-
-
-def pipeline_devices(pp: int, device: torch.device) -> list[torch.device]:
-    """One device per stage: ``cpu`` repeated, or ``cuda:0 .. cuda:pp-1``."""
-    if device.type != "cuda":
-        return [torch.device("cpu")] * pp
-    if torch.cuda.device_count() < pp:
-        raise ConfigError(f"config key 'parallel.pp': {pp} stages need {pp} GPUs, this machine has "
-                          f"{torch.cuda.device_count()}")
-    return [torch.device("cuda", i) for i in range(pp)]
-
-
-def _allreduce_with_heartbeat(group, bucket):
-    """DDP's own all-reduce of a gradient bucket, after noting that this rank got that far."""
-    distributed.heartbeat("syncing gradients")
-    return default_hooks.allreduce_hook(group, bucket)
-
-
-def data_parallel(module: nn.Module, device: torch.device, group=None) -> DistributedDataParallel:
-    """``module`` replicated with gradients averaged over ``group`` (None: every process of the job)."""
-    ddp = DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                  process_group=group)
-    ddp.register_comm_hook(group, _allreduce_with_heartbeat)
-    return ddp
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int], device: torch.device,
@@ -68,10 +47,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     Raises:
         ConfigError: for an engine that is not available or too few devices.
     """
+    replicate = train and dims.dp_enabled
     if dims.staged:
-        from lampseg.model.unet import build_model
-        from lampseg.parallel.pipelining import PipelinedUNet
-
         dims.build_mesh(device.type)
         plan = None  # rank 0 plans for all: a measured profile differs between ranks, the split must not
         if distributed.is_main():
@@ -79,18 +56,24 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
         plan = distributed.broadcast_object(plan)
         with torch.device("meta"):
             probe = build_model(cfg.model, input_shape[0], int(model.out_channels))
-        dp_group = dims.dp_group if (train and dims.dp_enabled) else None
-        return PipelinedUNet(model, probe, plan, device, cfg.trainer.precision, group=dims.pp_group,
-                             dp_group=dp_group), plan
+        net = PipelinedUNet(model, probe, plan, device, cfg.trainer.precision, group=dims.pp_group)
+        if replicate:
+            net.wrap_stage(lambda stage: data_parallel(stage, device, dims.dp_group))
+        return net, plan
     if dims.engine == "gpipe":
         plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
-        from torchgpipe import GPipe
-
         balance = [len(stage.blocks) for stage in plan.stages]
-        devices = pipeline_devices(cfg.parallel.pp, device)
-        pipe = GPipe(sequential_unet(model), balance=balance, devices=devices,
-                     chunks=plan.microbatches, checkpoint=GPIPE_CHECKPOINT[plan.checkpoint])
-        return pipe, plan
-    if train and dims.dp_enabled:
+        return gpipe(model, balance, device, plan.microbatches, plan.checkpoint), plan
+    if replicate:
         return data_parallel(model, device), None
     return model, None
+
+
+def split_for_inference(model: nn.Module, devices: int, device: torch.device) -> nn.Module:
+    """A copy of the unsplit U-Net ``model`` pipelined (torchgpipe, one micro-batch) over ``devices``
+    devices: ``cuda:0..devices-1``, or the CPU repeated. Blocks are divided evenly, which puts the two
+    full-resolution ends (where most activation memory is) on different devices. Built per call (the
+    weights are copied, so training's validation sees its current weights); the original stays whole on
+    its device."""
+    copied = copy.deepcopy(model)
+    return gpipe(copied, even_balance(len(unet_blocks(copied)[0]), devices), device, chunks=1).eval()

@@ -7,12 +7,14 @@ and trains them with a GPipe or 1F1B schedule over the plan's micro-batches. Ten
 the blocks' states (activation plus pending skips), contiguous, in the autocast dtype. Inference is SPMD:
 every rank calls ``forward(x)`` with the same input, the stages pass it along point to point, and the last
 stage broadcasts the logits so validation, ``evaluate`` and ``predict`` run unchanged on every rank.
-Checkpoints are gathered on rank 0 under the unsplit parameter names.
+Checkpoints are gathered on rank 0 under the unsplit parameter names. Data parallelism over the replicas of
+a stage (DP x PP) is applied by ``parallelize``, which wraps the stage in DDP (``wrap_stage``).
 """
 from __future__ import annotations
 
 import gc
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,10 +23,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.utils.checkpoint import checkpoint as recompute
 
 from lampseg.config import ConfigError, enum_value
-from lampseg.engine.inference import DTYPES, autocast
 from lampseg.parallel.blocks import unet_blocks
-from lampseg.parallel.memory import GB, PeakMemory, tensor_bytes
 from lampseg.parallel.plan import Plan
+from lampseg.runtime.device import DTYPES, autocast
+from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -79,12 +81,15 @@ class PipelinedUNet(nn.Module):
         device: this rank's device.
         precision: ``trainer.precision``.
         group: the pipeline's process group (None: the whole job).
-        dp_group: the replicas of this stage (DP x PP): training averages the stage's gradients over them
-            with ``DistributedDataParallel`` (None: no data parallelism).
+
+    Attributes:
+        trained: what the schedule trains: the stage's module, or (``wrap_stage``, by ``parallelize`` for
+            DP x PP) that module in ``DistributedDataParallel`` over the stage's replicas; ``PipelineStage``
+            syncs its gradients on the last micro-batch's backward only.
     """
 
     def __init__(self, model: nn.Module, probe: nn.Module, plan: Plan, device: torch.device, precision: str,
-                 group: dist.ProcessGroup | None = None, dp_group: dist.ProcessGroup | None = None):
+                 group: dist.ProcessGroup | None = None):
         super().__init__()
         self.plan, self.device, self.group = plan, device, group
         self.pp_rank, self.pp = dist.get_rank(group), dist.get_world_size(group)
@@ -109,18 +114,21 @@ class PipelinedUNet(nn.Module):
         for block in blocks[lo:hi]:
             block.to(device)
         self.stage_module = StageModule(blocks[lo:hi], plan.checkpoint, precision, device)
-        # What the schedule trains: DDP over the stage's replicas (PipelineStage syncs gradients on the last
-        # micro-batch's backward only). A list, so it is not a second registration of the same parameters.
-        self._trained = [self.stage_module]
-        if dp_group is not None:
-            from lampseg.parallel.parallelize import data_parallel
-
-            self._trained = [data_parallel(self.stage_module, device, dp_group)]
+        self._trained = [self.stage_module]  # a list: not a second registration of the same parameters
         self._probe_blocks = unet_blocks(probe)[0]
         self._model = [model]  # a list: not a submodule, so parameters() are this stage's only
         self._shapes: dict[tuple, list[list[torch.Size]]] = {}
         self._schedules: dict[tuple, object] = {}
         self.out_channels = int(model.out_channels)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self._trained[0]
+
+    def wrap_stage(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Train the stage through ``wrap(stage_module)`` (``parallelize``: DDP over the stage's replicas)."""
+        self.release_buffers()  # schedules hold the module they were built for
+        self._trained = [wrap(self.stage_module)]
 
     # ---- ranks and shapes ------------------------------------------------------------------------
     def _global(self, pp_rank: int) -> int:
@@ -173,7 +181,7 @@ class PipelinedUNet(nn.Module):
             # Outputs that require grad: the stage derives "receive a gradient for it" from these examples.
             outputs = tuple(torch.empty(s, dtype=self.stage_module.wire_dtype, device=self.device
                                         ).requires_grad_() for s in shapes[self.pp_rank + 1])
-            stage = PipelineStage(self._trained[0], self.pp_rank, self.pp, self.device, input_args=inputs,
+            stage = PipelineStage(self.trained, self.pp_rank, self.pp, self.device, input_args=inputs,
                                   output_args=outputs[0] if len(outputs) == 1 else outputs, group=self.group)
             self._schedules[key] = SCHEDULES[self.plan.schedule](
                 stage, self.plan.microbatches, loss_fn=lambda out, target: loss_fn(out.float(), target))

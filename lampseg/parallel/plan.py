@@ -17,10 +17,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lampseg.config import ConfigError
+from lampseg.config import ConfigError, enum_value
+from lampseg.data.sampling import whole_volume_shape
+from lampseg.model.losses import build_loss
+from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel.profile import BlockCost, profile_blocks
+from lampseg.runtime.device import DTYPES
+from lampseg.runtime.memory import GB
 
-GB = 1024**3
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # fp32 tensors of optimiser state per parameter
 RECOMPUTE = {"none": 1.0, "block": 4 / 3, "all": 4 / 3}  # forward recomputed once: (1 + 2 + 1) / 3
 
@@ -252,6 +256,18 @@ def _scaled(costs: list[BlockCost], scale: float) -> list[BlockCost]:
             for c in costs]
 
 
+def planned_stages(parallel_cfg) -> tuple[int, bool]:
+    """The one source of truth for the pipeline layout the planner plans: ``(parallel.pp, pipelined)``.
+
+    ``plan`` honours ``parallel.pp`` with any ``parallel`` mode (a what-if on any machine); ``train``,
+    ``evaluate`` and ``predict`` refuse ``parallel.pp > 1`` outside ``parallel=pipeline`` before they plan
+    (``ParallelDims.from_config``). Pipelined runs may checkpoint activations and split batches into
+    micro-batches; unsplit ones (single, DDP) do neither.
+    """
+    pp = int(parallel_cfg.pp)
+    return pp, parallel_cfg.name == "pipeline" or pp > 1
+
+
 def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
              device: torch.device | str = "cpu", targets=None) -> tuple[Plan, list[BlockCost]]:
     """Profile ``cfg.model`` (a fresh copy: on meta tensors, or on ``device`` with ``parallel.profile=
@@ -261,98 +277,18 @@ def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
     Returns:
         The plan and the per-block costs it was made from.
     """
-    from lampseg.config import enum_value
-    from lampseg.engine.inference import DTYPES
-    from lampseg.model.unet import build_model, size_divisor
-
     p = cfg.parallel
     where = torch.device("meta") if p.profile == "estimate" else torch.device(device)
     with where:
         probe = build_model(cfg.model, in_channels, out_channels)
     loss_fn = target_fn = None
     if targets is not None:
-        from lampseg.model.losses import build_loss
-
         loss_fn, target_fn = build_loss(cfg.optim, targets), targets.loss_target
     costs = profile_blocks(probe, input_shape, p.profile, where, p.device_tflops,
                            DTYPES[enum_value(cfg.trainer.precision)], loss_fn=loss_fn, target_fn=target_fn)
     plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
                      p.checkpoint, enum_value(cfg.optim.name), p.profile, size_divisor(cfg.model))
     return plan, costs
-
-
-def preflight_plan(cfg, log=print) -> None:
-    """Plan the pipeline split from ``dataset.json`` alone (meta tensors) before ``train`` preprocesses the
-    data, so that an impossible ``parallel.memory_gb`` or micro-batch setting fails in seconds rather than
-    after the cache is built. Only for a fixed patch size (whole volumes need the preprocessed shapes) and
-    estimated costs.
-
-    Raises:
-        PlanError: nothing fits; the message says what would.
-    """
-    from lampseg.config import patch_size_of
-    from lampseg.data.msd import load_dataset
-    from lampseg.data.pipeline import dataset_root, resolve_channels, resolve_targets
-
-    patch = patch_size_of(cfg)
-    if cfg.parallel.name != "pipeline" or patch is None or cfg.trainer.curriculum is not None \
-            or cfg.parallel.profile != "estimate":
-        return
-    dataset = load_dataset(dataset_root(cfg.data, log))
-    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
-    plan_for(cfg, len(channels), targets.out_channels, [len(channels), *patch], "cpu", targets)
-
-
-def run_plan(cfg, log=print) -> Plan:
-    """``python -m lampseg plan``: plan the split for ``model``, ``data.*`` and ``parallel.*``; print the
-    stage table and write ``plan.json`` in ``run_dir``."""
-    from pathlib import Path
-
-    from lampseg.config import enum_value, is_auto_patch, patch_size_of, to_container
-    from lampseg.data.msd import load_dataset
-    from lampseg.data.pipeline import (
-        dataset_root,
-        prepare_data,
-        resolve_channels,
-        resolve_targets,
-        whole_volume_shape,
-    )
-    from lampseg.engine.logs import write_json
-    from lampseg.engine.train import resolve_device
-    from lampseg.model.unet import size_divisor
-
-    decision = None
-    if is_auto_patch(cfg):  # the same choice train makes: from the preprocessed training cases (cached)
-        bundle = prepare_data(cfg, Path(cfg.run_dir), size_divisor(cfg.model), log)
-        dataset, channels, targets = bundle.dataset, bundle.channels, bundle.targets
-        patch, decision = bundle.patch_size, bundle.patch_decision
-    else:
-        dataset = load_dataset(dataset_root(cfg.data, log))
-        channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
-        patch = patch_size_of(cfg)
-    if patch is None:  # whole volumes: the largest training image, uncropped (an upper bound)
-        import nibabel as nib
-
-        patch = whole_volume_shape([nib.load(c.image).shape[:3] for c in dataset.cases],
-                                   size_divisor(cfg.model))
-    input_shape = [len(channels), *patch]
-    plan, costs = plan_for(cfg, len(channels), targets.out_channels, input_shape,
-                           resolve_device(cfg.trainer.device), targets)
-    log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
-        f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
-    log(plan.table())
-    cube = None
-    if cfg.parallel.memory_gb is not None:
-        cube = largest_cube(costs, plan.pp, cfg.data.batch_size, cfg.parallel.memory_gb, input_shape,
-                            plan.schedule, OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2),
-                            size_divisor(cfg.model))
-        log(f"largest cubic input that fits {cfg.parallel.memory_gb:g} GB per stage with pp={plan.pp}: "
-            f"{cube}^3 (batch {cfg.data.batch_size})")
-    out = Path(cfg.run_dir) / "plan.json"
-    write_json(out, {"plan": plan.to_dict(), "largest_cube": cube, "blocks": [asdict(c) for c in costs],
-                     "model": to_container(cfg.model), "patch_size_auto": decision})
-    log(f"wrote {out}")
-    return plan
 
 
 def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, budget_gb: float,
@@ -379,18 +315,11 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
     Raises:
         PlanError: not even the smallest patch fits; the message says what would.
     """
-    from lampseg.config import enum_value
-    from lampseg.data.sampling import whole_volume_shape
-    from lampseg.engine.inference import DTYPES
-    from lampseg.model.losses import build_loss
-    from lampseg.model.unet import build_model, size_divisor
-
     divisor = size_divisor(cfg.model)
     median = [int(sorted(s[k] for s in shapes)[len(shapes) // 2]) for k in range(3)]
     cap = whole_volume_shape([median], divisor)
     p, batch = cfg.parallel, cfg.data.batch_size
-    pipelined = p.name == "pipeline"
-    pp = p.pp if pipelined else 1
+    pp, pipelined = planned_stages(p)
     policies = ([p.checkpoint] if p.checkpoint != "auto" else list(RECOMPUTE)) if pipelined else ["none"]
     counts = ([p.microbatches] if p.microbatches else [m for m in range(1, batch + 1) if batch % m == 0]) \
         if pipelined else [batch]

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lampseg.parallel.blocks import unet_blocks
+from lampseg.runtime.memory import PeakMemory, tensor_bytes
 
 
 @dataclass
@@ -124,8 +125,6 @@ def _counting_saved(saved: dict[int, int]):
 def _measured_workspace_bytes(block, inputs, saved_bytes: int, largest_saved: int) -> int:
     """What a block's forward + backward allocates beyond its saved tensors, output, output and input
     gradients and parameter gradients: convolution workspaces (e.g. CPU fp32 im2col buffers)."""
-    from lampseg.parallel.memory import PeakMemory, tensor_bytes
-
     block.zero_grad(set_to_none=True)
     for t in inputs:
         t.grad = None

@@ -22,8 +22,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import ConfigError, validate
-from lampseg.engine.logs import figure_png, pyplot
+from lampseg.data.msd import load_dataset
+from lampseg.data.prepare import dataset_root, resolve_channels
 from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from lampseg.plots import figure_png, pyplot
+from lampseg.tune.search import run_tune
 from lampseg.tune.stats import ConditionSummary, summarise
 
 BASELINE = "none"
@@ -146,10 +149,6 @@ def run_loo(cfg: DictConfig, log=print) -> dict:
     Raises:
         ConfigError: bad ``loo.*`` settings, or an incomplete study.
     """
-    from lampseg.data.msd import load_dataset
-    from lampseg.data.pipeline import dataset_root, resolve_channels
-    from lampseg.tune.search import run_tune
-
     validate(cfg)
     dataset = load_dataset(dataset_root(cfg.data, log))
     used = [dataset.modalities[k] for k in resolve_channels(dataset, cfg.data)]  # names, dataset.json order

@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import to_container
-from lampseg.engine.logs import figure_png, pyplot
 from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, portable
+from lampseg.plots import figure_png, pyplot
 from lampseg.tune.space import apply_params, space_of
 
 DEFAULT_RUN_DIR = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"

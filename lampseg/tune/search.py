@@ -28,7 +28,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import ConfigError, enum_value, to_container, validate
+from lampseg.engine.setup import load_data
+from lampseg.io import write_json
+from lampseg.tune.results import write_results
 from lampseg.tune.space import check_space, grid_size, pbt_mutations, to_ray
+from lampseg.tune.trial import train_trial, trial_dirname
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray uses 127.0.0.1 only
 RAY_TEMP_MAX = 60  # Ray's socket paths under its temp dir must stay below the OS limit (107 bytes)
@@ -67,7 +71,7 @@ def local_ray_on_loopback() -> None:
     (its default on macOS and Windows), so nothing listens beyond loopback unless a cluster is joined."""
     os.environ.setdefault(LOOPBACK_ENV, "0")
     try:  # Ray reads the variable at import; a Ray imported earlier in this process needs the constant too
-        from ray._private import ray_constants
+        from ray._private import ray_constants  # lazy: Ray/Optuna take seconds to import
 
         ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
     except (ImportError, AttributeError):
@@ -119,7 +123,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     """Start a local Ray (temp dir under the run dir, dashboard off, loopback) or join ``tune.address``."""
-    import ray
+    import ray  # lazy: Ray/Optuna take seconds to import
 
     if ray.is_initialized():
         return
@@ -165,11 +169,11 @@ def _scheduler(cfg: DictConfig, space: dict):
 
 def _search(cfg: DictConfig):
     if cfg.tune.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # lazy: Ray/Optuna take seconds to import
+        from ray.tune.search.optuna import OptunaSearch  # lazy: Ray/Optuna take seconds to import
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator  # lazy: Ray/Optuna take seconds to import
 
     # seeded random draws; it limits concurrency itself (Tune ignores max_concurrent_trials for it)
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent)
@@ -191,13 +195,8 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
         ConfigError: a bad space, scheduler or parallel setting, or an existing study without
             ``tune.resume=true``.
     """
-    import ray
-    from ray import tune
-
-    from lampseg.data.pipeline import prepare_data
-    from lampseg.model.unet import size_divisor
-    from lampseg.tune.results import write_results
-    from lampseg.tune.trial import train_trial, trial_dirname
+    import ray  # lazy: Ray/Optuna take seconds to import
+    from ray import tune  # lazy: Ray/Optuna take seconds to import
 
     validate(cfg)
     space = check_space(cfg)
@@ -211,7 +210,7 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
         raise ConfigError(f"config key 'tune.resume': {study_dir} already holds a study; pass "
                           "tune.resume=true to continue it, or choose another run_dir")
     # Generate/preprocess the data once, here: data errors surface before Ray starts, trials find the cache.
-    prepare_data(OmegaConf.merge(cfg, {"data": base["data"]}), run_dir, size_divisor(cfg.model), log)
+    load_data(OmegaConf.merge(cfg, {"data": base["data"]}), run_dir, log)
     r = cfg.tune.resources
     bundle = {"CPU": r.cpu * stages, "GPU": r.gpu * stages}
     bundle = {k: v for k, v in bundle.items() if v > 0}
@@ -252,8 +251,6 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
     summary = write_results(grid, cfg, base, study_dir, log)
     summary.update(wall_s=round(wall_s, 2), ray_start_s=round(ray_s, 2), resources_per_trial=bundle,
                    scheduler=enum_value(cfg.tune.scheduler))
-    from lampseg.engine.logs import write_json
-
     write_json(study_dir / "study.json", summary)
     if ours:
         ray.shutdown()

@@ -129,7 +129,7 @@ def grid_points(space: dict[str, tuple[str, list]]) -> list[dict[str, Any]]:
 
 def to_ray(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     """Ray Tune's ``param_space`` (keys stay dotted: a trial's config is ``{key: value}``)."""
-    from ray import tune
+    from ray import tune  # lazy: Ray/Optuna take seconds to import
 
     make = {"grid": tune.grid_search, "choice": tune.choice,
             "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
@@ -139,7 +139,7 @@ def to_ray(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
 
 def pbt_mutations(space: dict[str, tuple[str, list]]) -> dict[str, Any]:
     """PBT's ``hyperparam_mutations``: lists stay lists (neighbours are picked), ranges resample."""
-    from ray import tune
+    from ray import tune  # lazy: Ray/Optuna take seconds to import
 
     make = {"grid": list, "choice": list, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}

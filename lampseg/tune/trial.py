@@ -17,7 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lampseg.commands.evaluate import run_evaluate
 from lampseg.config import Config
+from lampseg.engine.train import run
 from lampseg.io import atomic_write
 from lampseg.tune.space import apply_params
 
@@ -42,7 +44,7 @@ class _Reporter:
         self.last_val: dict[str, float] = {}
 
     def __call__(self, row: dict, checkpoint: Path) -> None:
-        from ray import tune
+        from ray import tune  # lazy: Ray/Optuna take seconds to import
 
         validated = not math.isnan(row.get("val_dice", math.nan))
         if validated:
@@ -67,9 +69,7 @@ def train_trial(params: dict[str, Any], base: dict, held_out: str | None = None)
         held_out: after training, evaluate this checkpoint (``final`` or ``best``) on the validation fold
             and write ``eval.json`` (per-case Dice) in the trial's directory (leave-one-out studies).
     """
-    from ray import tune
-
-    from lampseg.engine.train import run
+    from ray import tune  # lazy: see _Reporter
 
     # The trial's directory in the study (not Ray's staging copy), so metrics.csv and progress.png are live.
     run_dir = Path(base["run_dir"]) / "tune" / trial_dirname(tune.get_context().get_trial_id())
@@ -87,8 +87,6 @@ def train_trial(params: dict[str, Any], base: dict, held_out: str | None = None)
     log = lambda line: print(line, flush=True)  # noqa: E731
     summary = run(cfg, reporter=_Reporter(), log=log)
     if held_out is not None and summary["status"] == "completed":
-        from lampseg.engine.evaluate import run_evaluate
-
         evaluate = cfg.copy()
         OmegaConf.update(evaluate, "ckpt", str(run_dir / "checkpoints" / f"{held_out}.pt"), merge=False)
         OmegaConf.update(evaluate, "split", "val", merge=False)

@@ -1,9 +1,9 @@
-"""Memory-aware choices: the inference mode (``inference.mode=auto``) and the training patch
-(``data.patch_size=auto``), from the planner's per-block costs and a memory budget.
+"""The memory-aware inference planner (``inference.mode=auto``): estimate a forward pass's peak memory from
+the planner's per-block costs and choose, per volume, what fits a budget.
 
     python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt inference.mode=auto inference.memory_gb=2
-    python -m lampseg plan data.patch_size=auto parallel.memory_gb=4
 
+(The training patch, ``data.patch_size=auto``, is the planner's: ``parallel.plan.auto_patch_size``.)
 Inference: whole volume on one device when its estimated peak fits ``inference.memory_gb`` (default:
 the device's free memory), else (a pipelined checkpoint) the whole volume split over its stages, else
 the largest sliding window that fits. If the device still runs out of memory, ``infer`` releases it,
@@ -12,16 +12,17 @@ falls back to the next smaller choice, warns once, and finishes.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from lampseg.config import enum_value
 from lampseg.data.sampling import whole_volume_shape
-from lampseg.engine.logs import peak_memory_mb
-
-GB = 1024**3
+from lampseg.model.unet import build_model, size_divisor
+from lampseg.parallel.plan import planned_stages
+from lampseg.parallel.profile import profile_blocks
+from lampseg.runtime.device import DTYPES
+from lampseg.runtime.memory import GB, free_memory_gb
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,6 @@ class InferenceMemory:
     def from_config(cls, model_cfg, in_channels: int, out_channels: int, precision: str = "fp32",
                     stages: int = 1, budget_gb: float = math.inf, devices: int = 1) -> InferenceMemory:
         """Profile ``model_cfg``'s U-Net on meta tensors (no memory, milliseconds)."""
-        from lampseg.engine.inference import DTYPES
-        from lampseg.model.unet import build_model, size_divisor
-        from lampseg.parallel.profile import profile_blocks
-
         side = 4 * size_divisor(model_cfg)
         with torch.device("meta"):
             probe = build_model(model_cfg, in_channels, out_channels)
@@ -102,23 +99,6 @@ class ModeChoice:
         return {"mode": self.mode, "window": self.window, "split_over_devices": self.split,
                 "estimate_gb": round(self.estimate_gb, 4), "budget_gb": round(self.budget_gb, 4),
                 "reason": self.reason, "fallbacks": self.fallbacks}
-
-
-def free_memory_gb(device: torch.device) -> float:
-    """Free memory of ``device``: CUDA's free bytes, or the host's available memory for CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / GB
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GB
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
-    except (ValueError, OSError, AttributeError):
-        return 16.0  # unknown platform: a laptop-sized guess; set inference.memory_gb to be exact
 
 
 def windows_to_try(volume: list[int], divisor: int, below: int | None = None) -> list[list[int]]:
@@ -172,23 +152,6 @@ def choose_mode(memory: InferenceMemory, volume: list[int], divisor: int, sw_bat
                       f"smallest window {window} (~{need:.3g} GB)")
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's and the CPU allocator's out-of-memory errors (PyTorch raises RuntimeError on CPU)."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                                or "Cannot allocate memory" in text)
-
-
-def release_memory(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def inference_memory(cfg, in_channels: int, out_channels: int,
                      device: torch.device) -> InferenceMemory | None:
     """The model's estimate and this process's budget for ``inference.mode=auto`` (None for other modes).
@@ -203,50 +166,9 @@ def inference_memory(cfg, in_channels: int, out_channels: int,
         smallest = torch.tensor([budget], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
         budget = float(smallest.item())
-    stages = cfg.parallel.pp if cfg.parallel.name == "pipeline" else 1
+    stages = planned_stages(cfg.parallel)[0]
     devices = cfg.inference.devices
     if devices is None:
         devices = torch.cuda.device_count() if device.type == "cuda" else 1
     return InferenceMemory.from_config(cfg.model, in_channels, out_channels, cfg.trainer.precision, stages,
                                        budget, devices)
-
-
-def split_over_devices(model: torch.nn.Module, devices: int, device: torch.device) -> torch.nn.Module:
-    """A copy of the unsplit U-Net ``model`` pipelined (torchgpipe, one micro-batch) over ``devices``
-    devices: ``cuda:0..devices-1``, or the CPU repeated. Blocks are divided evenly, which puts the two
-    full-resolution ends (where most activation memory is) on different devices. Built per call (the
-    weights are copied, so training's validation sees its current weights); the original stays whole on
-    its device."""
-    import copy
-
-    from torchgpipe import GPipe
-
-    from lampseg.parallel.blocks import sequential_unet
-    from lampseg.parallel.parallelize import pipeline_devices
-
-    blocks = sequential_unet(copy.deepcopy(model))
-    n = len(blocks)
-    balance = [n // devices + (1 if k < n % devices else 0) for k in range(devices)]
-    return GPipe(blocks, balance=balance, devices=pipeline_devices(devices, device), chunks=1).eval()
-
-
-class CasePeakMemory:
-    """Peak memory of one case for ``eval.json``: CUDA's peak allocated bytes (measured per case); on CPU
-    the process's peak resident memory so far (the allocator keeps no per-case counter, and the profiler
-    that ``PeakMemory`` uses is too slow to run on every case)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_mb: float | None = None
-
-    def __enter__(self) -> CasePeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.peak_mb = peak_memory_mb(self.device)
-
-    def report(self) -> dict:
-        key = "peak_memory_mb" if self.device.type == "cuda" else "process_peak_rss_mb"
-        return {key: None if self.peak_mb is None else round(self.peak_mb, 1)}

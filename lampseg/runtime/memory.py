@@ -1,4 +1,5 @@
-"""Exact byte counts of tensors and the peak memory a block of code allocates, on CUDA or CPU.
+"""Memory probes: free and peak memory of a device, exact byte counts of tensors, the peak memory a block
+of code allocates (CUDA or CPU), out-of-memory errors, and glibc's handling of freed large blocks.
 
     with PeakMemory("cpu") as peak:
         loss = model(x).mean()
@@ -19,6 +20,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
+import os
+import resource
+import sys
 from collections.abc import Iterable, Iterator
 from types import TracebackType
 
@@ -26,8 +31,49 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-GB = 1024**3
+GB = 1024**3  # lampseg's unit of memory everywhere (GiB)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+
+
+def free_memory_gb(device: torch.device) -> float:
+    """Free memory of ``device``: CUDA's free bytes, or the host's available memory for CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / GB
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
+    except (ValueError, OSError, AttributeError):
+        return 16.0  # unknown platform: a laptop-sized guess; set inference.memory_gb to be exact
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's and the CPU allocator's out-of-memory errors (PyTorch raises RuntimeError on CPU)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                                or "Cannot allocate memory" in text)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what garbage collection can, and hand CUDA's cached blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @functools.cache
@@ -150,3 +196,25 @@ class PeakMemory:
         if exc_type is not None:
             return
         self.bytes = _peak(_allocations(prof.profiler.kineto_results.experimental_event_tree(), "cpu"))
+
+
+class CasePeakMemory:
+    """Peak memory of one case for ``eval.json``: CUDA's peak allocated bytes (measured per case); on CPU
+    the process's peak resident memory so far (the allocator keeps no per-case counter, and the profiler
+    that ``PeakMemory`` uses is too slow to run on every case)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb: float | None = None
+
+    def __enter__(self) -> CasePeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_mb = peak_memory_mb(self.device)
+
+    def report(self) -> dict:
+        key = "peak_memory_mb" if self.device.type == "cuda" else "process_peak_rss_mb"
+        return {key: None if self.peak_mb is None else round(self.peak_mb, 1)}

@@ -1,7 +1,12 @@
-"""From a config to training data: dataset root (synthetic on first use), cache, targets, channels, splits."""
+"""From a config to training data: dataset root (synthetic on first use), cache, targets, channels, splits,
+patch size and the training dataset. Knows nothing of the planner or the engine: ``data.patch_size=auto``
+is decided by a ``choose_patch`` function the caller passes (``engine.setup.load_data`` passes the
+planner's).
+"""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +84,12 @@ def resolve_targets(dataset: MSDDataset, data_cfg) -> Targets:
         raise ConfigError(str(e)) from e
 
 
-def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
+# (training cases' spatial shapes, input channels, targets) -> (patch, the decision for summary.json)
+PatchChooser = Callable[[list[list[int]], int, Targets], tuple[list[int], dict]]
+
+
+def prepare_data(cfg, run_dir: Path, divisor: int, log=print, choose_patch: PatchChooser | None = None
+                 ) -> DataBundle:
     """Resolve, validate and preprocess the dataset, then split it into the configured fold.
 
     Args:
@@ -87,6 +97,7 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
         run_dir: where ``splits.json`` goes.
         divisor: spatial multiple the network needs (patches and whole volumes must be multiples).
         log: where progress lines go.
+        choose_patch: decides ``data.patch_size=auto`` from the training cases' shapes (required then).
 
     Returns:
         The data bundle for ``run``.
@@ -110,7 +121,11 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
     patch, decision = patch_size_of(cfg), None
     whole = patch is None and not is_auto_patch(cfg)
     if is_auto_patch(cfg):
-        patch, decision = _auto_patch(cfg, cache, fold["train"], len(channels), targets, log)
+        if choose_patch is None:
+            raise ConfigError("config key 'data.patch_size': 'auto' needs the planner; this command "
+                              "takes a fixed patch size or 'whole'")
+        shapes = [list(cache.image(n).shape[-3:]) for n in fold["train"]]
+        patch, decision = choose_patch(shapes, len(channels), targets)
     elif whole:
         patch = whole_volume_shape([cache.image(n).shape[-3:] for n in cache.cases], divisor)
     elif any(p % divisor for p in patch):
@@ -119,20 +134,6 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
     else:
         _warn_small_cases(cache, patch, log)
     return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole, decision)
-
-
-def _auto_patch(cfg, cache, cases: list[str], in_channels: int, targets, log) -> tuple[list[int], dict]:
-    """``data.patch_size=auto`` for the training cases, within ``parallel.memory_gb`` per stage (default:
-    the training device's free memory)."""
-    from lampseg.engine.auto import free_memory_gb
-    from lampseg.engine.train import resolve_device
-    from lampseg.parallel.plan import auto_patch_size
-
-    budget = cfg.parallel.memory_gb
-    if budget is None:
-        budget = free_memory_gb(resolve_device(cfg.trainer.device))
-    shapes = [list(cache.image(n).shape[-3:]) for n in cases]
-    return auto_patch_size(cfg, shapes, in_channels, targets, budget, log)
 
 
 def _warn_small_cases(cache, patch: list[int], log) -> None:

@@ -1,0 +1,36 @@
+"""Multi-process benchmarks' launcher: ``torchrun`` jobs on 127.0.0.1 whose rank 0 writes a JSON result."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float,
+                   threads: int | None = None) -> list[dict]:
+    """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 with ``threads`` per process
+    (default ``$OMP_NUM_THREADS``, else 1); returns the JSON list the job's rank 0 wrote to ``out_path``.
+
+    Raises:
+        RuntimeError: the job failed (with the end of its error output).
+    """
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, str(spec_path),
+               str(out_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench: the {nproc}-process job of {module} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(Path(out_path).read_text())

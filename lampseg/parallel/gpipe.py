@@ -1,0 +1,46 @@
+"""The ``gpipe`` engine: torchgpipe's ``GPipe`` runs every stage of the U-Net in this process, one device per
+stage (LAMP's engine; ``['cpu', 'cpu', ...]`` on a CPU). Built here for training (the plan's stages,
+micro-batches and checkpointing) and for whole-volume inference split over devices (blocks divided evenly).
+Its blocks share the model's parameters, so optimisers, checkpoints (unsplit names) and ``evaluate`` keep
+using the original model object."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchgpipe import GPipe
+
+from lampseg.config import ConfigError
+from lampseg.parallel.blocks import sequential_unet
+
+# lampseg's checkpointing policies in torchgpipe's terms (it checkpoints whole partitions per micro-batch).
+GPIPE_CHECKPOINT = {"none": "never", "block": "except_last", "all": "always"}
+
+
+def pipeline_devices(pp: int, device: torch.device) -> list[torch.device]:
+    """One device per stage: ``cpu`` repeated, or ``cuda:0 .. cuda:pp-1``."""
+    if device.type != "cuda":
+        return [torch.device("cpu")] * pp
+    if torch.cuda.device_count() < pp:
+        raise ConfigError(f"config key 'parallel.pp': {pp} stages need {pp} GPUs, this machine has "
+                          f"{torch.cuda.device_count()}")
+    return [torch.device("cuda", i) for i in range(pp)]
+
+
+def even_balance(blocks: int, stages: int) -> list[int]:
+    """Blocks per stage, divided as evenly as possible (the first stages take the remainder)."""
+    return [blocks // stages + (1 if k < blocks % stages else 0) for k in range(stages)]
+
+
+def gpipe(model: nn.Module, balance: list[int], device: torch.device, chunks: int,
+          checkpoint: str = "none") -> GPipe:
+    """The U-Net ``model`` as a ``GPipe`` of ``len(balance)`` stages.
+
+    Args:
+        model: the unsplit MONAI UNet; its blocks are shared, not copied.
+        balance: blocks per stage (``Plan.stages`` or ``even_balance``).
+        device: the run's device (CUDA: stage k on ``cuda:k``; CPU: every stage on the CPU).
+        chunks: micro-batches per batch.
+        checkpoint: lampseg's activation checkpointing policy (none|block|all).
+    """
+    return GPipe(sequential_unet(model), balance=balance, devices=pipeline_devices(len(balance), device),
+                 chunks=chunks, checkpoint=GPIPE_CHECKPOINT[checkpoint])
