@@ -144,17 +144,17 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]
 
-    import hydra  # lazy: see above
+    # lazy: see above
+    import hydra
+
+    from lampseg.config import ConfigError, register_schema
+    from lampseg.errors import LampsegError
+    from lampseg.parallel import distributed
 
     # conf/hydra/launcher/ray.yaml sets lampseg's defaults for hydra-ray-launcher and is deliberately checked
     # against the plugin's schema of the same name; Hydra calls that pattern deprecated on every run.
     warnings.filterwarnings("ignore", message=r"(?s)\s*'hydra/launcher/ray' is validated against ConfigStore")
-    from lampseg.config import ConfigError, register_schema
-    from lampseg.errors import LampsegError
-
     register_schema()
-
-    from lampseg.parallel import distributed
 
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
     def app(cfg) -> None:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
 
     if not (_override(argv, "tune.address") or _override(argv, "hydra.launcher.ray.init.address")):
-        from lampseg.tune.search import LOOPBACK_ENV
+        from lampseg.tune.search import LOOPBACK_ENV  # lazy: see above
 
         os.environ.setdefault(LOOPBACK_ENV, "0")  # a Ray started here (tune, hydra/launcher=ray): loopback
     if distributed.launched_by_torchrun():

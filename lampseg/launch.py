@@ -19,6 +19,8 @@ import socket
 import sys
 
 import torch.distributed as dist
+from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
+from torch.distributed.run import main as torchrun
 
 LOCAL_FLAGS = ("--standalone",)
 ADDRESS_FLAGS = ("--rdzv_endpoint", "--rdzv-endpoint", "--master_addr", "--master-addr")
@@ -81,9 +83,6 @@ def _loopback_interface() -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run torchrun with ``argv`` (default ``sys.argv[1:]``), loopback-bound when the job is local."""
-    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
-    from torch.distributed.run import main as torchrun
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if is_local_job(argv):
         for module in (dist, static_tcp_rendezvous, c10d_rendezvous_backend):

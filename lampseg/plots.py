@@ -9,7 +9,7 @@ def pyplot():
     import matplotlib  # lazy: a second of start-up that commands without pictures do not pay
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend
 
     return plt
 

@@ -132,7 +132,7 @@ def montage(image: np.ndarray, modalities: list[str], label: np.ndarray | None, 
 def render(picture: Montage, label_names: dict[int, str], title: str, path: Path | None = None) -> bytes:
     """The montage with row/column titles and a legend (label names, error colours) as PNG bytes (written
     atomically to ``path`` when given)."""
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # lazy: matplotlib costs a second of start-up (plots.pyplot)
 
     plt = pyplot()
     h, w = picture.image.shape[:2]

@@ -14,8 +14,8 @@ from conftest import lampseg
 
 import lampseg.engine.inference as inference
 from lampseg.data.sampling import whole_volume_shape
-from lampseg.engine.inference_memory import InferenceMemory, windows_to_try
 from lampseg.engine.checkpoint import load_checkpoint
+from lampseg.engine.inference_memory import InferenceMemory, windows_to_try
 
 
 def _divisor(ckpt_path: Path) -> int:

@@ -118,6 +118,21 @@ def test_plan_cli_writes_plan_json(tmp_path):
     assert bad.returncode == 2 and "parallel.pp" in bad.stderr
 
 
+def test_plan_auto_patch_is_chosen_for_the_stages_it_prints(tmp_path):
+    """One source of truth for the layout: ``plan parallel.pp=2`` without ``parallel=pipeline`` chooses the
+    automatic patch for the two stages its table shows, as ``parallel=pipeline parallel.pp=2`` does (it
+    used to choose for one stage), and a smaller budget per stage never gets a larger patch."""
+    chosen = {}
+    for name, layout in [("what-if", []), ("pipeline", ["parallel=pipeline", "parallel.engine=gpipe"])]:
+        run_dir = tmp_path / name
+        lampseg("plan", "+exp=smoke", "data.patch_size=auto", *layout, "parallel.pp=2",
+                "parallel.memory_gb=0.02", f"run_dir={run_dir}")
+        plan = json.loads((run_dir / "plan.json").read_text())
+        assert plan["plan"]["pp"] == 2 and plan["patch_size_auto"]["pp"] == 2
+        chosen[name] = plan["patch_size_auto"]["patch_size"]
+    assert chosen["what-if"] == chosen["pipeline"]
+
+
 def test_largest_cube_grows_with_stages_and_really_fits():
     """LAMP's point: more stages, larger inputs; the size found fits when profiled at that size."""
     from lampseg.parallel.plan import largest_cube

@@ -153,6 +153,7 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
 
 
 def _scheduler(cfg: DictConfig, space: dict):
+    # lazy: Ray takes seconds to import
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     t = cfg.tune

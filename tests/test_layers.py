@@ -1,0 +1,101 @@
+"""The import structure of docs/DESIGN.md: layers whose imports only point down, no cycles (import-linter's
+contracts in pyproject.toml, which see imports inside functions too), and modules small enough to read."""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "lampseg"
+MAX_MODULE_LINES = 400
+MAX_LOOP_FUNCTION_LINES = 80
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` with the project's contracts, importing ``lampseg`` from ``root``."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as main; "
+               "sys.exit(main())", "--no-cache", "--no-logo", str(REPO / "pyproject.toml")]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_every_contract_is_kept():
+    proc = lint_imports(REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout
+
+
+@pytest.mark.parametrize("module,upward", [
+    ("data/sampling.py", "from lampseg.engine.train import run"),  # data must not know the engine
+    ("parallel/plan.py", "    from lampseg.engine.setup import load_data\n"),  # not even inside a function
+    ("runtime/device.py", "import lampseg.model.unet"),
+])
+def test_an_upward_import_breaks_the_layers_contract(tmp_path, module, upward):
+    copy = tmp_path / "lampseg"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    path = copy / module
+    source = path.read_text()
+    if upward.startswith("    "):  # inside the first function of the module
+        head, tail = source.split("\ndef ", 1)
+        name, rest = tail.split("\n", 1)
+        source = f"{head}\ndef {name}\n{upward}{rest}"
+    else:
+        source = source.replace("from __future__ import annotations\n",
+                                f"from __future__ import annotations\n\n{upward}\n", 1)
+    path.write_text(source)
+    proc = lint_imports(tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    importer = "lampseg." + module.removesuffix(".py").replace("/", ".")
+    assert "BROKEN" in proc.stdout and importer in proc.stdout, proc.stdout
+
+
+def test_modules_stay_short():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_the_training_loop_reads_in_one_sitting():
+    tree = ast.parse((PACKAGE / "engine" / "train.py").read_text())
+    long = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_LOOP_FUNCTION_LINES}
+    assert not long, f"engine/train.py functions over {MAX_LOOP_FUNCTION_LINES} lines: {long}"
+
+
+def _import_group(lines: list[str], index: int) -> list[str]:
+    """The lines of the import at ``lines[index]``, the imports and blank lines around it, and the line just
+    above them (where a comment explaining the group would be)."""
+    def is_import(line: str) -> bool:
+        stripped = line.strip()
+        return not stripped or stripped.startswith(("import ", "from ", ")")) or stripped.endswith(",")
+
+    lo = index
+    while lo > 0 and is_import(lines[lo - 1]):
+        lo -= 1
+    hi = index
+    while hi + 1 < len(lines) and is_import(lines[hi + 1]) and lines[hi + 1].strip():
+        hi += 1
+    return lines[max(lo - 1, 0):hi + 1]
+
+
+def test_function_local_imports_say_why():
+    """An import inside a function must buy start-up time (or be timed) and say so: a comment on the
+    import group or on the line above it. Anything else belongs at the top of the module."""
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for function in [n for n in ast.walk(ast.parse("\n".join(lines)))
+                         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    if not any("#" in line for line in _import_group(lines, node.lineno - 1)):
+                        unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: "
+                                           f"{lines[node.lineno - 1].strip()}")
+    assert not unexplained, "function-local imports without a reason:\n" + "\n".join(sorted(set(unexplained)))
