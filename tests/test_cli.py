@@ -119,7 +119,7 @@ def test_brats_recipe_composes():
 def test_evaluate(tmp_path, trained_run, mode):
     run_dir = tmp_path / "eval"
     args = ["evaluate", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"run_dir={run_dir}"]
-    args.append(f"inference={mode}")  # the checkpoint's own default is auto (tests/test_auto.py)
+    args.append(f"inference={mode}")  # the checkpoint's own default is auto (tests/test_inference_memory.py)
     lampseg(*args)
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["inference"]["mode"] == mode
@@ -265,3 +265,16 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     assert str(bad) in proc.stderr and "weights_only=True" in proc.stderr and "Traceback" not in proc.stderr
     proc = lampseg("train", f"data.root={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run2'}", check=False)
     assert proc.returncode == 1 and "dataset.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_subcommand_has_a_runner():
+    """The CLI's table: every listed subcommand (but synth, handled inline) names an importable function."""
+    import importlib
+
+    from lampseg.__main__ import RUNNERS, SUBCOMMANDS
+
+    assert set(RUNNERS) | {"synth"} == set(SUBCOMMANDS)
+    for module, function, _ in RUNNERS.values():
+        assert callable(getattr(importlib.import_module(module), function))
+
+

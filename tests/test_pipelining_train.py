@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, compose, free_port, lampseg, load_check_run_dir, torchrun, train_here, train_losses
 
-# fp32 + SGD (see test_pipeline_gpipe.py); a small clip norm so the all-reduced global norm matters.
+# fp32 + SGD (see test_gpipe_train.py); a small clip norm so the all-reduced global norm matters.
 BASE = ["+exp=smoke", "optim=sgd", "optim.grad_clip=0.1", "trainer.precision=fp32",
         "trainer.deterministic=true", "trainer.max_epochs=2", "trainer.hd95=false", "data.batch_size=4",
         "data.samples_per_epoch=8"]

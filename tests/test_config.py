@@ -1,0 +1,52 @@
+"""Config checks (``config/checks.py``): shipped configs validate, every bad value names its key."""
+from __future__ import annotations
+
+import pytest
+from conftest import compose
+
+from lampseg.config import ConfigError, validate
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("overrides", [[], ["+exp=smoke"], ["+exp=brats"],
+                                       ["+exp=smoke", "trainer.max_epochs=1"],  # adamw: 1 warm-up epoch
+                                       ["data.patch_size=whole"], ["inference=sliding", "model=unet32"]])
+def test_shipped_configs_validate(overrides):
+    validate(compose(*overrides))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.fold=3", "data.fold"),
+    ("data.folds=1", "data.folds"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.foreground_ratio=1.5", "data.foreground_ratio"),
+    ("data.patch_size=[32,32]", "data.patch_size"),
+    ("data.patch_size=[30,32,32]", "data.patch_size"),
+    ("data.patch_size=big", "data.patch_size"),
+    ("data.synthetic.layout=5d", "data.synthetic.layout"),
+    ("data=brats data.regions.TC=[]", "data.regions.TC"),
+    ("data=brats data.regions.ET=[0]", "data.regions.ET"),
+    ("model.strides=[2]", "model.strides"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.warmup_epochs=3", "optim.warmup_epochs"),
+    ("trainer.resume=sometimes", "trainer.resume"),
+    ("trainer.device=tpu", "trainer.device"),
+    ("inference.overlap=1.0", "inference.overlap"),
+    ("inference.patch_size=[8,8]", "inference.patch_size"),
+    ("split=test", "split"),
+    ("parallel.dp=0", "parallel.dp"),
+    ("slices=[-1,0,0]", "slices"),
+    ("slices=[1,2]", "slices"),
+    ("optim.beta2=1.0", "optim.beta2"),
+    ("tune.search=bayes", "tune.search"),
+    ("tune.scheduler=hyperband", "tune.scheduler"),
+    ("tune.num_samples=0", "tune.num_samples"),
+    ("tune.resources.cpu=-1", "tune.resources"),
+])
+def test_validate_names_the_key(override, key):
+    cfg = compose("+exp=smoke", *override.split())
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert f"'{key}" in str(info.value), str(info.value)
