@@ -35,7 +35,6 @@ def test_shipped_configs_validate(overrides):
     ("trainer.device=tpu", "trainer.device"),
     ("inference.overlap=1.0", "inference.overlap"),
     ("inference.patch_size=[8,8]", "inference.patch_size"),
-    ("split=test", "split"),
     ("parallel.dp=0", "parallel.dp"),
     ("slices=[-1,0,0]", "slices"),
     ("slices=[1,2]", "slices"),
@@ -50,3 +49,24 @@ def test_validate_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert f"'{key}" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("split=test", "split"),
+    ("trainer.progress=loud", "trainer.progress"),
+    ("parallel.checkpoint=some", "parallel.checkpoint"),
+    ("parallel.profile=guess", "parallel.profile"),
+    ("parallel.engine=deepspeed", "parallel.engine"),
+])
+def test_the_schema_refuses_a_bad_choice_naming_the_key(override, key):
+    """String choices with identifier values are enums of the schema: composition refuses a bad one."""
+    with pytest.raises(Exception) as info:
+        compose("+exp=smoke", override)
+    assert key in str(info.value) and override.split("=")[1] in str(info.value), str(info.value)
+
+
+def test_choices_read_and_print_as_their_values():
+    cfg = compose("+exp=smoke", "parallel=pipeline", "split=train", "parallel.checkpoint=block")
+    assert cfg.parallel.name == "pipeline" and cfg.split == "train"
+    assert f"{cfg.parallel.name} {cfg.split} {cfg.parallel.checkpoint}" == "pipeline train block"
+    assert {"train": 1}[cfg.split] == 1

@@ -21,6 +21,53 @@ class ConfigError(LampsegError, ValueError):
     """A config value is invalid; the message names the key and what was expected."""
 
 
+class Choice(str, Enum):
+    """A string choice Hydra checks (a bad value fails at composition, naming the key and the options); its
+    members compare, hash and format as their values on every Python version."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+
+class ParallelMode(Choice):
+    single = "single"
+    ddp = "ddp"
+    pipeline = "pipeline"
+
+
+class PipelineEngine(Choice):
+    pipelining = "pipelining"  # one stage per process (torch.distributed.pipelining)
+    gpipe = "gpipe"  # every stage in this process (torchgpipe)
+
+
+class Recompute(Choice):
+    auto = "auto"
+    none = "none"
+    block = "block"
+    all = "all"
+
+
+class CostSource(Choice):
+    estimate = "estimate"
+    measure = "measure"
+
+
+class ProgressMode(Choice):
+    auto = "auto"
+    bar = "bar"
+    line = "line"
+    none = "none"
+
+
+class Split(Choice):
+    val = "val"
+    train = "train"
+    all = "all"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -144,7 +191,7 @@ class TrainerConfig:
     cache_cpu_memory: bool = True  # CPU: keep freed large blocks (runtime.memory.keep_freed_cpu_memory)
     deterministic: bool = False
     num_threads: int | None = None
-    progress: str = "auto"
+    progress: ProgressMode = ProgressMode.auto
     val_max_cases: int | None = None
     hd95: bool = True
     stop_after_epochs: int | None = None
@@ -169,17 +216,17 @@ class InferenceConfig:
 
 @dataclass
 class ParallelConfig:
-    name: str = "single"
+    name: ParallelMode = ParallelMode.single
     dp: int | None = 1  # null: WORLD_SIZE / pp
     pp: int = 1
-    engine: str = "pipelining"
+    engine: PipelineEngine = PipelineEngine.pipelining
     backend: str = "auto"  # auto: nccl for CUDA tensors, gloo for CPU tensors
     timeout_s: float = 600.0  # collective timeout
     schedule: str = "gpipe"
     microbatches: int | None = None
     memory_gb: float | None = None
-    checkpoint: str = "auto"
-    profile: str = "estimate"
+    checkpoint: Recompute = Recompute.auto
+    profile: CostSource = CostSource.estimate
     device_tflops: float = 10.0
 
 
@@ -283,7 +330,7 @@ class Config:
     output: str | None = None
     overwrite: bool = False  # predict: redo inputs whose prediction is already in output (default: skip)
     out: str | None = None
-    split: str = "val"
+    split: Split = Split.val
     case: str | None = None  # visualize: the case to draw (default: the dataset's first)
     prediction: str | None = None  # visualize: a label NIfTI to draw over the case
     slices: list[int] | None = None  # visualize: x, y, z of the planes (default: the foreground's centre)

@@ -278,16 +278,17 @@ def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
         The plan and the per-block costs it was made from.
     """
     p = cfg.parallel
-    where = torch.device("meta") if p.profile == "estimate" else torch.device(device)
+    source, policy = enum_value(p.profile), enum_value(p.checkpoint)
+    where = torch.device("meta") if source == "estimate" else torch.device(device)
     with where:
         probe = build_model(cfg.model, in_channels, out_channels)
     loss_fn = target_fn = None
     if targets is not None:
         loss_fn, target_fn = build_loss(cfg.optim, targets), targets.loss_target
-    costs = profile_blocks(probe, input_shape, p.profile, where, p.device_tflops,
+    costs = profile_blocks(probe, input_shape, source, where, p.device_tflops,
                            DTYPES[enum_value(cfg.trainer.precision)], loss_fn=loss_fn, target_fn=target_fn)
     plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
-                     p.checkpoint, enum_value(cfg.optim.name), p.profile, size_divisor(cfg.model))
+                     policy, enum_value(cfg.optim.name), source, size_divisor(cfg.model))
     return plan, costs
 
 
@@ -320,7 +321,8 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
     cap = whole_volume_shape([median], divisor)
     p, batch = cfg.parallel, cfg.data.batch_size
     pp, pipelined = planned_stages(p)
-    policies = ([p.checkpoint] if p.checkpoint != "auto" else list(RECOMPUTE)) if pipelined else ["none"]
+    policy = enum_value(p.checkpoint)
+    policies = ([policy] if policy != "auto" else list(RECOMPUTE)) if pipelined else ["none"]
     counts = ([p.microbatches] if p.microbatches else [m for m in range(1, batch + 1) if batch % m == 0]) \
         if pipelined else [batch]
     opt_states = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2)
