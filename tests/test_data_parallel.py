@@ -228,6 +228,7 @@ def _worker_pid(rank: int, deadline: float) -> int:
     raise TimeoutError(f"no rank {rank} process found")
 
 
+@pytest.mark.extended
 def test_killed_rank_fails_the_job_fast_and_the_same_command_resumes(tmp_path):
     """SIGKILL one rank mid-run: torchrun stops the job (non-zero, well within the collective timeout) and
     names the dead rank; the same command resumes from latest.pt and ends where an uninterrupted run ends."""

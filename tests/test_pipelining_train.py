@@ -61,6 +61,7 @@ def test_pipelining_training_matches_unsplit(tmp_path, unsplit, pp, schedule, mi
     assert load_check_run_dir().check(tmp_path) == []
 
 
+@pytest.mark.extended
 def test_pipelining_resumes_and_checkpoints_are_portable(tmp_path, unsplit):
     """Stop after one epoch, relaunch the same command: it resumes (weights and name-keyed optimiser state)
     and ends where the unsplit run ends. Its checkpoint then continues under pp=1 and under gpipe pp=4

@@ -143,6 +143,7 @@ def _kill_when(cmd: list[str], run_dir: Path, rows: int, delay_s: float) -> None
         proc.wait(timeout=30)
 
 
+@pytest.mark.extended
 def test_sigkill_twice_then_same_command_matches_uninterrupted(tmp_path):
     """A training process killed with SIGKILL at a random moment, twice (the second time while resuming),
     resumes with the same command and ends where an uninterrupted run ends (deterministic fp32 CPU

@@ -131,6 +131,7 @@ def test_pipelined_trial_runs_two_stages_in_one_bundle(tmp_path, ray_session):
     assert len(trained["plan"]["stages"]) == 2
 
 
+@pytest.mark.extended
 def test_optuna_search_and_pbt(tmp_path, ray_session):
     """The optuna preset samples the space with TPE; PBT exploits a better trial's checkpoint."""
     _study(tmp_path / "optuna", "tune=optuna", "tune.num_samples=2",

@@ -42,6 +42,7 @@ def _tree_commands(pid: int) -> set[str]:
         return set()
 
 
+@pytest.mark.extended
 def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     """Ctrl-C (SIGINT) after the first trial finished; the same command with tune.resume=true runs the
     rest and leaves the finished trial alone. No Ray process outlives either command. While the first
@@ -87,7 +88,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     assert _ray_pids() <= before
 
 
-@pytest.mark.parametrize("launcher", ["basic", "ray"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("ray", marks=pytest.mark.extended)])
 def test_multirun_writes_multirun_results(tmp_path, launcher):
     """``train -m`` over two learning rates, with Hydra's basic launcher and with hydra-ray-launcher:
     both jobs train and multirun_results.csv gathers their summaries."""
@@ -106,6 +107,7 @@ def test_multirun_writes_multirun_results(tmp_path, launcher):
     assert _ray_pids() <= before
 
 
+@pytest.mark.extended
 def test_slurm_ray_script_runs_a_study_on_the_cluster_it_starts(tmp_path):
     """launch/slurm_ray.sbatch under stand-ins for srun and scontrol (a one-node allocation on 127.0.0.1):
     it starts a Ray head, `lampseg tune tune.address=...` joins it and runs the study, and the script's exit
