@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
 
     if not (_override(argv, "tune.address") or _override(argv, "hydra.launcher.ray.init.address")):
-        from lampseg.tune.search import LOOPBACK_ENV  # lazy: see above
+        from lampseg.tune.loopback import LOOPBACK_ENV  # lazy: see above
 
         os.environ.setdefault(LOOPBACK_ENV, "0")  # a Ray started here (tune, hydra/launcher=ray): loopback
     if distributed.launched_by_torchrun():

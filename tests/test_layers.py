@@ -99,3 +99,25 @@ def test_function_local_imports_say_why():
                         unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: "
                                            f"{lines[node.lineno - 1].strip()}")
     assert not unexplained, "function-local imports without a reason:\n" + "\n".join(sorted(set(unexplained)))
+
+
+def _imported(command: list[str]) -> set[str]:
+    """The modules a Python command imports (``-X importtime``), whatever its exit status."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
+def test_a_typo_is_reported_without_importing_the_heavy_stack(tmp_path):
+    """Everything `python -m lampseg` imports before Hydra reports a bad override: seconds, not the ten more
+    that MONAI, Ray and the pipelining engine would add."""
+    imported = _imported(["-m", "lampseg", "train", "trainer.max_epoch=3", f"run_dir={tmp_path}"])
+    assert {"lampseg.config", "lampseg.parallel.distributed", "lampseg.tune.loopback"} <= imported
+    assert not imported & {"monai", "ray", "matplotlib", "torch.distributed.pipelining"}
+
+
+def test_a_run_that_is_not_pipelined_does_not_import_the_pipelining_engine():
+    imported = _imported(["-c", "import lampseg.engine.train"])
+    assert "lampseg.engine.train" in imported
+    assert not imported & {"torch.distributed.pipelining", "ray"}

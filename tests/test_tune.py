@@ -26,7 +26,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def ray_session(lampseg_home):
     """One local Ray for the module, as lampseg starts it (loopback only); it must listen on nothing else,
     and afterwards no Ray process of it may be left."""
-    from lampseg.tune.search import local_ray_on_loopback
+    from lampseg.tune.loopback import local_ray_on_loopback
 
     local_ray_on_loopback()
     ray = pytest.importorskip("ray")

@@ -27,7 +27,6 @@ from lampseg.parallel.blocks import unet_blocks
 from lampseg.parallel.ddp import data_parallel
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.gpipe import even_balance, gpipe
-from lampseg.parallel.pipelining import PipelinedUNet
 from lampseg.parallel.plan import Plan, plan_for
 
 
@@ -49,6 +48,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     """
     replicate = train and dims.dp_enabled
     if dims.staged:
+        # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
+        from lampseg.parallel.pipelining import PipelinedUNet
+
         dims.build_mesh(device.type)
         plan = None  # rank 0 plans for all: a measured profile differs between ranks, the split must not
         if distributed.is_main():

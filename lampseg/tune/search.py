@@ -30,11 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.engine.setup import load_data
 from lampseg.io import write_json
+from lampseg.tune.loopback import local_ray_on_loopback
 from lampseg.tune.results import write_results
 from lampseg.tune.space import check_space, grid_size, pbt_mutations, to_ray
 from lampseg.tune.trial import train_trial, trial_dirname
 
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray uses 127.0.0.1 only
 RAY_TEMP_MAX = 60  # Ray's socket paths under its temp dir must stay below the OS limit (107 bytes)
 
 
@@ -64,18 +64,6 @@ def study_config(cfg: DictConfig, log=print) -> tuple[dict, int]:
         base["trainer"]["num_threads"] = max(1, int(cfg.tune.resources.cpu))
     base["trainer"]["progress"] = "line"
     return base, stages
-
-
-def local_ray_on_loopback() -> None:
-    """Make a Ray started by this process bind to and advertise 127.0.0.1 only: Ray's single-machine mode
-    (its default on macOS and Windows), so nothing listens beyond loopback unless a cluster is joined."""
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-    try:  # Ray reads the variable at import; a Ray imported earlier in this process needs the constant too
-        from ray._private import ray_constants  # lazy: Ray/Optuna take seconds to import
-
-        ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
-    except (ImportError, AttributeError):
-        pass
 
 
 def reap_orphans(temp: Path, log=print) -> list[int]:
