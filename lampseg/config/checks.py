@@ -129,6 +129,8 @@ def _check_trainer(t: DictConfig) -> None:
         _fail("trainer.resume", "'auto', 'never' or a path to a .pt checkpoint", t.resume)
     if t.device not in ("auto", "cpu") and not str(t.device).startswith("cuda"):
         _fail("trainer.device", "'auto', 'cpu' or 'cuda[:N]'", t.device)
+    if t.val_overlays < 0:
+        _fail("trainer.val_overlays", "an integer >= 0", t.val_overlays)
 
 
 def _check_inference(i: DictConfig) -> None:
@@ -139,11 +141,9 @@ def _check_inference(i: DictConfig) -> None:
 
 
 def _check_commands(cfg: DictConfig) -> None:
-    """Keys of single subcommands (visualize, evaluate)."""
+    """Keys of single subcommands (visualize)."""
     if cfg.slices is not None and (len(cfg.slices) != 3 or min(cfg.slices) < 0):
         _fail("slices", "3 voxel indices [x, y, z], each >= 0", list(cfg.slices))
-    if cfg.trainer.val_overlays < 0:
-        _fail("trainer.val_overlays", "an integer >= 0", cfg.trainer.val_overlays)
 
 
 def _check_parallel(p: DictConfig, o: DictConfig, batch_size: int) -> None:
