@@ -218,11 +218,15 @@ def validate(cfg: DictConfig) -> None:
                ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
                ("trainer.max_nan_steps", t.max_nan_steps, 1), ("data.synthetic.cases", d.synthetic.cases, 2),
                ("inference.sw_batch_size", cfg.inference.sw_batch_size, 1), ("parallel.dp", p.dp or 1, 1),
-               ("parallel.pp", p.pp, 1), ("parallel.microbatches", p.microbatches or 1, 1)])
+               ("parallel.pp", p.pp, 1), ("parallel.sp", p.sp, 1),
+               ("parallel.microbatches", p.microbatches or 1, 1)])
     _check_data(d)
     divisor = _check_model(m, p.pp)
     if patch is not None:
         _check_patch("data.patch_size", list(patch), divisor, enum_value(m.norm))
+        if p.sp > 1 and patch[0] % (divisor * p.sp):
+            _fail("data.patch_size", f"a first size divisible by {divisor * p.sp} (parallel.sp={p.sp} slabs, "
+                  f"each a multiple of the model's size divisor {divisor})", list(patch))
     _check_curriculum(t, divisor, enum_value(m.norm))
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", "a number in [0, 1)", m.dropout)

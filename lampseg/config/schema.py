@@ -36,6 +36,7 @@ class ParallelMode(Choice):
     single = "single"
     ddp = "ddp"
     pipeline = "pipeline"
+    spatial = "spatial"
 
 
 class PipelineEngine(Choice):
@@ -219,6 +220,7 @@ class ParallelConfig:
     name: ParallelMode = ParallelMode.single
     dp: int | None = 1  # null: WORLD_SIZE / pp
     pp: int = 1
+    sp: int = 1  # spatial slabs per volume (parallel=spatial)
     engine: PipelineEngine = PipelineEngine.pipelining
     backend: str = "auto"  # auto: nccl for CUDA tensors, gloo for CPU tensors
     timeout_s: float = 600.0  # collective timeout

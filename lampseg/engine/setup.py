@@ -33,9 +33,8 @@ from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
-from lampseg.parallel.ddp import unwrap
 from lampseg.parallel.dims import ParallelDims, resolve_dims
-from lampseg.parallel.parallelize import parallelize
+from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.parallel.plan import Plan, auto_patch_size, plan_for
 from lampseg.runtime.device import resolve_device, seed_everything, set_rng_state
 from lampseg.runtime.memory import free_memory_gb, keep_freed_cpu_memory
@@ -226,8 +225,9 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
     scale = lr_scale(cfg.optim, dims.dp)
     optimizer = build_optimizer(net if dims.staged else model, cfg.optim, scale)  # a stage's parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
-    run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net, unwrap(net), plan,
-              count_parameters(model), scale, optimizer, scheduler, build_loss(cfg.optim, bundle.targets),
+    run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net,
+              inference_module(net, dims, size_divisor(cfg.model)), plan, count_parameters(model), scale,
+              optimizer, scheduler, parallel_loss(build_loss(cfg.optim, bundle.targets), dims),
               make_grad_scaler(cfg, device), TrainState(), 0.0)
     _describe(run)
     _resume(cfg, run)
@@ -244,8 +244,9 @@ def _describe(run: Run) -> None:
             f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
             f"({', '.join(bundle.targets.names)}); device {run.device}")
     if dims.world > 1:
-        run.log(f"{dims.world} processes: dp={dims.dp} x pp={dims.pp if dims.staged else 1}; global batch "
-                f"{dims.dp * cfg.data.batch_size} ({cfg.data.batch_size} per replica); lr {cfg.optim.lr:g} x "
-                f"{run.lr_scale:g} (optim.lr_scaling={cfg.optim.lr_scaling})")
+        layout = f"dp={dims.dp} x pp={dims.stage_processes}" + (f" x sp={dims.sp}" if dims.spatial else "")
+        run.log(f"{dims.world} processes: {layout}; global batch {dims.dp * cfg.data.batch_size} "
+                f"({cfg.data.batch_size} per replica); lr {cfg.optim.lr:g} x {run.lr_scale:g} "
+                f"(optim.lr_scaling={cfg.optim.lr_scaling})")
     if run.plan is not None:
         run.log(run.plan.table())

@@ -1,11 +1,12 @@
-"""Parallel dimensions of a run: data-parallel replicas x pipeline stages = processes.
+"""Parallel dimensions of a run: data-parallel replicas x pipeline stages x spatial slabs = processes.
 
     torchrun --nproc_per_node 4 -m lampseg train parallel=pipeline parallel.dp=2 parallel.pp=2
+    torchrun --nproc_per_node 4 -m lampseg train parallel=spatial parallel.dp=2 parallel.sp=2
 
-``ParallelDims.from_config`` resolves ``parallel.dp`` (null: WORLD_SIZE / pp) and checks that
-``dp * pp == WORLD_SIZE`` before any heavy work; ``build_mesh`` lays the processes out as a 2D device mesh
-``(dp, pp)``: the ranks of one pipeline are consecutive (stage traffic stays inside a node when ``pp``
-divides the GPUs per node), the replicas of one stage are ``pp`` ranks apart.
+``ParallelDims.from_config`` resolves ``parallel.dp`` (null: WORLD_SIZE / (pp x sp)) and checks that
+``dp * pp * sp == WORLD_SIZE`` before any heavy work; ``build_mesh`` lays the processes out as a 3D device
+mesh ``(dp, pp, sp)``: the slabs of one volume are consecutive ranks (their halo exchanges are the most
+frequent traffic, so they stay inside a node first), then the stages of one pipeline, then the replicas.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from lampseg.config import ConfigError, enum_value
 from lampseg.parallel import distributed
 
-MODES = ("single", "ddp", "pipeline")
+MODES = ("single", "ddp", "pipeline", "spatial")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ParallelDims:
     Args:
         dp: data-parallel replicas (each sees a different shard of every global batch).
         pp: pipeline stages per replica.
+        sp: spatial slabs per volume (``parallel=spatial``): processes that split one volume.
         world: processes in the job (1 without torchrun).
         engine: ``pipelining`` (one stage per process), ``gpipe`` (all stages in this process) or None.
     """
@@ -37,19 +39,19 @@ class ParallelDims:
     world: int
     engine: str | None = None
     mesh: object | None = field(default=None, repr=False)
+    sp: int = 1
 
     def __post_init__(self):
-        if self.dp < 1 or self.pp < 1:
-            raise ConfigError(f"config keys 'parallel.dp', 'parallel.pp': expected positive integers, got "
-                              f"{self.dp} and {self.pp}")
-        processes = self.dp * (self.pp if self.engine == "pipelining" else 1)
+        if self.dp < 1 or self.pp < 1 or self.sp < 1:
+            raise ConfigError(f"config keys 'parallel.dp', 'parallel.pp', 'parallel.sp': expected positive "
+                              f"integers, got {self.dp}, {self.pp} and {self.sp}")
+        processes = self.dp * self.stage_processes * self.sp
         if processes != self.world:
-            need = (f"{self.dp} x {self.pp} = {processes}" if self.engine == "pipelining"
-                    else f"{processes}")
+            need = f"{self.dp} x {self.stage_processes} x {self.sp} = {processes}"
             raise ConfigError(
-                f"config keys 'parallel.dp' x 'parallel.pp': {need} processes needed, but WORLD_SIZE is "
-                f"{self.world}; launch with `torchrun --nproc_per_node {processes} -m lampseg ...` or "
-                f"change parallel.dp / parallel.pp")
+                f"config keys 'parallel.dp' x 'parallel.pp' x 'parallel.sp': {need} processes needed, but "
+                f"WORLD_SIZE is {self.world}; launch with `torchrun --nproc_per_node {processes} -m lampseg "
+                f"...` or change parallel.dp / parallel.pp / parallel.sp")
 
     @classmethod
     def from_config(cls, parallel_cfg, world: int) -> ParallelDims:
@@ -64,6 +66,14 @@ class ParallelDims:
             raise ConfigError(f"config key 'parallel.name': expected one of {'|'.join(MODES)}, "
                               f"got {p.name!r}")
         engine = enum_value(p.engine) if p.name == "pipeline" else None
+        sp = int(p.sp)
+        if p.name != "spatial" and sp != 1:
+            raise ConfigError(f"config key 'parallel.sp': {sp} slabs need parallel=spatial (got "
+                              f"parallel={p.name}); DP x SP is parallel=spatial parallel.dp=D")
+        if p.name == "spatial" and p.pp != 1:
+            raise ConfigError(f"config key 'parallel.pp': parallel=spatial splits each volume into slabs "
+                              f"and does not pipeline yet; use parallel.pp=1 (got {p.pp}), or "
+                              f"parallel=pipeline for stages")
         if p.name != "pipeline" and p.pp != 1:
             raise ConfigError(f"config key 'parallel.pp': {p.pp} stages need parallel=pipeline "
                               f"(got parallel={p.name}); DP x PP is parallel=pipeline parallel.dp=D")
@@ -74,9 +84,9 @@ class ParallelDims:
             raise ConfigError("config key 'parallel.engine': gpipe runs all stages in one process and "
                               "has no data parallelism; use parallel.engine=pipelining under torchrun "
                               "for DP x PP")
-        per_replica = p.pp if engine == "pipelining" else 1
+        per_replica = (p.pp if engine == "pipelining" else 1) * sp
         dp = p.dp if p.dp is not None else max(world // per_replica, 1)
-        return cls(dp=int(dp), pp=int(p.pp), world=world, engine=engine)
+        return cls(dp=int(dp), pp=int(p.pp), world=world, engine=engine, sp=sp)
 
     @property
     def dp_enabled(self) -> bool:
@@ -87,11 +97,28 @@ class ParallelDims:
         """One pipeline stage per process (the ``pipelining`` engine)."""
         return self.engine == "pipelining"
 
+    @property
+    def stage_processes(self) -> int:
+        """Processes per pipeline: ``pp`` for one stage per process, else 1."""
+        return self.pp if self.staged else 1
+
+    @property
+    def spatial(self) -> bool:
+        """Volumes are split into slabs over ``sp`` processes."""
+        return self.sp > 1
+
     def build_mesh(self, device_type: str):
-        """The ``(dp, pp)`` device mesh of a staged run (None otherwise); kept on ``self.mesh``."""
-        if self.staged and self.mesh is None:
-            self.mesh = init_device_mesh(device_type, (self.dp, self.pp), mesh_dim_names=("dp", "pp"))
+        """The ``(dp, pp, sp)`` device mesh of a staged or spatial run (None otherwise); kept on
+        ``self.mesh``."""
+        if (self.staged or self.spatial) and self.mesh is None:
+            self.mesh = init_device_mesh(device_type, (self.dp, self.stage_processes, self.sp),
+                                         mesh_dim_names=("dp", "pp", "sp"))
         return self.mesh
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The processes that hold the slabs of this process's volumes (None: not split)."""
+        return self.mesh.get_group("sp") if self.mesh is not None and self.spatial else None
 
     @property
     def pp_group(self) -> dist.ProcessGroup | None:
@@ -128,9 +155,9 @@ class ParallelDims:
         return [item for part in parts for item in part]
 
     def to_dict(self) -> dict:
-        """``world_size``, ``dp``, ``pp`` and the communication ``backend`` (None for one process)."""
+        """``world_size``, ``dp``, ``pp``, ``sp`` and the communication ``backend`` (None for one process)."""
         backend = str(dist.get_backend()) if dist.is_initialized() else None
-        return {"world_size": self.world, "dp": self.dp, "pp": self.pp if self.engine else 1,
+        return {"world_size": self.world, "dp": self.dp, "pp": self.pp if self.engine else 1, "sp": self.sp,
                 "backend": backend}
 
 
@@ -146,6 +173,9 @@ def resolve_dims(cfg) -> ParallelDims:
     p = cfg.parallel
     joined = distributed.init_from_env()
     staged = p.name == "pipeline" and enum_value(p.engine) == "pipelining"
+    if p.name == "spatial" and not joined:
+        raise ConfigError(f"config key 'parallel': parallel=spatial splits each volume over processes; "
+                          f"launch with `torchrun --nproc_per_node {(p.dp or 1) * p.sp} -m lampseg ...`")
     if staged and not joined:
         raise ConfigError(f"config key 'parallel.engine': 'pipelining' runs one stage per process; launch "
                           f"with `torchrun --nproc_per_node {(p.dp or 1) * p.pp} -m lampseg ...`, or set "

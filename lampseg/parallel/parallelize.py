@@ -1,6 +1,9 @@
 """Apply the run's parallelisms to a model, in a fixed order: ``parallelize(model, dims, cfg, ...)``. The one
 place that wraps a model; the engine, evaluation and the benchmarks all come through here.
 
+0. **Spatial (SP)**, ``parallel=spatial``: the model's layers are converted in place to work on slabs of
+   each volume (``spatial.py``); the returned module takes whole batches and runs this rank's slab;
+   ``parallel_loss`` makes the loss global and ``inference_module`` gathers whole outputs.
 1. **Pipeline (PP)**, ``parallel=pipeline``: plan the split (``plan.py``), then
    - ``parallel.engine=pipelining`` (default): this process keeps one stage (``pipelining.PipelinedUNet``,
      ``torch.distributed.pipelining``) of the pipeline it belongs to in the ``(dp, pp)`` device mesh;
@@ -9,7 +12,9 @@ place that wraps a model; the engine, evaluation and the benchmarks all come thr
      (``gpipe.py``).
 2. **Data (DP)**, ``parallel.dp > 1``: ``DistributedDataParallel`` (``ddp.py``) over the replicas: of the
    whole model (``parallel=ddp``), or of each stage over the ``dp`` dimension of the mesh (DP x PP).
-   Inference never goes through DDP (``train=False``): validation shards cases, not batches.
+   Inference never goes through DDP (``train=False``): validation shards cases, not batches. Under SP, DDP
+   spans all ``dp x sp`` processes: averaging the slabs' gradients gives the unsplit gradient
+   (``spatial.py``).
 
 ``split_for_inference`` pipelines an unsplit model over several devices for one whole volume that does not
 fit one device (``inference.mode=auto``).
@@ -24,10 +29,11 @@ from torch import nn
 from lampseg.model.unet import build_model
 from lampseg.parallel import distributed
 from lampseg.parallel.blocks import unet_blocks
-from lampseg.parallel.ddp import data_parallel
+from lampseg.parallel.ddp import data_parallel, unwrap
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.gpipe import even_balance, gpipe
 from lampseg.parallel.plan import Plan, plan_for
+from lampseg.parallel.spatial import SpatialInference, SpatialLoss, SpatialShard, spatial_parallel
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int], device: torch.device,
@@ -47,6 +53,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
         ConfigError: for an engine that is not available or too few devices.
     """
     replicate = train and dims.dp_enabled
+    if dims.spatial:
+        dims.build_mesh(device.type)
+        net = SpatialShard(spatial_parallel(model, dims.sp_group), dims.sp_group)
+        return (data_parallel(net, device) if train else net), None
     if dims.staged:
         # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
         from lampseg.parallel.pipelining import PipelinedUNet
@@ -69,6 +79,20 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     if replicate:
         return data_parallel(model, device), None
     return model, None
+
+
+def parallel_loss(loss: nn.Module, dims: ParallelDims) -> nn.Module:
+    """The training loss for this layout: under SP, global over the slabs (called with the whole target)."""
+    return SpatialLoss(loss, dims.sp_group) if dims.spatial else loss
+
+
+def inference_module(net: nn.Module, dims: ParallelDims, divisor: int) -> nn.Module:
+    """What validation runs: ``net`` without DDP; under SP, whole volumes in and out (every rank of a
+    volume's slabs gets the whole logits), split as in training."""
+    net = unwrap(net)
+    if isinstance(net, SpatialShard):
+        return SpatialInference(net.module, net.group, divisor)
+    return net
 
 
 def split_for_inference(model: nn.Module, devices: int, device: torch.device) -> nn.Module:
