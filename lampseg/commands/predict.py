@@ -49,9 +49,9 @@ def run_predict(cfg, overrides: list[str], log=print) -> list[Path]:
     ckpt = load_checkpoint(cfg.ckpt)
     cfg = config_from_checkpoint(ckpt, cfg, overrides)
     model, targets, device, dims = load_model(ckpt, cfg)
-    # Under torchrun each data-parallel replica segments every dp-th image; the first stage of each
-    # replica writes its images (rank 0's replica logs).
-    writer = dims.mesh.get_local_rank("pp") == 0 if dims.mesh is not None else True
+    # Under torchrun each data-parallel replica segments every dp-th image; the first stage (first slab) of
+    # each replica writes its images (rank 0's replica logs).
+    writer = dims.mesh is None or dims.mesh.get_local_rank("pp") == dims.mesh.get_local_rank("sp") == 0
     log = log if distributed.is_main() else (lambda *_: None)
     info, out_dir = ckpt["data"], Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -224,8 +224,8 @@ def validate(cfg: DictConfig) -> None:
     divisor = _check_model(m, p.pp)
     if patch is not None:
         _check_patch("data.patch_size", list(patch), divisor, enum_value(m.norm))
-        if p.sp > 1 and patch[0] % (divisor * p.sp):
-            _fail("data.patch_size", f"a first size divisible by {divisor * p.sp} (parallel.sp={p.sp} slabs, "
+        if p.sp > 1 and patch[0] < divisor * p.sp:
+            _fail("data.patch_size", f"a first size of at least {divisor * p.sp} (parallel.sp={p.sp} slabs, "
                   f"each a multiple of the model's size divisor {divisor})", list(patch))
     _check_curriculum(t, divisor, enum_value(m.norm))
     if not 0.0 <= m.dropout < 1.0:

@@ -20,7 +20,7 @@ from lampseg.engine.setup import select_device
 from lampseg.model.losses import Targets
 from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel.dims import resolve_dims
-from lampseg.parallel.parallelize import parallelize
+from lampseg.parallel.parallelize import inference_module, parallelize
 from lampseg.runtime.memory import CasePeakMemory
 
 
@@ -114,7 +114,8 @@ def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
 
 def load_model(ckpt: dict, cfg):
     """Rebuild the network of a checkpoint, load its weights (unsplit names) and apply ``cfg.parallel``
-    (pipeline stages when ``parallel=pipeline``; under torchrun this rank's stage), in eval mode.
+    (pipeline stages when ``parallel=pipeline``; under torchrun this rank's stage; whole volumes split
+    into slabs when ``parallel=spatial``), in eval mode.
 
     Returns:
         (the module to run, the targets, this process's device, the run's ``ParallelDims``).
@@ -129,4 +130,4 @@ def load_model(ckpt: dict, cfg):
         model = model.to(memory_format=torch.channels_last_3d)
     net, _ = parallelize(model.to(device), dims, cfg, [len(info["channels"]), *info["patch_size"]], device,
                          train=False)
-    return net.eval(), targets, device, dims
+    return inference_module(net).eval(), targets, device, dims

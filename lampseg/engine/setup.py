@@ -225,10 +225,10 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
     scale = lr_scale(cfg.optim, dims.dp)
     optimizer = build_optimizer(net if dims.staged else model, cfg.optim, scale)  # a stage's parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
-    run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net,
-              inference_module(net, dims, size_divisor(cfg.model)), plan, count_parameters(model), scale,
-              optimizer, scheduler, parallel_loss(build_loss(cfg.optim, bundle.targets), dims),
-              make_grad_scaler(cfg, device), TrainState(), 0.0)
+    run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net, inference_module(net), plan,
+              count_parameters(model), scale, optimizer, scheduler,
+              parallel_loss(build_loss(cfg.optim, bundle.targets), net), make_grad_scaler(cfg, device),
+              TrainState(), 0.0)
     _describe(run)
     _resume(cfg, run)
     if dims.dp_rank > 0:  # replicas start identical (DDP broadcasts rank 0's weights), then draw their own

@@ -26,7 +26,7 @@ import copy
 import torch
 from torch import nn
 
-from lampseg.model.unet import build_model
+from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel import distributed
 from lampseg.parallel.blocks import unet_blocks
 from lampseg.parallel.ddp import data_parallel, unwrap
@@ -55,7 +55,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     replicate = train and dims.dp_enabled
     if dims.spatial:
         dims.build_mesh(device.type)
-        net = SpatialShard(spatial_parallel(model, dims.sp_group), dims.sp_group)
+        net = SpatialShard(spatial_parallel(model, dims.sp_group), dims.sp_group, size_divisor(cfg.model))
         return (data_parallel(net, device) if train else net), None
     if dims.staged:
         # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
@@ -81,18 +81,18 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     return model, None
 
 
-def parallel_loss(loss: nn.Module, dims: ParallelDims) -> nn.Module:
-    """The training loss for this layout: under SP, global over the slabs (called with the whole target)."""
-    return SpatialLoss(loss, dims.sp_group) if dims.spatial else loss
-
-
-def inference_module(net: nn.Module, dims: ParallelDims, divisor: int) -> nn.Module:
-    """What validation runs: ``net`` without DDP; under SP, whole volumes in and out (every rank of a
-    volume's slabs gets the whole logits), split as in training."""
+def parallel_loss(loss: nn.Module, net: nn.Module) -> nn.Module:
+    """The training loss for ``net`` (``parallelize``'s module): under SP, global over the slabs (called with
+    this rank's logits and the whole target)."""
     net = unwrap(net)
-    if isinstance(net, SpatialShard):
-        return SpatialInference(net.module, net.group, divisor)
-    return net
+    return SpatialLoss(loss, net.group, net.divisor) if isinstance(net, SpatialShard) else loss
+
+
+def inference_module(net: nn.Module) -> nn.Module:
+    """What validation runs for ``net`` (``parallelize``'s module): ``net`` without DDP; under SP, whole
+    volumes in and whole logits out on every rank of the volume's slabs, split as in training."""
+    net = unwrap(net)
+    return SpatialInference(net.module, net.group, net.divisor) if isinstance(net, SpatialShard) else net
 
 
 def split_for_inference(model: nn.Module, devices: int, device: torch.device) -> nn.Module:

@@ -164,14 +164,20 @@ class SpatialConvTranspose3d(nn.ConvTranspose3d):
         return y.narrow(AXIS, s * before + p, s * length)
 
 
-def _global_moments(x: torch.Tensor, dims: tuple[int, ...], count: int, group
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance over ``dims`` of the whole (split) tensor, in fp32, differentiable."""
-    x = x.float()
-    mean = all_reduce(x.sum(dims, keepdim=True), group) / count
-    centred = x - mean
-    var = all_reduce((centred * centred).sum(dims, keepdim=True), group) / count
-    return centred, var
+def _global_moments(x: torch.Tensor, dims: tuple[int, ...], group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` minus its mean, and its biased variance, over ``dims`` of the whole (split) tensor, in fp32,
+    differentiable. Slabs may differ in length: the voxel count travels with the sums."""
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    count = x.new_full((1,), x[0, 0].numel())
+
+    def total(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        summed = all_reduce(torch.cat([local.flatten(), count]), group)
+        return summed[:-1].view(local.shape), summed[-1]
+
+    sums, voxels = total(x.sum(dims, keepdim=True))
+    centred = x - sums / voxels
+    squares, voxels = total((centred * centred).sum(dims, keepdim=True))
+    return centred, squares / voxels
 
 
 class SpatialInstanceNorm3d(nn.InstanceNorm3d):
@@ -180,8 +186,7 @@ class SpatialInstanceNorm3d(nn.InstanceNorm3d):
     sp_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = dist.get_world_size(self.sp_group)
-        centred, var = _global_moments(x, (2, 3, 4), x[0, 0].numel() * size, self.sp_group)
+        centred, var = _global_moments(x, (2, 3, 4), self.sp_group)
         y = centred * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
@@ -194,10 +199,9 @@ class SpatialGroupNorm(nn.GroupNorm):
     sp_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = dist.get_world_size(self.sp_group)
         n, c = x.shape[:2]
         grouped = x.reshape(n, self.num_groups, c // self.num_groups, *x.shape[2:])
-        centred, var = _global_moments(grouped, (2, 3, 4, 5), grouped[0, 0].numel() * size, self.sp_group)
+        centred, var = _global_moments(grouped, (2, 3, 4, 5), self.sp_group)
         y = (centred * torch.rsqrt(var + self.eps)).reshape(x.shape)
         if self.affine:
             y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
@@ -241,36 +245,58 @@ def spatial_parallel(model: nn.Module, group) -> nn.Module:
     return model
 
 
-def slab(x: torch.Tensor, group) -> torch.Tensor:
-    """This rank's slab of the whole tensor ``x`` along the split axis (it must divide evenly)."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if x.shape[AXIS] % size:
-        raise ValueError(f"{x.shape[AXIS]} rows along the split axis do not divide into {size} slabs")
-    length = x.shape[AXIS] // size
-    return x.narrow(AXIS, rank * length, length)
+def slab_bounds(length: int, size: int, multiple: int) -> list[tuple[int, int]]:
+    """(start, stop) of each of ``size`` slabs of ``length`` rows: every slab a multiple of ``multiple`` rows
+    (so that it survives the U-Net's down-sampling), as equal as that allows.
+
+    Raises:
+        ValueError: when ``length`` is not a multiple of ``multiple`` or too short for ``size`` slabs.
+    """
+    units, rest = divmod(length, multiple)
+    if rest or units < size:
+        raise ValueError(f"{length} rows along the split axis do not make {size} slabs of a multiple of "
+                         f"{multiple} rows each (need a multiple of {multiple}, at least {size * multiple})")
+    base, extra = divmod(units, size)
+    stops = [multiple * (base * (r + 1) + min(r + 1, extra)) for r in range(size)]
+    return list(zip([0, *stops[:-1]], stops))
 
 
-def gather_slabs(x: torch.Tensor, group) -> torch.Tensor:
-    """The whole tensor from every rank's slab (not differentiable: inference only)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, AXIS)
+def slab(x: torch.Tensor, group, multiple: int = 1) -> torch.Tensor:
+    """This rank's slab of the whole tensor ``x`` along the split axis (``slab_bounds``)."""
+    start, stop = slab_bounds(x.shape[AXIS], dist.get_world_size(group), multiple)[dist.get_rank(group)]
+    return x.narrow(AXIS, start, stop - start)
+
+
+def gather_slabs(x: torch.Tensor, group, lengths: list[int]) -> torch.Tensor:
+    """The whole tensor from every rank's slab of ``lengths[rank]`` rows (not differentiable)."""
+    longest = max(lengths)
+    padded = F.pad(x, [0, 0] * (x.dim() - AXIS - 1) + [0, longest - x.shape[AXIS]]).contiguous()
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part.narrow(AXIS, 0, n) for part, n in zip(parts, lengths)], AXIS)
 
 
 class SpatialShard(nn.Module):
-    """Training wrapper: takes the whole batch, runs this rank's slab, returns this slab's logits."""
+    """Training wrapper: takes the whole batch, runs this rank's slab, returns this slab's logits.
 
-    def __init__(self, module: nn.Module, group):
+    Args:
+        module: the model after ``spatial_parallel``.
+        group: the ``sp`` process group.
+        divisor: the model's size divisor (product of its strides): every slab is a multiple of it.
+    """
+
+    def __init__(self, module: nn.Module, group, divisor: int):
         super().__init__()
-        self.module, self.group = module, group
+        self.module, self.group, self.divisor = module, group, divisor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(slab(x, self.group))
+        return self.module(slab(x, self.group, self.divisor))
 
 
 class SpatialInference(nn.Module):
-    """Inference wrapper: whole input in, whole output out; zero-pads the split axis to a multiple of
-    ``divisor x sp`` (every slab must survive the U-Net's down-sampling), crops back after gathering."""
+    """Inference wrapper: the whole input in, the whole output out on every rank of the group, equal to the
+    unsplit model's (any input whose split axis the unsplit model accepts: a multiple of ``divisor`` with
+    at least one ``divisor`` per slab)."""
 
     def __init__(self, module: nn.Module, group, divisor: int):
         super().__init__()
@@ -278,14 +304,9 @@ class SpatialInference(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multiple = self.divisor * dist.get_world_size(self.group)
-        length = x.shape[AXIS]
-        pad = -length % multiple
-        if pad:
-            spec = [0, 0] * (x.dim() - AXIS - 1) + [pad // 2, pad - pad // 2]
-            x = F.pad(x, spec)
-        y = gather_slabs(self.module(slab(x, self.group)), self.group)
-        return y.narrow(AXIS, pad // 2, length) if pad else y
+        bounds = slab_bounds(x.shape[AXIS], dist.get_world_size(self.group), self.divisor)
+        out = self.module(slab(x, self.group, self.divisor))
+        return gather_slabs(out, self.group, [stop - start for start, stop in bounds])
 
 
 class SpatialLoss(nn.Module):
@@ -293,15 +314,14 @@ class SpatialLoss(nn.Module):
     slab and the whole target, it returns the unsplit loss's value on every rank.
 
     Dice comes from true-positive, false-positive and false-negative sums all-reduced over the group; the
-    cross-entropy (focal) term is the mean of the slabs' means, which equals the whole volume's mean because
-    the slabs are equal.
+    cross-entropy (focal) term from the slabs' means weighted by their voxels.
 
     Raises:
         ConfigError: for options whose terms do not add up over slabs (squared or soft-label Dice, ignored
             labels, class weights, another activation).
     """
 
-    def __init__(self, loss: nn.Module, group):
+    def __init__(self, loss: nn.Module, group, divisor: int):
         super().__init__()
         if not isinstance(loss, (DiceCELoss, DiceFocalLoss)):
             raise ConfigError(f"config key 'optim.loss': {type(loss).__name__} has no spatial split")
@@ -310,11 +330,11 @@ class SpatialLoss(nn.Module):
                 dice.ignore_index is not None or dice.class_weight is not None or dice.reduction != "mean":
             raise ConfigError("config key 'optim.loss': only plain Dice (mean, no squared prediction, soft "
                               "labels, ignored labels or class weights) adds up over slabs")
-        self.loss, self.group = loss, group
+        self.loss, self.group, self.divisor = loss, group, divisor
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss, dice = self.loss, self.loss.dice
-        target, channels = slab(target, self.group), logits.shape[1]
+        target, channels = slab(target, self.group, self.divisor), logits.shape[1]
         if isinstance(loss, DiceFocalLoss):
             if loss.to_onehot_y and channels > 1:
                 target = one_hot(target, num_classes=channels)
@@ -322,7 +342,9 @@ class SpatialLoss(nn.Module):
         else:
             second = loss.ce(logits, target) if channels != 1 else loss.bce(logits, target)
             weight = loss.lambda_ce
-        second = all_reduce(second, self.group) / dist.get_world_size(self.group)
+        voxels = float(target[:, 0].numel())
+        second, voxels = all_reduce(torch.stack([second * voxels, second.new_tensor(voxels)]), self.group)
+        second = second / voxels
         return loss.lambda_dice * self._dice(logits, target, dice) + weight * second
 
     def _dice(self, logits: torch.Tensor, target: torch.Tensor, dice: nn.Module) -> torch.Tensor:

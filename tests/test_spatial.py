@@ -1,0 +1,98 @@
+"""Spatial parallelism (``parallel=spatial``): slabs of one volume over processes give the unsplit model's
+logits, loss and gradients (with and without data parallelism); training under torchrun follows the
+one-process trajectory; its checkpoint evaluates unsplit to the same Dice; bad layouts fail early."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import compose, free_port, lampseg, torchrun, train_here, train_losses
+
+from lampseg.config import ConfigError, validate
+from lampseg.model.unet import build_model
+from lampseg.parallel.dims import ParallelDims
+from lampseg.parallel.spatial import check_splittable, slab_bounds
+
+WORKER = Path(__file__).parent / "workers" / "spatial_equivalence.py"
+EXACT = ["+exp=smoke", "optim=sgd", "trainer.precision=fp32", "trainer.channels_last=false",
+         "trainer.deterministic=true"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_spatial_slabs_match_unsplit_model(world):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={world}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    layouts = {(1, world)} | ({(2, world // 2)} if world >= 4 else set())
+    assert {(r["dp"], r["sp"]) for r in rows} == layouts and len(rows) == 2 * len(layouts)
+    for row in rows:
+        assert row["logits_error"] < 1e-12, row  # float64: exact up to rounding
+        assert row["inference_error"] < 1e-12, row  # slabs of different lengths, whole output gathered
+        assert row["loss"] == pytest.approx(row["ref_loss"], rel=1e-7), row  # MONAI's focal term rounds to fp32
+        assert row["max_rel_grad_error"] < 1e-6, row
+
+
+def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
+    one = train_here(tmp_path / "one", *EXACT)
+    split = torchrun(2, "train", *EXACT, "parallel=spatial", "parallel.sp=2", f"run_dir={tmp_path / 'sp'}")
+    assert "2 processes: dp=1 x pp=1 x sp=2" in split.stdout
+    assert train_losses(tmp_path / "sp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    summary = json.loads((tmp_path / "sp" / "summary.json").read_text())
+    assert summary["sp"] == 2 and summary["world_size"] == 2
+    assert summary["best_val_dice"] == pytest.approx(one["best_val_dice"], rel=1e-5)
+    # the checkpoint keeps the unsplit names: one process evaluates it to the same Dice
+    lampseg("evaluate", f"ckpt={tmp_path / 'sp' / 'checkpoints' / 'best.pt'}", "parallel=single",
+            f"run_dir={tmp_path / 'eval'}")
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["mean"]["dice"] == pytest.approx(one["best_val_dice"], rel=1e-5)
+
+
+def test_slab_bounds_are_multiples_as_equal_as_possible():
+    assert slab_bounds(32, 2, 4) == [(0, 16), (16, 32)]
+    assert slab_bounds(28, 4, 4) == [(0, 8), (8, 16), (16, 24), (24, 28)]
+    with pytest.raises(ValueError, match="at least 16"):
+        slab_bounds(12, 4, 4)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        slab_bounds(30, 2, 4)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["parallel=ddp", "parallel.sp=2"], "parallel.sp"),  # slabs need parallel=spatial
+    (["parallel=spatial", "parallel.pp=2"], "parallel.pp"),
+])
+def test_spatial_layout_errors_name_the_key(overrides, key):
+    cfg = compose("+exp=smoke", *overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ParallelDims.from_config(cfg.parallel, world=4)
+
+
+def test_spatial_degrees_must_multiply_to_world_size():
+    cfg = compose("+exp=smoke", "parallel=spatial", "parallel.sp=2", "parallel.dp=2")
+    with pytest.raises(ConfigError, match="2 x 1 x 2 = 4 processes needed, but WORLD_SIZE is 2"):
+        ParallelDims.from_config(cfg.parallel, world=2)
+    assert ParallelDims.from_config(cfg.parallel, world=4).sp == 2
+
+
+def test_patch_too_small_to_split_fails_validation():
+    cfg = compose("+exp=smoke", "parallel=spatial", "parallel.sp=4", "data.patch_size=[8,32,32]")
+    with pytest.raises(ConfigError, match=r"data\.patch_size.*at least 16"):
+        validate(cfg)
+
+
+def test_batch_norm_has_no_spatial_split():
+    cfg = compose("+exp=smoke", "model.norm=batch")
+    with pytest.raises(ConfigError, match=r"parallel\.sp.*BatchNorm3d"):
+        check_splittable(build_model(cfg.model, 4, 4))
+
+
+def test_spatial_outside_torchrun_says_how_to_launch(tmp_path):
+    proc = lampseg("train", "+exp=smoke", "parallel=spatial", f"run_dir={tmp_path}", check=False)
+    assert proc.returncode != 0
+    assert "torchrun --nproc_per_node 2" in proc.stdout + proc.stderr

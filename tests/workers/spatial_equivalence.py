@@ -1,0 +1,90 @@
+"""torchrun worker: a U-Net split into slabs (``parallelize`` under ``parallel=spatial``) gives the unsplit
+model's logits, loss and gradients, alone (dp=1) and with data parallelism (dp x sp = WORLD_SIZE), and whole
+outputs for inputs whose slabs differ in length. Float64, so that any real difference stands out from
+rounding. Prints one JSON line per case on rank 0.
+
+    torchrun --nproc_per_node 4 --master_addr 127.0.0.1 --master_port PORT tests/workers/spatial_equivalence.py
+"""
+import copy
+import json
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from lampseg.model.losses import Targets, build_loss
+from lampseg.model.unet import build_model
+from lampseg.parallel.dims import ParallelDims
+from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
+from lampseg.parallel.spatial import slab
+
+LABELS = {0: "background", 1: "a", 2: "b"}
+# (norm, residual units, loss, regions): MONAI's residual U-Net with instance norm and Dice + CE (softmax),
+# and the plain U-Net with group norm and Dice + focal over nested sigmoid regions.
+VARIANTS = [("instance", 2, "dice_ce", None), ("group", 0, "dice_focal", {"ab": [1, 2], "b": [2]})]
+
+
+def max_rel_error(got: torch.Tensor, want: torch.Tensor, scale: float) -> float:
+    """Largest difference relative to ``want``'s largest entry (at least ``scale``: gradients that are zero
+    analytically, such as a bias before a normalisation, come out as rounding noise)."""
+    return float((got - want).abs().max() / max(float(want.abs().max()), scale))
+
+
+def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions) -> dict:
+    world = dist.get_world_size()
+    cfg = OmegaConf.create({"model": {"name": "probe", "channels": [8, 16, 32], "strides": [2, 2],
+                                      "kernel_size": 3, "num_res_units": res_units, "norm": norm,
+                                      "dropout": 0.0}})
+    targets = Targets.from_config(LABELS, regions)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, targets.out_channels).double()
+    reference = copy.deepcopy(model)
+    loss_fn = build_loss(OmegaConf.create({"loss": loss_name, "focal_weight": 0.5}), targets)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
+    target = targets.loss_target(torch.randint(0, 3, (2, 1, 32, 24, 16), generator=generator))
+
+    ref_logits = reference(image)
+    ref_loss = loss_fn(ref_logits, target)
+    ref_loss.backward()
+
+    dims = ParallelDims(dp=dp, pp=1, world=world, sp=sp)
+    net, _ = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
+    replica = slice(dims.dp_rank * 2 // dp, (dims.dp_rank + 1) * 2 // dp)  # this replica's share of the batch
+    logits = net(image[replica])
+    loss = parallel_loss(loss_fn, net)(logits, target[replica])
+    loss.backward()
+    scale = max(float(p.grad.abs().max()) for p in reference.parameters()) * 1e-6
+    grad_error = max(max_rel_error(p.grad, q.grad, scale)
+                     for p, q in zip(model.parameters(), reference.parameters()))
+    replica_loss = loss.detach().clone()
+    dist.all_reduce(replica_loss)  # every slab holds its replica's loss: the mean over all ranks is the batch's
+    infer = inference_module(net).eval()
+    uneven = image[:, :, :28]  # 7 units of the size divisor 4: slabs of different lengths
+    with torch.no_grad():
+        whole = infer(uneven)
+        ref_whole = reference.eval()(uneven)
+    return {"dp": dp, "sp": sp, "norm": norm, "loss_name": loss_name,
+            "loss": float(replica_loss.detach()) / world, "ref_loss": float(ref_loss),
+            "max_rel_grad_error": grad_error,
+            "logits_error": max_rel_error(logits.detach(), slab(ref_logits.detach()[replica], dims.sp_group, 4),
+                                          0.0),
+            "inference_error": max_rel_error(whole, ref_whole, 0.0)}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    world = dist.get_world_size()
+    layouts = [(1, world)] + ([(2, world // 2)] if world >= 4 else [])
+    for dp, sp in layouts:
+        for variant in VARIANTS:
+            row = case(dp, sp, *variant)
+            if dist.get_rank() == 0:
+                print(json.dumps(row), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
