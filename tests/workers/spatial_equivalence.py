@@ -3,7 +3,8 @@ model's logits, loss and gradients, alone (dp=1) and with data parallelism (dp x
 outputs for inputs whose slabs differ in length. Float64, so that any real difference stands out from
 rounding. Prints one JSON line per case on rank 0.
 
-    torchrun --nproc_per_node 4 --master_addr 127.0.0.1 --master_port PORT tests/workers/spatial_equivalence.py
+    torchrun --nproc_per_node 4 --master_addr 127.0.0.1 --master_port PORT \
+        tests/workers/spatial_equivalence.py
 """
 import copy
 import json
@@ -50,7 +51,7 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions) -
 
     dims = ParallelDims(dp=dp, pp=1, world=world, sp=sp)
     net, _ = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
-    replica = slice(dims.dp_rank * 2 // dp, (dims.dp_rank + 1) * 2 // dp)  # this replica's share of the batch
+    replica = slice(dims.dp_rank * 2 // dp, (dims.dp_rank + 1) * 2 // dp)  # this replica's batch share
     logits = net(image[replica])
     loss = parallel_loss(loss_fn, net)(logits, target[replica])
     loss.backward()
@@ -58,7 +59,7 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions) -
     grad_error = max(max_rel_error(p.grad, q.grad, scale)
                      for p, q in zip(model.parameters(), reference.parameters()))
     replica_loss = loss.detach().clone()
-    dist.all_reduce(replica_loss)  # every slab holds its replica's loss: the mean over all ranks is the batch's
+    dist.all_reduce(replica_loss)  # every slab holds its replica's loss: their mean is the batch's
     infer = inference_module(net).eval()
     uneven = image[:, :, :28]  # 7 units of the size divisor 4: slabs of different lengths
     with torch.no_grad():
