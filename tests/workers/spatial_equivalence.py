@@ -68,8 +68,8 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions) -
     return {"dp": dp, "sp": sp, "norm": norm, "loss_name": loss_name,
             "loss": float(replica_loss.detach()) / world, "ref_loss": float(ref_loss),
             "max_rel_grad_error": grad_error,
-            "logits_error": max_rel_error(logits.detach(), slab(ref_logits.detach()[replica], dims.sp_group, 4),
-                                          0.0),
+            "logits_error": max_rel_error(logits.detach(),
+                                          slab(ref_logits.detach()[replica], dims.sp_group, 4), 0.0),
             "inference_error": max_rel_error(whole, ref_whole, 0.0)}
 
 
