@@ -19,8 +19,8 @@ def _lampseg(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProc
 
 def test_bench_overhead_writes_consistent_json_and_png(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _lampseg(["bench", "overhead", "+exp=smoke", "bench.steps=3", "bench.warmup=1", "bench.repeats=2",
-                     f"run_dir={run_dir}"], tmp_path / "home", tmp_path)
+    proc = _lampseg(["bench", "overhead", "+exp=smoke", "trainer.precision=bf16", "bench.steps=3",
+                     "bench.warmup=1", "bench.repeats=2", f"run_dir={run_dir}"], tmp_path / "home", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     json_path, png_path = run_dir / "bench_overhead.json", run_dir / "bench_overhead.png"
     assert str(json_path) in proc.stdout and str(png_path) in proc.stdout
@@ -57,6 +57,7 @@ def test_bench_unknown_name_lists_available(tmp_path: Path) -> None:
     assert "overhead" in proc.stderr and "pipeline" in proc.stderr and "nosuch" in proc.stderr
 
 
+@pytest.mark.extended
 def test_bench_pipeline_measures_memory_against_the_plan(tmp_path: Path) -> None:
     """bench pipeline: one torchrun job per pp; every (pp, M) reports each stage's measured and planned
     peak memory, the step time and the bubble; the planner is within 50 % of the measurement everywhere."""
@@ -112,6 +113,7 @@ def test_bench_data_parallel_reports_scaling(tmp_path: Path) -> None:
     assert "efficiency" in proc.stdout
 
 
+@pytest.mark.extended
 def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Path, trained_run: Path
                                                                    ) -> None:
     run_dir, ckpt = tmp_path / "run", trained_run / "checkpoints" / "best.pt"
@@ -157,6 +159,7 @@ def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Pa
     assert bad.returncode == 2 and "bench.windows" in bad.stderr
 
 
+@pytest.mark.extended
 def test_bench_context_trains_each_width_and_input_size_and_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["bench", "context", "+exp=smoke", "data.synthetic.context=laterality", "data.augment.flip_prob=0",

@@ -224,6 +224,7 @@ def test_train_whole_volume(tmp_path, trained_run):
     assert max(whole) <= 32 + 3  # cropped 32^3 volumes, rounded up to a multiple of 4
 
 
+@pytest.mark.extended
 def test_multirun_sweep(tmp_path, trained_run):
     sweep = tmp_path / "sweep"
     lampseg("train", "-m", *SMOKE_FAST, "optim.lr=1e-3,3e-3", f"run_dir={sweep}")

@@ -115,6 +115,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, one_proces
     assert "terminate called" not in proc.stderr  # the process group was torn down cleanly
 
 
+@pytest.mark.extended
 def test_ddp_linear_lr_scaling_and_sharded_evaluate(tmp_path, one_process):
     """``optim.lr_scaling=linear`` doubles the rate for 2 replicas; ``evaluate`` under torchrun shards the
     cases over the replicas and reports what one process reports."""
@@ -137,6 +138,7 @@ def test_ddp_linear_lr_scaling_and_sharded_evaluate(tmp_path, one_process):
     assert sharded["mean"]["dice"] == pytest.approx(single["mean"]["dice"], abs=1e-6)
 
 
+@pytest.mark.extended
 def test_dp2_x_pp2_matches_one_process_and_loads_unsplit(tmp_path, one_process):
     """4 processes as a (dp=2, pp=2) mesh: each stage replicated with DDP over the dp dimension, each
     replica a 2-stage pipeline; same weights as one process, and the checkpoint evaluates unsplit."""
@@ -169,6 +171,7 @@ def test_unavailable_backend_is_a_config_error(tmp_path):
         assert "lampseg/__main__.py" not in proc.stderr  # lampseg's message, not its traceback
 
 
+@pytest.mark.extended
 def test_two_nodes_via_multinode_script(tmp_path, one_process):
     """Two 'nodes' (launch/torchrun_multinode.sh, one process each) at a c10d rendezvous on 127.0.0.1."""
     port = str(free_port())
@@ -188,6 +191,7 @@ def test_two_nodes_via_multinode_script(tmp_path, one_process):
     assert max_weight_difference(tmp_path / "mn", one_process) < 1e-5
 
 
+@pytest.mark.extended
 def test_slurm_ddp_script_with_a_simulated_allocation(tmp_path, one_process):
     """launch/slurm_ddp.sbatch under stand-ins for srun (one task per node, SLURM_NODEID set) and scontrol
     (the allocation's host names): two nodes on 127.0.0.1."""
@@ -332,6 +336,7 @@ def test_failure_message_without_heartbeats_or_a_laggard(monkeypatch):
     assert "fell behind" not in distributed.failure_message(RuntimeError("x"))
 
 
+@pytest.mark.extended
 def test_stalled_rank_times_out_with_a_clear_message(tmp_path):
     """SIGSTOP one rank: the other fails its collective after parallel.timeout_s with lampseg's message
     (no traceback) instead of hanging; the job exits non-zero."""

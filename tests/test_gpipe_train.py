@@ -42,6 +42,7 @@ def test_gpipe_training_matches_unsplit(tmp_path, unsplit, pp, microbatches):
         assert torch.allclose(got[name], tensor, rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.extended
 def test_pipeline_checkpoint_is_portable(tmp_path, unsplit):
     """A pp=2 checkpoint resumes under pp=4 and evaluates (whole volume) with or without stages."""
     first = tmp_path / "pp2"

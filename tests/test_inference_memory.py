@@ -93,6 +93,7 @@ def test_windows_to_try_shrink_by_the_divisor_within_the_padded_volume():
     assert windows_to_try(volume, 4, below=12) == [[8, 8, 8]]
 
 
+@pytest.mark.extended
 def test_interrupted_predict_over_a_folder_resumes_without_redoing_finished_cases(tmp_path, trained_run):
     root = Path(json.loads((trained_run / "summary.json").read_text())["dataset"])
     meta = json.loads((root / "dataset.json").read_text())
@@ -128,6 +129,7 @@ def _auto_plan(tmp_path: Path, name: str, pp: int, budget: float) -> dict:
     return decision
 
 
+@pytest.mark.extended
 def test_patch_size_auto_takes_a_larger_patch_with_two_stages_and_train_records_the_same_choice(tmp_path):
     ample = _auto_plan(tmp_path, "ample", 1, 64.0)
     assert ample["patch_size"] == ample["largest_candidate"]  # the whole (padded median) volume fits

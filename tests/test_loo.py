@@ -54,6 +54,7 @@ def test_summary_ranks_by_paired_drop_and_checks_cases():
         summarise(table)
 
 
+@pytest.mark.extended
 def test_loo_ranks_modalities_in_their_known_order_and_resumes(tmp_path):
     """``lampseg loo`` on the known dataset: 4 conditions x 2 folds as one Tune study; every case is held
     out once per condition; the importance ranking is A > B > C; rerunning with tune.resume=true retrains

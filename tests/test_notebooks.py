@@ -8,7 +8,11 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+SLOW = {"03_modality_study.ipynb"}  # a leave-one-modality-out study: extended (the LOO CLI test is too)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.extended) if p.name in SLOW else p
+                                  for p in NOTEBOOKS], ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.setenv("LAMPSEG_HOME", str(tmp_path / "home"))

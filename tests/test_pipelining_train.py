@@ -43,7 +43,11 @@ def unsplit(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("pp,schedule,microbatches", [(2, "gpipe", 1), (2, "1f1b", 4), (4, "gpipe", 2)])
+@pytest.mark.parametrize("pp,schedule,microbatches", [
+    (2, "gpipe", 1),
+    pytest.param(2, "1f1b", 4, marks=pytest.mark.extended),
+    pytest.param(4, "gpipe", 2, marks=pytest.mark.extended),
+])
 def test_pipelining_training_matches_unsplit(tmp_path, unsplit, pp, schedule, microbatches):
     torchrun(pp, "train", *BASE, *PIPE, f"parallel.pp={pp}", f"parallel.schedule={schedule}",
              f"parallel.microbatches={microbatches}", f"run_dir={tmp_path}")
@@ -100,6 +104,7 @@ def test_pipelining_resumes_and_checkpoints_are_portable(tmp_path, unsplit):
     assert got.shape == ref.shape and (got == ref).mean() > 0.999
 
 
+@pytest.mark.extended
 def test_pipelining_misuse_is_a_config_error(tmp_path):
     proc = lampseg("train", "+exp=smoke", *PIPE, "parallel.pp=2", f"run_dir={tmp_path / 'a'}", check=False)
     assert proc.returncode == 2 and "torchrun --nproc_per_node 2" in proc.stderr
@@ -112,6 +117,7 @@ def test_pipelining_misuse_is_a_config_error(tmp_path):
     assert not (tmp_path / "c" / "checkpoints").exists()
 
 
+@pytest.mark.extended
 def test_pipelining_across_two_nodes(tmp_path, unsplit):
     """Two torchrun 'nodes' (one process each) meeting at a c10d rendezvous on 127.0.0.1: one stage per
     node, the unsplit model's losses."""

@@ -13,16 +13,17 @@ import pytest
 from conftest import compose, free_port, lampseg, torchrun, train_here, train_losses
 
 from lampseg.config import ConfigError, validate
+from lampseg.data.sampling import split_rows
 from lampseg.model.unet import build_model
 from lampseg.parallel.dims import ParallelDims
-from lampseg.parallel.spatial import check_splittable, slab_bounds
+from lampseg.parallel.spatial import check_splittable
 
 WORKER = Path(__file__).parent / "workers" / "spatial_equivalence.py"
 EXACT = ["+exp=smoke", "optim=sgd", "trainer.precision=fp32", "trainer.channels_last=false",
          "trainer.deterministic=true"]
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.extended)])
 def test_spatial_slabs_match_unsplit_model(world):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={world}",
@@ -32,6 +33,7 @@ def test_spatial_slabs_match_unsplit_model(world):
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     layouts = {(1, world)} | ({(2, world // 2)} if world >= 4 else set())
     assert {(r["dp"], r["sp"]) for r in rows} == layouts and len(rows) == 2 * len(layouts)
+    assert {r["checkpoint"] for r in rows} == {"none", "block"}  # recomputed blocks repeat their collectives
     for row in rows:
         assert row["logits_error"] < 1e-12, row  # float64: exact up to rounding
         assert row["inference_error"] < 1e-12, row  # slabs of different lengths, whole output gathered
@@ -56,12 +58,12 @@ def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
 
 
 def test_slab_bounds_are_multiples_as_equal_as_possible():
-    assert slab_bounds(32, 2, 4) == [(0, 16), (16, 32)]
-    assert slab_bounds(28, 4, 4) == [(0, 8), (8, 16), (16, 24), (24, 28)]
+    assert split_rows(32, 2, 4) == [(0, 16), (16, 32)]
+    assert split_rows(28, 4, 4) == [(0, 8), (8, 16), (16, 24), (24, 28)]
     with pytest.raises(ValueError, match="at least 16"):
-        slab_bounds(12, 4, 4)
+        split_rows(12, 4, 4)
     with pytest.raises(ValueError, match="multiple of 4"):
-        slab_bounds(30, 2, 4)
+        split_rows(30, 2, 4)
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -95,6 +95,7 @@ def test_grid_study_writes_outputs_and_its_best_config_reruns(tmp_path, ray_sess
         _study(tmp_path, "tune.space=[{key:optim.lr,grid:[0.001]}]")
 
 
+@pytest.mark.extended
 def test_asha_stops_the_bad_trial_early(tmp_path, ray_session):
     """ASHA on train_loss: the trial with a useless learning rate is stopped at the first rung."""
     _study(tmp_path, "tune.scheduler=asha", "tune.metric=train_loss", "tune.mode=min",
@@ -106,6 +107,7 @@ def test_asha_stops_the_bad_trial_early(tmp_path, ray_session):
     assert rows["1e-09"]["status"] == "stopped" and int(rows["1e-09"]["epochs"]) < 4
 
 
+@pytest.mark.extended
 def test_failed_trial_retries_from_its_checkpoint(tmp_path, ray_session):
     """A trial that raises after epoch 1 is restarted by Tune from its epoch-1 checkpoint and finishes:
     epochs are reported 1, 2, 3 (a restart from scratch would report epoch 1 twice)."""
@@ -119,6 +121,7 @@ def test_failed_trial_retries_from_its_checkpoint(tmp_path, ray_session):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
 
 
+@pytest.mark.extended
 def test_pipelined_trial_runs_two_stages_in_one_bundle(tmp_path, ray_session):
     """parallel=pipeline parallel.pp=2: the trial reserves 2 CPUs as one bundle and trains two stages
     in its own process (torchgpipe over ['cpu', 'cpu'])."""

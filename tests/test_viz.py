@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import lampseg
 
 from lampseg.viz import ALPHA, FALSE_NEGATIVE, FALSE_POSITIVE, label_colour, montage
@@ -43,6 +44,7 @@ def test_overlay_and_error_colours_sit_where_the_labels_are():
         assert mask.any() and (np.isclose(errors, colour).all(-1) == _expected(mask, 2, 40)).all()
 
 
+@pytest.mark.extended
 def test_visualize_cli_and_training_write_overlays(trained_run, tmp_path):
     """Training left a val_overlay.png; visualize draws a case with the checkpoint's prediction."""
     assert (trained_run / "val_overlay.png").read_bytes()[:8] == PNG

@@ -21,6 +21,7 @@ from lampseg.data.sampling import whole_volume_shape
 from lampseg.engine.setup import load_data
 from lampseg.io import write_json
 from lampseg.model.unet import size_divisor
+from lampseg.parallel.capacity import capacity_lines, capacity_table, spatial_plan
 from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, largest_cube, plan_for
 from lampseg.runtime.device import resolve_device
 
@@ -46,15 +47,26 @@ def run_plan(cfg, log=print) -> Plan:
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
         f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
     log(plan.table())
-    cube = None
+    opt_states = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2)
+    divisor, batch = size_divisor(cfg.model), cfg.data.batch_size
+    spatial = None
+    if cfg.parallel.sp > 1:
+        spatial = spatial_plan(costs, cfg.parallel.sp, batch, cfg.parallel.memory_gb, input_shape, opt_states,
+                               divisor, enum_value(cfg.parallel.checkpoint))
+        log(spatial.table())
+    cube, capacity = None, None
     if cfg.parallel.memory_gb is not None:
-        cube = largest_cube(costs, plan.pp, cfg.data.batch_size, cfg.parallel.memory_gb, input_shape,
-                            plan.schedule, OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2),
-                            size_divisor(cfg.model))
-        log(f"largest cubic input that fits {cfg.parallel.memory_gb:g} GB per stage with pp={plan.pp}: "
-            f"{cube}^3 (batch {cfg.data.batch_size})")
+        budget = cfg.parallel.memory_gb
+        cube = largest_cube(costs, plan.pp, batch, budget, input_shape, plan.schedule, opt_states, divisor)
+        log(f"largest cubic input that fits {budget:g} GB per stage with pp={plan.pp}: {cube}^3 "
+            f"(batch {batch})")
+        capacity = capacity_table(costs, batch, budget, input_shape, plan.schedule, opt_states, divisor)
+        for line in capacity_lines(capacity, budget):
+            log(line)
     out = Path(cfg.run_dir) / "plan.json"
     write_json(out, {"plan": plan.to_dict(), "largest_cube": cube, "blocks": [asdict(c) for c in costs],
-                     "model": to_container(cfg.model), "patch_size_auto": decision})
+                     "model": to_container(cfg.model), "patch_size_auto": decision,
+                     "spatial": asdict(spatial) if spatial else None,
+                     "capacity": [asdict(r) for r in capacity] if capacity else None})
     log(f"wrote {out}")
     return plan

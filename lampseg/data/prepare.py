@@ -13,7 +13,7 @@ from pathlib import Path
 from lampseg.config import ConfigError, is_auto_patch, patch_size_of
 from lampseg.data.cache import PreprocessConfig, PreprocessedDataset, build_cache
 from lampseg.data.msd import DataError, MSDDataset, load_dataset
-from lampseg.data.sampling import PatchDataset, build_augment, whole_volume_shape
+from lampseg.data.sampling import PatchDataset, Slab, build_augment, whole_volume_shape
 from lampseg.data.splits import load_or_create_splits
 from lampseg.data.synth import generate_dataset, generate_known_importance
 from lampseg.model.losses import Targets
@@ -172,9 +172,9 @@ def phase_at(phases: list[tuple[int, list[int], bool]], epoch: int) -> tuple[int
     return [p for p in phases if p[0] <= epoch][-1]
 
 
-def training_dataset(cfg, bundle: DataBundle) -> PatchDataset:
-    """The epoch-seeded patch dataset for the training fold."""
+def training_dataset(cfg, bundle: DataBundle, slab: Slab | None = None) -> PatchDataset:
+    """The epoch-seeded patch dataset for the training fold (``slab``: only this slab of each sample)."""
     return PatchDataset(bundle.cache, bundle.train_cases, bundle.patch_size, bundle.channels,
                         cfg.data.samples_per_epoch, cfg.data.foreground_ratio,
                         build_augment(cfg.data.augment), seed=cfg.seed, whole_volume=bundle.whole_volume,
-                        flip_prob=cfg.data.augment.flip_prob)
+                        flip_prob=cfg.data.augment.flip_prob, slab=slab)

@@ -8,6 +8,7 @@ pages under the patch are read from disk (the "read only the needed blocks" idea
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,21 +61,46 @@ def centered_start(shape: tuple[int, ...], size: list[int]) -> list[int]:
     return [(d - n) // 2 for d, n in zip(shape, size)]
 
 
-def random_flip(sample: dict[str, np.ndarray], rng: np.random.Generator, prob: float
-                ) -> dict[str, np.ndarray]:
-    """Mirror image and label along each spatial axis with probability ``prob``.
+def flip_axes(rng: np.random.Generator, prob: float) -> tuple[int, ...]:
+    """Spatial axes (0-2) to mirror, each with probability ``prob`` (MONAI ``RandFlipd`` per axis)."""
+    return tuple(a for a in range(3) if rng.random() < prob)
 
-    Same semantics as MONAI's ``RandFlipd`` per axis, done with numpy views because ``torch.flip`` costs
-    ~3 ms per 4x48^3 patch on CPU (most of the sampling time); the copy happens once, when batching.
+
+def flip(sample: dict[str, np.ndarray], axes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Mirror channel-first image and label along spatial ``axes``: numpy views, because ``torch.flip``
+    costs ~3 ms per 4x48^3 patch on CPU (most of the sampling time); the copy happens once, when batching."""
+    return {k: np.flip(v, tuple(a + 1 for a in axes)) for k, v in sample.items()} if axes else sample
+
+
+def split_rows(length: int, parts: int, multiple: int) -> list[tuple[int, int]]:
+    """(start, stop) of each of ``parts`` consecutive pieces of ``length`` rows, each a multiple of
+    ``multiple`` rows (a slab that survives the U-Net's down-sampling), as equal as that allows.
+
+    Raises:
+        ValueError: when ``length`` is not a multiple of ``multiple`` or too short for ``parts`` pieces.
     """
-    axes = tuple(a + 1 for a in range(3) if rng.random() < prob)  # +1: channel-first arrays
-    return {k: np.flip(v, axes) for k, v in sample.items()} if axes else sample
+    units, rest = divmod(length, multiple)
+    if rest or units < parts:
+        raise ValueError(f"{length} rows along the split axis do not make {parts} slabs of a multiple of "
+                         f"{multiple} rows each (need a multiple of {multiple}, at least {parts * multiple})")
+    base, extra = divmod(units, parts)
+    stops = [multiple * (base * (r + 1) + min(r + 1, extra)) for r in range(parts)]
+    return list(zip([0, *stops[:-1]], stops))
+
+
+class Slab(NamedTuple):
+    """Which piece of every sample's first spatial axis a process reads (``split_rows``): spatial
+    parallelism, where each process holds one slab of each volume."""
+
+    index: int
+    parts: int
+    multiple: int
 
 
 def build_augment(aug_cfg) -> Compose | None:
     """MONAI augmentation from ``data.augment``: intensity scale/shift and optional small rotations.
 
-    Mirroring (``data.augment.flip_prob``) is applied by ``random_flip`` in ``PatchDataset``.
+    Mirroring (``data.augment.flip_prob``) is applied by ``flip`` in ``PatchDataset``.
     """
     keys = ["image", "label"]
     transforms = []
@@ -107,18 +133,23 @@ class PatchDataset(Dataset):
         flip_prob: per-axis mirroring probability.
         seed: base seed.
         whole_volume: return each case whole, centred and padded to ``patch_size``.
+        slab: read only this slab of each sample's first axis (the same sample and augmentation as the
+            whole one, cut; without rotations, only the slab's rows are read from the memory map).
     """
 
     def __init__(self, cache: PreprocessedDataset, cases: list[str], patch_size: list[int],
                  channels: list[int], samples_per_epoch: int, foreground_ratio: float = 0.33,
                  augment: Compose | None = None, seed: int = 0, whole_volume: bool = False,
-                 flip_prob: float = 0.0):
+                 flip_prob: float = 0.0, slab: Slab | None = None):
         if not cases:
             raise ValueError("the training fold has no cases")
         self.cache, self.cases, self.patch_size = cache, list(cases), list(patch_size)
         self.channels, self.samples_per_epoch = list(channels), samples_per_epoch
         self.foreground_ratio, self.augment, self.seed = foreground_ratio, augment, seed
-        self.whole_volume, self.flip_prob = whole_volume, flip_prob
+        self.whole_volume, self.flip_prob, self.slab = whole_volume, flip_prob, slab
+        # rotations mix rows across slabs: such samples are cut after augmentation
+        self.cut_after_augment = augment is not None and any(
+            isinstance(t, RandRotated) for t in augment.transforms)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -148,13 +179,20 @@ class PatchDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         name = self.cases[int(rng.integers(len(self.cases)))]
         image = self.cache.image(name)
-        start = self._start(rng, name, image.shape[-3:])
-        sample = {"image": read_block(image, start, self.patch_size, self.channels),
-                  "label": read_block(self.cache.label(name), start, self.patch_size)[None]}
-        if self.flip_prob > 0:
-            sample = random_flip(sample, rng, self.flip_prob)
+        start, size = self._start(rng, name, image.shape[-3:]), list(self.patch_size)
+        axes = flip_axes(rng, self.flip_prob) if self.flip_prob > 0 else ()
+        rows = None
+        if self.slab is not None:
+            rows = split_rows(size[0], self.slab.parts, self.slab.multiple)[self.slab.index]
+        if rows is not None and not self.cut_after_augment:  # read the rows that become the slab after flips
+            lo, hi = (size[0] - rows[1], size[0] - rows[0]) if 0 in axes else rows
+            start, size, rows = [start[0] + lo, *start[1:]], [hi - lo, *size[1:]], None
+        sample = flip({"image": read_block(image, start, size, self.channels),
+                       "label": read_block(self.cache.label(name), start, size)[None]}, axes)
         if self.augment is not None:
             self.augment.set_random_state(seed=int(rng.integers(2**31)))
             sample = self.augment(sample)
+        if rows is not None:
+            sample = {k: v[:, rows[0]:rows[1]] for k, v in sample.items()}
         return {"image": _as_tensor(sample["image"]).float(),
                 "label": _as_tensor(sample["label"]).to(torch.uint8)}

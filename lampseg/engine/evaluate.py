@@ -130,4 +130,4 @@ def load_model(ckpt: dict, cfg):
         model = model.to(memory_format=torch.channels_last_3d)
     net, _ = parallelize(model.to(device), dims, cfg, [len(info["channels"]), *info["patch_size"]], device,
                          train=False)
-    return inference_module(net).eval(), targets, device, dims
+    return inference_module(model, net, dims, size_divisor(cfg.model)).eval(), targets, device, dims

@@ -33,6 +33,7 @@ from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
+from lampseg.parallel.capacity import SpatialPlan
 from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.parallel.plan import Plan, auto_patch_size, plan_for
@@ -126,7 +127,7 @@ class Run:
     model: nn.Module
     net: nn.Module
     infer_net: nn.Module
-    plan: Plan | None
+    plan: Plan | SpatialPlan | None
     params: int
     lr_scale: float
     optimizer: torch.optim.Optimizer
@@ -143,7 +144,7 @@ class Run:
 
     @property
     def engine(self) -> str | None:
-        return enum_value(self.cfg.parallel.engine) if self.plan is not None else None
+        return self.dims.engine
 
 
 def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
@@ -225,9 +226,10 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
     scale = lr_scale(cfg.optim, dims.dp)
     optimizer = build_optimizer(net if dims.staged else model, cfg.optim, scale)  # a stage's parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)
-    run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net, inference_module(net), plan,
+    infer_net = inference_module(model, net, dims, size_divisor(cfg.model))
+    run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net, infer_net, plan,
               count_parameters(model), scale, optimizer, scheduler,
-              parallel_loss(build_loss(cfg.optim, bundle.targets), net), make_grad_scaler(cfg, device),
+              parallel_loss(build_loss(cfg.optim, bundle.targets), dims), make_grad_scaler(cfg, device),
               TrainState(), 0.0)
     _describe(run)
     _resume(cfg, run)

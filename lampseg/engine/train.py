@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lampseg.config import to_container
 from lampseg.data.prepare import phase_at, training_dataset
+from lampseg.data.sampling import Slab
 from lampseg.engine.checkpoint import merge_optimizer_states, optimizer_state_by_name, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.logs import RunLogger
 from lampseg.engine.setup import Run, setup
 from lampseg.engine.steps import EpochResult, GlobalStep, Progress, local_step, pipelined_step, train_epoch
 from lampseg.io import atomic_write_text, portable, write_json
+from lampseg.model.unet import size_divisor
 from lampseg.runtime.device import rng_state
 from lampseg.runtime.memory import peak_memory_mb
 from lampseg.viz import validation_overlay
@@ -42,7 +44,8 @@ class Trainer:
     def __init__(self, run: Run, reporter: Reporter | None = None) -> None:
         self.run, self.reporter, cfg = run, reporter, run.cfg
         self.logger = RunLogger(run.run_dir, run.bundle.targets.names, run.state.history, write=run.main)
-        self.dataset = training_dataset(cfg, run.bundle)
+        slab = Slab(run.dims.sp_rank, run.dims.sp, size_divisor(cfg.model)) if run.dims.spatial else None
+        self.dataset = training_dataset(cfg, run.bundle, slab)  # under SP: this rank's slab of each sample
         replica_step = pipelined_step(run.net, run.optimizer, run.loss_fn, cfg) if run.staged else local_step(
             run.net, run.optimizer, run.loss_fn, cfg, run.device, run.scaler)
         self.step = GlobalStep(replica_step, run)

@@ -15,6 +15,7 @@ import torch
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import UNet
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -98,6 +99,34 @@ def unet_blocks(model: UNet) -> tuple[list[UNetBlock], list[BlockSpec]]:
     blocks = [UNetBlock(m, spec.kind, after_down=i > 0 and specs[i - 1].kind == "down")
               for i, (m, spec) in enumerate(zip(modules, specs))]
     return blocks, specs
+
+
+class BlockSequence(nn.Module):
+    """Blocks run in order under an activation checkpointing policy: ``none``; ``block`` (keep each block's
+    output, recompute one block at a time in the backward); ``all`` (keep only the input, recompute all).
+
+    Args:
+        blocks: consecutive ``UNetBlock``s (all of a U-Net, or one pipeline stage's).
+        checkpoint: none | block | all.
+    """
+
+    def __init__(self, blocks: list[nn.Module], checkpoint: str = "none"):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.checkpoint = checkpoint
+
+    def _run(self, state: State) -> State:
+        for block in self.blocks:
+            if self.checkpoint == "block" and torch.is_grad_enabled():
+                state = recompute(block, state, use_reentrant=False)
+            else:
+                state = block(state)
+        return state
+
+    def forward(self, state: State) -> State:
+        if self.checkpoint == "all" and torch.is_grad_enabled():
+            return recompute(self._run, state, use_reentrant=False)
+        return self._run(state)
 
 
 def sequential_unet(model: UNet) -> nn.Sequential:

@@ -116,6 +116,11 @@ class ParallelDims:
         return self.mesh
 
     @property
+    def sp_rank(self) -> int:
+        """Which slab of each volume this process holds (0 when not split)."""
+        return self.mesh.get_local_rank("sp") if self.spatial and self.mesh is not None else 0
+
+    @property
     def sp_group(self) -> dist.ProcessGroup | None:
         """The processes that hold the slabs of this process's volumes (None: not split)."""
         return self.mesh.get_group("sp") if self.mesh is not None and self.spatial else None

@@ -2,8 +2,9 @@
 place that wraps a model; the engine, evaluation and the benchmarks all come through here.
 
 0. **Spatial (SP)**, ``parallel=spatial``: the model's layers are converted in place to work on slabs of
-   each volume (``spatial.py``); the returned module takes whole batches and runs this rank's slab;
-   ``parallel_loss`` makes the loss global and ``inference_module`` gathers whole outputs.
+   each volume (``spatial.py``); training feeds each rank its slab (``data.sampling.Slab``), with the
+   planner's activation checkpointing (``capacity.spatial_plan``); ``parallel_loss`` makes the loss global
+   and ``inference_module`` takes and gives whole volumes.
 1. **Pipeline (PP)**, ``parallel=pipeline``: plan the split (``plan.py``), then
    - ``parallel.engine=pipelining`` (default): this process keeps one stage (``pipelining.PipelinedUNet``,
      ``torch.distributed.pipelining``) of the pipeline it belongs to in the ``(dp, pp)`` device mesh;
@@ -26,19 +27,20 @@ import copy
 import torch
 from torch import nn
 
-from lampseg.model.unet import build_model, size_divisor
+from lampseg.model.unet import build_model
 from lampseg.parallel import distributed
-from lampseg.parallel.blocks import unet_blocks
+from lampseg.parallel.blocks import BlockSequence, unet_blocks
+from lampseg.parallel.capacity import SpatialPlan, spatial_plan_for
 from lampseg.parallel.ddp import data_parallel, unwrap
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.gpipe import even_balance, gpipe
 from lampseg.parallel.plan import Plan, plan_for
-from lampseg.parallel.spatial import SpatialInference, SpatialLoss, SpatialShard, spatial_parallel
+from lampseg.parallel.spatial import SpatialInference, SpatialLoss, spatial_parallel
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int], device: torch.device,
-                targets=None, train: bool = True) -> tuple[nn.Module, Plan | None]:
-    """The module to run, and the plan (None when not pipelined).
+                targets=None, train: bool = True) -> tuple[nn.Module, Plan | SpatialPlan | None]:
+    """The module to run, and the plan (None when neither pipelined nor split).
 
     Args:
         model: the unsplit network, already on ``device``.
@@ -53,10 +55,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
         ConfigError: for an engine that is not available or too few devices.
     """
     replicate = train and dims.dp_enabled
-    if dims.spatial:
+    if dims.spatial:  # each rank gets its slab of every sample (data.sampling.Slab); DDP over all dp x sp
         dims.build_mesh(device.type)
-        net = SpatialShard(spatial_parallel(model, dims.sp_group), dims.sp_group, size_divisor(cfg.model))
-        return (data_parallel(net, device) if train else net), None
+        spatial_parallel(model, dims.sp_group)
+        plan = None
+        if train:  # rank 0 plans for all (checkpointing must agree: the collectives pair up)
+            if distributed.is_main():
+                plan = spatial_plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device,
+                                        targets)
+            plan = distributed.broadcast_object(plan)
+        net = model
+        if plan is not None and plan.checkpoint != "none":
+            net = BlockSequence(unet_blocks(model)[0], plan.checkpoint)
+        return (data_parallel(net, device) if train else net), plan
     if dims.staged:
         # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
         from lampseg.parallel.pipelining import PipelinedUNet
@@ -81,18 +92,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     return model, None
 
 
-def parallel_loss(loss: nn.Module, net: nn.Module) -> nn.Module:
-    """The training loss for ``net`` (``parallelize``'s module): under SP, global over the slabs (called with
-    this rank's logits and the whole target)."""
-    net = unwrap(net)
-    return SpatialLoss(loss, net.group, net.divisor) if isinstance(net, SpatialShard) else loss
+def parallel_loss(loss: nn.Module, dims: ParallelDims) -> nn.Module:
+    """The training loss for this layout: under SP, global over the slabs (called with this rank's slabs of
+    the logits and the target)."""
+    return SpatialLoss(loss, dims.sp_group) if dims.spatial else loss
 
 
-def inference_module(net: nn.Module) -> nn.Module:
-    """What validation runs for ``net`` (``parallelize``'s module): ``net`` without DDP; under SP, whole
-    volumes in and whole logits out on every rank of the volume's slabs, split as in training."""
-    net = unwrap(net)
-    return SpatialInference(net.module, net.group, net.divisor) if isinstance(net, SpatialShard) else net
+def inference_module(model: nn.Module, net: nn.Module, dims: ParallelDims, divisor: int) -> nn.Module:
+    """What validation runs: ``net`` (``parallelize``'s module) without DDP; under SP, the split ``model``
+    taking whole volumes and giving every rank of the volume's slabs the whole logits."""
+    return SpatialInference(model, dims.sp_group, divisor) if dims.spatial else unwrap(net)
 
 
 def split_for_inference(model: nn.Module, devices: int, device: torch.device) -> nn.Module:

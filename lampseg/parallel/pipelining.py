@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.utils.checkpoint import checkpoint as recompute
 
 from lampseg.config import ConfigError, enum_value
-from lampseg.parallel.blocks import unet_blocks
+from lampseg.parallel.blocks import BlockSequence, unet_blocks
 from lampseg.parallel.plan import Plan
 from lampseg.runtime.device import DTYPES, autocast
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
@@ -31,7 +30,7 @@ from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-class StageModule(nn.Module):
+class StageModule(BlockSequence):
     """The blocks of one stage under autocast, with the plan's activation checkpointing.
 
     Takes the received state tensors as separate arguments and returns contiguous tensors in the wire
@@ -39,26 +38,14 @@ class StageModule(nn.Module):
     """
 
     def __init__(self, blocks: list[nn.Module], checkpoint: str, precision: str, device: torch.device):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.checkpoint, self.precision, self.device = checkpoint, precision, device
+        super().__init__(blocks, checkpoint)
+        self.precision, self.device = precision, device
         self.wire_dtype = wire_dtype(precision, device)
-
-    def _run(self, state):
-        for block in self.blocks:
-            if self.checkpoint == "block" and torch.is_grad_enabled():
-                state = recompute(block, state, use_reentrant=False)
-            else:
-                state = block(state)
-        return state
 
     def forward(self, *tensors: torch.Tensor):
         state = tensors[0] if len(tensors) == 1 else tensors
         with autocast(self.device, self.precision):
-            if self.checkpoint == "all" and torch.is_grad_enabled():
-                out = recompute(self._run, state, use_reentrant=False)
-            else:
-                out = self._run(state)
+            out = super().forward(state)
         outs = tuple(t.to(self.wire_dtype).contiguous() for t in (out if isinstance(out, tuple) else (out,)))
         return outs[0] if len(outs) == 1 else outs
 

@@ -94,8 +94,8 @@ def _through_bytes(costs: list[BlockCost]) -> int:
     return sum(size for size, p in zip(costs[0].in_sizes, positions) if p >= 0)
 
 
-def _stage(costs: list[BlockCost], index: int, stages: int, batch: int, microbatches: int, schedule: str,
-           checkpoint: str, opt_states: int) -> Stage:
+def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, microbatches: int,
+               schedule: str, checkpoint: str, opt_states: int) -> Stage:
     """Peak memory and time of one stage (a pipelining rank) holding ``costs``' blocks.
 
     Per micro-batch in flight (all M with GPipe, at most S - stage with 1F1B): the tensors saved for
@@ -144,7 +144,7 @@ def _best_split(costs, stages, batch, microbatches, schedule, checkpoint, opt_st
                 prev_time, prev_stages = best[s - 1][i]
                 if prev_stages is None:
                     continue
-                stage = _stage(costs[i:j], s - 1, stages, batch, microbatches, schedule, checkpoint,
+                stage = stage_cost(costs[i:j], s - 1, stages, batch, microbatches, schedule, checkpoint,
                                opt_states)
                 if budget_gb is not None and stage.memory_gb > budget_gb:
                     continue
@@ -213,7 +213,7 @@ def _fits(costs, pp, batch, budget, schedule, opt_states) -> bool:
 
 
 def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor) -> str:
-    smallest = min(_stage([c], 0, pp, batch, batch, schedule, "all", opt_states).memory_gb for c in costs)
+    smallest = min(stage_cost([c], 0, pp, batch, batch, schedule, "all", opt_states).memory_gb for c in costs)
     hints = [f"more stages: parallel.pp={s}" for s in range(pp + 1, len(costs) + 1)
              if _fits(costs, s, batch, budget, schedule, opt_states)][:1]
     side = largest_cube(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor)
@@ -238,14 +238,14 @@ def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, inp
     while lo < hi:
         mid = (lo + hi + 1) // 2
         side = mid * divisor
-        if _fits(_scaled(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states):
+        if _fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states):
             lo = mid
         else:
             hi = mid - 1
     return lo * divisor
 
 
-def _scaled(costs: list[BlockCost], scale: float) -> list[BlockCost]:
+def scale_costs(costs: list[BlockCost], scale: float) -> list[BlockCost]:
     def n(v: float) -> int:
         return int(v * scale)
 
@@ -268,27 +268,35 @@ def planned_stages(parallel_cfg) -> tuple[int, bool]:
     return pp, parallel_cfg.name == "pipeline" or pp > 1
 
 
-def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
-             device: torch.device | str = "cpu", targets=None) -> tuple[Plan, list[BlockCost]]:
-    """Profile ``cfg.model`` (a fresh copy: on meta tensors, or on ``device`` with ``parallel.profile=
-    measure``) for one sample of ``input_shape`` (C, X, Y, Z) and plan it under ``cfg.parallel``.
-    With ``targets`` (``lampseg.model.losses.Targets``) the training loss's memory counts on the last stage.
-
-    Returns:
-        The plan and the per-block costs it was made from.
-    """
+def profile_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
+                device: torch.device | str = "cpu", targets=None) -> list[BlockCost]:
+    """Per-block costs of ``cfg.model`` (a fresh copy: on meta tensors, or on ``device`` with
+    ``parallel.profile=measure``) for one sample of ``input_shape`` (C, X, Y, Z). With ``targets``
+    (``lampseg.model.losses.Targets``) the training loss's memory counts on the last block."""
     p = cfg.parallel
-    source, policy = enum_value(p.profile), enum_value(p.checkpoint)
+    source = enum_value(p.profile)
     where = torch.device("meta") if source == "estimate" else torch.device(device)
     with where:
         probe = build_model(cfg.model, in_channels, out_channels)
     loss_fn = target_fn = None
     if targets is not None:
         loss_fn, target_fn = build_loss(cfg.optim, targets), targets.loss_target
-    costs = profile_blocks(probe, input_shape, source, where, p.device_tflops,
-                           DTYPES[enum_value(cfg.trainer.precision)], loss_fn=loss_fn, target_fn=target_fn)
+    return profile_blocks(probe, input_shape, source, where, p.device_tflops,
+                          DTYPES[enum_value(cfg.trainer.precision)], loss_fn=loss_fn, target_fn=target_fn)
+
+
+def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
+             device: torch.device | str = "cpu", targets=None) -> tuple[Plan, list[BlockCost]]:
+    """Profile ``cfg.model`` (``profile_for``) and plan its pipeline split under ``cfg.parallel``.
+
+    Returns:
+        The plan and the per-block costs it was made from.
+    """
+    p = cfg.parallel
+    costs = profile_for(cfg, in_channels, out_channels, input_shape, device, targets)
     plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
-                     policy, enum_value(cfg.optim.name), source, size_divisor(cfg.model))
+                     enum_value(p.checkpoint), enum_value(cfg.optim.name), enum_value(p.profile),
+                     size_divisor(cfg.model))
     return plan, costs
 
 
@@ -333,7 +341,7 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
                            loss_fn=build_loss(cfg.optim, targets), target_fn=targets.loss_target)
 
     def peak_gb(shape: list[int]) -> float | None:
-        scaled = _scaled(costs, math.prod(shape) / math.prod(cap))
+        scaled = scale_costs(costs, math.prod(shape) / math.prod(cap))
         peaks = [max(s.memory_gb for s in split) for policy in policies for m in counts
                  if (split := _best_split(scaled, pp, batch, m, p.schedule, policy, opt_states, budget_gb))]
         return min(peaks) if peaks else None

@@ -31,6 +31,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from lampseg.config import ConfigError
+from lampseg.data.sampling import split_rows
 
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
 _POINTWISE = (nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -245,25 +246,9 @@ def spatial_parallel(model: nn.Module, group) -> nn.Module:
     return model
 
 
-def slab_bounds(length: int, size: int, multiple: int) -> list[tuple[int, int]]:
-    """(start, stop) of each of ``size`` slabs of ``length`` rows: every slab a multiple of ``multiple`` rows
-    (so that it survives the U-Net's down-sampling), as equal as that allows.
-
-    Raises:
-        ValueError: when ``length`` is not a multiple of ``multiple`` or too short for ``size`` slabs.
-    """
-    units, rest = divmod(length, multiple)
-    if rest or units < size:
-        raise ValueError(f"{length} rows along the split axis do not make {size} slabs of a multiple of "
-                         f"{multiple} rows each (need a multiple of {multiple}, at least {size * multiple})")
-    base, extra = divmod(units, size)
-    stops = [multiple * (base * (r + 1) + min(r + 1, extra)) for r in range(size)]
-    return list(zip([0, *stops[:-1]], stops))
-
-
 def slab(x: torch.Tensor, group, multiple: int = 1) -> torch.Tensor:
-    """This rank's slab of the whole tensor ``x`` along the split axis (``slab_bounds``)."""
-    start, stop = slab_bounds(x.shape[AXIS], dist.get_world_size(group), multiple)[dist.get_rank(group)]
+    """This rank's slab of the whole tensor ``x`` along the split axis (``data.sampling.split_rows``)."""
+    start, stop = split_rows(x.shape[AXIS], dist.get_world_size(group), multiple)[dist.get_rank(group)]
     return x.narrow(AXIS, start, stop - start)
 
 
@@ -274,23 +259,6 @@ def gather_slabs(x: torch.Tensor, group, lengths: list[int]) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in lengths]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part.narrow(AXIS, 0, n) for part, n in zip(parts, lengths)], AXIS)
-
-
-class SpatialShard(nn.Module):
-    """Training wrapper: takes the whole batch, runs this rank's slab, returns this slab's logits.
-
-    Args:
-        module: the model after ``spatial_parallel``.
-        group: the ``sp`` process group.
-        divisor: the model's size divisor (product of its strides): every slab is a multiple of it.
-    """
-
-    def __init__(self, module: nn.Module, group, divisor: int):
-        super().__init__()
-        self.module, self.group, self.divisor = module, group, divisor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(slab(x, self.group, self.divisor))
 
 
 class SpatialInference(nn.Module):
@@ -304,14 +272,14 @@ class SpatialInference(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bounds = slab_bounds(x.shape[AXIS], dist.get_world_size(self.group), self.divisor)
+        bounds = split_rows(x.shape[AXIS], dist.get_world_size(self.group), self.divisor)
         out = self.module(slab(x, self.group, self.divisor))
         return gather_slabs(out, self.group, [stop - start for start, stop in bounds])
 
 
 class SpatialLoss(nn.Module):
-    """MONAI's ``DiceCELoss`` or ``DiceFocalLoss`` over the whole split volume: called with this rank's logits
-    slab and the whole target, it returns the unsplit loss's value on every rank.
+    """MONAI's ``DiceCELoss`` or ``DiceFocalLoss`` over the whole split volume: called with this rank's slab
+    of the logits and of the target, it returns the unsplit loss's value on every rank.
 
     Dice comes from true-positive, false-positive and false-negative sums all-reduced over the group; the
     cross-entropy (focal) term from the slabs' means weighted by their voxels.
@@ -321,7 +289,7 @@ class SpatialLoss(nn.Module):
             labels, class weights, another activation).
     """
 
-    def __init__(self, loss: nn.Module, group, divisor: int):
+    def __init__(self, loss: nn.Module, group):
         super().__init__()
         if not isinstance(loss, (DiceCELoss, DiceFocalLoss)):
             raise ConfigError(f"config key 'optim.loss': {type(loss).__name__} has no spatial split")
@@ -330,11 +298,11 @@ class SpatialLoss(nn.Module):
                 dice.ignore_index is not None or dice.class_weight is not None or dice.reduction != "mean":
             raise ConfigError("config key 'optim.loss': only plain Dice (mean, no squared prediction, soft "
                               "labels, ignored labels or class weights) adds up over slabs")
-        self.loss, self.group, self.divisor = loss, group, divisor
+        self.loss, self.group = loss, group
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss, dice = self.loss, self.loss.dice
-        target, channels = slab(target, self.group, self.divisor), logits.shape[1]
+        channels = logits.shape[1]
         if isinstance(loss, DiceFocalLoss):
             if loss.to_onehot_y and channels > 1:
                 target = one_hot(target, num_classes=channels)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from lampseg.config import Config
 from lampseg.model.losses import Targets, build_loss
 from lampseg.model.unet import build_model
 from lampseg.parallel.dims import ParallelDims
@@ -20,9 +21,11 @@ from lampseg.parallel.parallelize import inference_module, parallel_loss, parall
 from lampseg.parallel.spatial import slab
 
 LABELS = {0: "background", 1: "a", 2: "b"}
-# (norm, residual units, loss, regions): MONAI's residual U-Net with instance norm and Dice + CE (softmax),
-# and the plain U-Net with group norm and Dice + focal over nested sigmoid regions.
-VARIANTS = [("instance", 2, "dice_ce", None), ("group", 0, "dice_focal", {"ab": [1, 2], "b": [2]})]
+# (norm, residual units, loss, regions, checkpoint): MONAI's residual U-Net with instance norm and Dice + CE
+# (softmax), and the plain U-Net with group norm, Dice + focal over nested sigmoid regions and every block
+# recomputed in the backward (its halo exchanges and all-reduces run again).
+VARIANTS = [("instance", 2, "dice_ce", None, "none"),
+            ("group", 0, "dice_focal", {"ab": [1, 2], "b": [2]}, "block")]
 
 
 def max_rel_error(got: torch.Tensor, want: torch.Tensor, scale: float) -> float:
@@ -31,16 +34,18 @@ def max_rel_error(got: torch.Tensor, want: torch.Tensor, scale: float) -> float:
     return float((got - want).abs().max() / max(float(want.abs().max()), scale))
 
 
-def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions) -> dict:
+def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, checkpoint: str) -> dict:
     world = dist.get_world_size()
-    cfg = OmegaConf.create({"model": {"name": "probe", "channels": [8, 16, 32], "strides": [2, 2],
-                                      "kernel_size": 3, "num_res_units": res_units, "norm": norm,
-                                      "dropout": 0.0}})
+    cfg = OmegaConf.structured(Config)
+    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
+                          "num_res_units": res_units, "norm": norm, "dropout": 0.0})
+    cfg.parallel.merge_with({"name": "spatial", "dp": dp, "sp": sp, "checkpoint": checkpoint})
+    cfg.data.batch_size, cfg.optim.loss, cfg.trainer.precision = 2, loss_name, "fp32"
     targets = Targets.from_config(LABELS, regions)
     torch.manual_seed(0)
     model = build_model(cfg.model, 2, targets.out_channels).double()
     reference = copy.deepcopy(model)
-    loss_fn = build_loss(OmegaConf.create({"loss": loss_name, "focal_weight": 0.5}), targets)
+    loss_fn = build_loss(cfg.optim, targets)
     generator = torch.Generator().manual_seed(1)
     image = torch.randn(2, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
     target = targets.loss_target(torch.randint(0, 3, (2, 1, 32, 24, 16), generator=generator))
@@ -50,22 +55,22 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions) -
     ref_loss.backward()
 
     dims = ParallelDims(dp=dp, pp=1, world=world, sp=sp)
-    net, _ = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
+    net, plan = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
     replica = slice(dims.dp_rank * 2 // dp, (dims.dp_rank + 1) * 2 // dp)  # this replica's batch share
-    logits = net(image[replica])
-    loss = parallel_loss(loss_fn, net)(logits, target[replica])
+    logits = net(slab(image[replica], dims.sp_group, 4))  # each rank is fed its slab (data.sampling.Slab)
+    loss = parallel_loss(loss_fn, dims)(logits, slab(target[replica], dims.sp_group, 4))
     loss.backward()
     scale = max(float(p.grad.abs().max()) for p in reference.parameters()) * 1e-6
     grad_error = max(max_rel_error(p.grad, q.grad, scale)
                      for p, q in zip(model.parameters(), reference.parameters()))
     replica_loss = loss.detach().clone()
     dist.all_reduce(replica_loss)  # every slab holds its replica's loss: their mean is the batch's
-    infer = inference_module(net).eval()
+    infer = inference_module(model, net, dims, 4).eval()
     uneven = image[:, :, :28]  # 7 units of the size divisor 4: slabs of different lengths
     with torch.no_grad():
         whole = infer(uneven)
         ref_whole = reference.eval()(uneven)
-    return {"dp": dp, "sp": sp, "norm": norm, "loss_name": loss_name,
+    return {"dp": dp, "sp": sp, "norm": norm, "loss_name": loss_name, "checkpoint": plan.checkpoint,
             "loss": float(replica_loss.detach()) / world, "ref_loss": float(ref_loss),
             "max_rel_grad_error": grad_error,
             "logits_error": max_rel_error(logits.detach(),

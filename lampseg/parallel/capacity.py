@@ -1,0 +1,216 @@
+"""How large a volume fits: per-rank memory and time of spatial parallelism, and the capacity table that
+``python -m lampseg plan`` prints (largest whole cube and step time per device count, for the pipeline alone
+and the spatial split alone).
+
+    python -m lampseg plan model=unet64 data.patch_size=[128,128,128] data.batch_size=1 \
+        parallel.memory_gb=16 trainer.precision=bf16
+
+Under ``parallel.sp=S`` (``spatial.py``) every rank keeps the full weights, gradients and optimiser state, the
+whole input batch and target (it slices its slab from them), and its slab's share of every activation. The
+largest slab has ``ceil(X / divisor / S) * divisor`` rows; at level ``l`` of the U-Net its tensors have
+``rows / 2^l`` rows plus one halo row on each side, so deep levels of thin slabs pay relatively more. Time is
+the slab's share of the compute plus the halo traffic (both directions, forward and backward) at
+``LINK_GB_S`` and a latency per collective: rough, and labelled as an estimate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lampseg.config import enum_value
+from lampseg.model.unet import size_divisor
+from lampseg.parallel.plan import (
+    OPTIMIZER_STATES,
+    RECOMPUTE,
+    PlanError,
+    Stage,
+    largest_cube,
+    make_plan,
+    profile_for,
+    scale_costs,
+    stage_cost,
+)
+from lampseg.parallel.profile import BlockCost
+from lampseg.runtime.memory import GB
+
+LINK_GB_S = 25.0  # device-to-device bandwidth assumed for halo exchange (PCIe 4 x16 class; NVLink is faster)
+COLLECTIVE_S = 20e-6  # latency per halo exchange or all-reduce
+COLLECTIVES_PER_BLOCK = 16  # ~3 convolutions x (halo + norm statistics x 2), forward and backward
+DEVICE_COUNTS = (1, 2, 4, 8)
+
+
+def largest_slab(rows: int, sp: int, divisor: int) -> int:
+    """Rows of the largest of ``sp`` slabs of ``rows`` (``data.sampling.split_rows``); 0 when too few rows."""
+    units = rows // divisor
+    return 0 if units < sp else math.ceil(units / sp) * divisor
+
+
+def _level(name: str, depth: int) -> int:
+    """Resolution level (0: full) of a U-Net block's largest tensors: ``down<i>``/``up<i>``: i, bottom."""
+    return depth if name == "bottom" else int(name.lstrip("downup"))
+
+
+def spatial_stage(costs: list[BlockCost], sp: int, batch: int, opt_states: int, rows: int,
+                  divisor: int, checkpoint: str = "none") -> Stage | None:
+    """Per-rank memory and time of the largest slab when the costs' input (``rows`` along the split axis)
+    is split over ``sp`` ranks, with activation checkpointing ``checkpoint`` (none|block|all); None when the
+    input has fewer than ``sp`` units of ``divisor`` rows."""
+    slab = largest_slab(rows, sp, divisor)
+    if not slab:
+        return None
+    depth = sum(c.name.startswith("down") for c in costs)
+    per_rank, halo_bytes = [], 0.0
+    for c in costs:
+        level_rows = slab / 2 ** _level(c.name, depth)
+        grow = 1 + (2 / level_rows if sp > 1 else 0)
+        scaled = scale_costs([c], slab / rows * grow)[0]
+        scaled.extra_in_bytes, scaled.extra_out_bytes = c.extra_in_bytes, c.extra_out_bytes  # held whole
+        scaled.time_s = c.time_s * slab / rows
+        per_rank.append(scaled)
+        halo_bytes += 2 * 2 * c.act_bytes * slab / rows / level_rows if sp > 1 else 0  # 2 sides, fwd+bwd
+    stage = stage_cost(per_rank, 0, 1, batch, 1, "gpipe", checkpoint, opt_states)
+    if sp > 1:
+        stage.time_s += (batch * halo_bytes / (LINK_GB_S * GB)
+                         + COLLECTIVE_S * COLLECTIVES_PER_BLOCK * len(costs))
+    return stage
+
+
+def largest_spatial_cube(costs: list[BlockCost], sp: int, batch: int, budget: float, input_shape: list[int],
+                         opt_states: int = 2, divisor: int = 1, limit: int = 4096) -> int:
+    """Side of the largest cubic input (a multiple of ``divisor``) whose largest slab fits ``budget`` GB per
+    rank with ``sp`` slabs; 0 when none does. Costs profiled at ``input_shape`` are rescaled by voxels."""
+    voxels = math.prod(input_shape[1:])
+    lo, hi = 0, limit // divisor
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        side = mid * divisor
+        scaled = scale_costs(costs, side**3 / voxels)
+        if any((stage := spatial_stage(scaled, sp, batch, opt_states, side, divisor, policy)) is not None
+               and stage.memory_gb <= budget for policy in RECOMPUTE):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * divisor
+
+
+@dataclass
+class Capacity:
+    """One row of the capacity table: ``devices`` processes used as a pipeline or as spatial slabs."""
+
+    devices: int
+    pipeline_side: int  # largest cube with pp=devices (0: none fits or more stages than blocks)
+    pipeline_step_s: float | None
+    spatial_side: int  # largest cube with sp=devices
+    spatial_step_s: float | None
+
+    @property
+    def best(self) -> str:
+        return "spatial" if self.spatial_side >= self.pipeline_side else "pipeline"
+
+
+def capacity_table(costs: list[BlockCost], batch: int, budget: float, input_shape: list[int],
+                   schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1,
+                   devices: tuple[int, ...] = DEVICE_COUNTS) -> list[Capacity]:
+    """The largest whole cube and its estimated step time for each device count, pipeline versus spatial
+    split (``python -m lampseg plan`` prints it with ``capacity_lines``)."""
+    voxels = math.prod(input_shape[1:])
+    rows = []
+    for n in devices:
+        pp_side = largest_cube(costs, n, batch, budget, input_shape, schedule, opt_states, divisor) \
+            if n <= len(costs) else 0
+        pp_step = None
+        if pp_side:
+            cube = [input_shape[0], pp_side, pp_side, pp_side]
+            pp_step = make_plan(scale_costs(costs, pp_side**3 / voxels), n, batch, budget, cube, None,
+                                schedule, "auto", "adamw" if opt_states == 2 else "sgd").step_time_s
+        sp_side = largest_spatial_cube(costs, n, batch, budget, input_shape, opt_states, divisor)
+        sp_step = None
+        if sp_side:
+            cube = [input_shape[0], sp_side, sp_side, sp_side]
+            sp_step = spatial_plan(scale_costs(costs, sp_side**3 / voxels), n, batch, budget, cube,
+                                   opt_states, divisor).stage.time_s
+        rows.append(Capacity(n, pp_side, pp_step, sp_side, sp_step))
+    return rows
+
+
+def capacity_lines(rows: list[Capacity], budget: float) -> list[str]:
+    """The capacity table as text: side, voxels relative to one device, estimated step time."""
+    base = max(rows[0].pipeline_side, rows[0].spatial_side) ** 3 or 1
+
+    def cell(side: int, step: float | None) -> str:
+        if not side:
+            return f"{'-':>24}"
+        return f"{side:>5}^3 {side**3 / base:>6.2f}x {step:>8.3f}s"
+
+    lines = [f"capacity at {budget:g} GB per device (largest whole cube, voxels vs 1 device, est. step):",
+             f"{'devices':>7}  {'pipeline (pp=N)':>24}  {'spatial (sp=N)':>24}  best"]
+    for r in rows:
+        lines.append(f"{r.devices:>7}  {cell(r.pipeline_side, r.pipeline_step_s)}  "
+                     f"{cell(r.spatial_side, r.spatial_step_s)}  {r.best}")
+    return lines
+
+
+@dataclass
+class SpatialPlan:
+    """The per-rank plan of a spatial split: slabs, checkpointing and the largest slab's costs."""
+
+    sp: int
+    checkpoint: str
+    batch_size: int
+    input_shape: list[int]
+    memory_gb: float | None  # budget per rank
+    stage: Stage
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "step_time_s": self.stage.time_s}
+
+    def table(self) -> str:
+        s, budget = self.stage, f"{self.memory_gb:g} GB" if self.memory_gb else "none"
+        return (f"sp={self.sp} slabs of input {self.input_shape} x batch {self.batch_size}: per rank "
+                f"{s.memory_gb:.3f} GB (static {s.static_gb:.3f}, activations {s.activation_gb:.3f}) "
+                f"checkpoint={self.checkpoint} budget/rank={budget} est. step={s.time_s:.3f}s")
+
+
+def spatial_plan(costs: list[BlockCost], sp: int, batch: int, budget: float | None, input_shape: list[int],
+                 opt_states: int = 2, divisor: int = 1, checkpoint: str = "auto") -> SpatialPlan:
+    """The fastest checkpointing policy whose largest slab fits ``budget`` GB per rank (auto; or the given
+    one).
+
+    Raises:
+        PlanError: the input is too short to split into ``sp`` slabs, or nothing fits; the message names
+            what needs the memory and what would fit.
+    """
+    rows = input_shape[1]
+    policies = [checkpoint] if checkpoint != "auto" else (list(RECOMPUTE) if budget is not None else ["none"])
+    stages = {p: spatial_stage(costs, sp, batch, opt_states, rows, divisor, p) for p in policies}
+    if any(stage is None for stage in stages.values()):
+        raise PlanError(f"config key 'parallel.sp': {rows} rows along the first axis make no {sp} slabs "
+                        f"of a multiple of the model's size divisor {divisor}; use parallel.sp <= "
+                        f"{rows // divisor} or a larger input")
+    fitting = {p: s for p, s in stages.items() if budget is None or s.memory_gb <= budget}
+    if not fitting:
+        lightest = min(stages, key=lambda p: stages[p].memory_gb)
+        need = stages[lightest]
+        hints = [f"parallel.sp={n}" for n in (2 * sp, 4 * sp, 8 * sp)
+                 if (other := spatial_stage(costs, n, batch, opt_states, rows, divisor, lightest)) is not None
+                 and other.memory_gb <= budget][:1]
+        side = largest_spatial_cube(costs, sp, batch, budget, input_shape, opt_states, divisor)
+        if side:
+            hints.append(f"a smaller input: about {side}^3 voxels")
+        raise PlanError(f"parallel.sp={sp}: the largest slab needs {need.memory_gb:.3g} GB per rank even "
+                        f"with checkpoint={lightest} (weights, gradients and optimiser state "
+                        f"{need.static_gb:.3g} GB, activations {need.activation_gb:.3g} GB) but "
+                        f"parallel.memory_gb={budget:g}. "
+                        f"Would fit: " + "; or ".join(hints + ["a smaller model"]))
+    best = min(fitting, key=lambda p: fitting[p].time_s)
+    return SpatialPlan(sp, best, batch, list(input_shape), budget, fitting[best])
+
+
+def spatial_plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int], device="cpu",
+                     targets=None) -> SpatialPlan:
+    """Profile ``cfg.model`` (``plan.profile_for``) and plan its spatial split under ``cfg.parallel``."""
+    p = cfg.parallel
+    costs = profile_for(cfg, in_channels, out_channels, input_shape, device, targets)
+    return spatial_plan(costs, p.sp, cfg.data.batch_size, p.memory_gb, input_shape,
+                        OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), size_divisor(cfg.model),
+                        enum_value(p.checkpoint))
