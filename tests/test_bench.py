@@ -17,6 +17,7 @@ def _lampseg(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProc
                           text=True, timeout=120)
 
 
+@pytest.mark.extended
 def test_bench_overhead_writes_consistent_json_and_png(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _lampseg(["bench", "overhead", "+exp=smoke", "trainer.precision=bf16", "bench.steps=3",

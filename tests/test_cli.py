@@ -202,6 +202,7 @@ def test_train_one_modality_3d_dataset(tmp_path, synth_3d):
     assert len(summary["modalities"]) == 1
 
 
+@pytest.mark.extended
 def test_train_modality_subset(tmp_path, trained_run):
     run_dir = tmp_path / "run"
     lampseg("train", *SMOKE_FAST, "data.modalities=[t1gd,FLAIR]", f"run_dir={run_dir}")
@@ -237,6 +238,7 @@ def test_multirun_sweep(tmp_path, trained_run):
     assert lrs == [1e-3, 3e-3]
 
 
+@pytest.mark.extended
 def test_brats_regions_train_and_predict(tmp_path, trained_run):
     """The BraTS recipe, shrunk: sigmoid WT/TC/ET regions, DataLoader workers, regions painted back."""
     run_dir = tmp_path / "brats"

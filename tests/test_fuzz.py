@@ -631,6 +631,7 @@ def _cli_process_state(home: Path) -> Iterator[None]:
         os.environ.update(environ)
 
 
+@pytest.mark.extended
 def test_cli_validate_accepts_or_diagnoses_corrupt_datasets() -> None:
     """``python -m lampseg validate`` (in-process) exits 0, or 1/2 with a one-paragraph error and no
     traceback; its verdict is `check_dataset`'s; the dataset folder is left untouched."""

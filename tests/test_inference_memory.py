@@ -23,6 +23,7 @@ def _divisor(ckpt_path: Path) -> int:
     return int(torch.tensor(strides).prod())
 
 
+@pytest.mark.extended
 def test_auto_picks_whole_volume_under_a_large_budget_and_a_window_under_a_small_one(tmp_path, trained_run):
     ckpt = trained_run / "checkpoints" / "best.pt"
     big, small = tmp_path / "big", tmp_path / "small"

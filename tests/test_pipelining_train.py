@@ -139,6 +139,7 @@ def test_pipelining_across_two_nodes(tmp_path, unsplit):
     assert train_losses(tmp_path / "mn") == pytest.approx(train_losses(unsplit), rel=1e-5)
 
 
+@pytest.mark.extended
 def test_pipelining_curriculum_up_to_whole_volumes_via_launch_script(tmp_path):
     """``launch/pipeline_local.sh`` (torchrun --standalone, one stage per process) with LAMP's curriculum:
     each phase's input size gets its own schedule and buffers; the run ends on whole volumes."""

@@ -244,6 +244,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.extended
 def test_full_disk_while_writing_a_checkpoint_keeps_the_previous(tmp_path):
     """The real CLI with a file-size limit below the checkpoint's size (the kernel refuses the write as on a
     full disk): exit 1 with a message, the previous latest.pt byte-identical, no temp files; the same

@@ -14,7 +14,7 @@ from lampseg.config import ConfigError
 
 # name -> whether its run() also takes the command line's overrides (it keeps a checkpoint's config but them)
 BENCHMARKS = {"overhead": False, "pipeline": False, "inference": True, "context": False,
-              "data_parallel": False, "experiment_parallel": True}
+              "data_parallel": False, "experiment_parallel": True, "spatial": False}
 
 
 def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:

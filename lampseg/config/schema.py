@@ -254,6 +254,7 @@ class BenchConfig:
     all_threads: bool = True  # bench data_parallel: also one process with every core as a thread
     trials: int = 4  # bench experiment_parallel: N trials (learning rates)
     workers: int = 2  # bench experiment_parallel: W trials at a time in the Tune study
+    sp: list[int] = field(default_factory=lambda: [1, 2])  # bench spatial: slabs per volume (processes)
 
 
 @dataclass

@@ -5,8 +5,8 @@ and the spatial split alone).
     python -m lampseg plan model=unet64 data.patch_size=[128,128,128] data.batch_size=1 \
         parallel.memory_gb=16 trainer.precision=bf16
 
-Under ``parallel.sp=S`` (``spatial.py``) every rank keeps the full weights, gradients and optimiser state, the
-whole input batch and target (it slices its slab from them), and its slab's share of every activation. The
+Under ``parallel.sp=S`` (``spatial.py``) every rank keeps the full weights, gradients and optimiser state, and
+its slab's share of the input, the target and every activation (it reads only its slab of each sample). The
 largest slab has ``ceil(X / divisor / S) * divisor`` rows; at level ``l`` of the U-Net its tensors have
 ``rows / 2^l`` rows plus one halo row on each side, so deep levels of thin slabs pay relatively more. Time is
 the slab's share of the compute plus the halo traffic (both directions, forward and backward) at
@@ -64,7 +64,6 @@ def spatial_stage(costs: list[BlockCost], sp: int, batch: int, opt_states: int, 
         level_rows = slab / 2 ** _level(c.name, depth)
         grow = 1 + (2 / level_rows if sp > 1 else 0)
         scaled = scale_costs([c], slab / rows * grow)[0]
-        scaled.extra_in_bytes, scaled.extra_out_bytes = c.extra_in_bytes, c.extra_out_bytes  # held whole
         scaled.time_s = c.time_s * slab / rows
         per_rank.append(scaled)
         halo_bytes += 2 * 2 * c.act_bytes * slab / rows / level_rows if sp > 1 else 0  # 2 sides, fwd+bwd
@@ -78,19 +77,17 @@ def spatial_stage(costs: list[BlockCost], sp: int, batch: int, opt_states: int, 
 def largest_spatial_cube(costs: list[BlockCost], sp: int, batch: int, budget: float, input_shape: list[int],
                          opt_states: int = 2, divisor: int = 1, limit: int = 4096) -> int:
     """Side of the largest cubic input (a multiple of ``divisor``) whose largest slab fits ``budget`` GB per
-    rank with ``sp`` slabs; 0 when none does. Costs profiled at ``input_shape`` are rescaled by voxels."""
+    rank with ``sp`` slabs; 0 when none does. Costs profiled at ``input_shape`` are rescaled by voxels.
+
+    Scanned from the top rather than bisected: slabs are whole multiples of ``divisor``, so a side that
+    splits evenly can fit where a slightly smaller one does not."""
     voxels = math.prod(input_shape[1:])
-    lo, hi = 0, limit // divisor
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        side = mid * divisor
+    for side in range(limit // divisor * divisor, 0, -divisor):
         scaled = scale_costs(costs, side**3 / voxels)
         if any((stage := spatial_stage(scaled, sp, batch, opt_states, side, divisor, policy)) is not None
                and stage.memory_gb <= budget for policy in RECOMPUTE):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * divisor
+            return side
+    return 0
 
 
 @dataclass

@@ -47,11 +47,13 @@ class ParallelDims:
                               f"integers, got {self.dp}, {self.pp} and {self.sp}")
         processes = self.dp * self.stage_processes * self.sp
         if processes != self.world:
-            need = f"{self.dp} x {self.stage_processes} x {self.sp} = {processes}"
+            other = "sp" if self.spatial else "pp"
+            need = {"sp": f"{self.dp} x {self.sp} = {processes}", "pp": f"{self.dp} x {self.pp} = {processes}"
+                    }[other] if self.staged or self.spatial else f"{processes}"
             raise ConfigError(
-                f"config keys 'parallel.dp' x 'parallel.pp' x 'parallel.sp': {need} processes needed, but "
-                f"WORLD_SIZE is {self.world}; launch with `torchrun --nproc_per_node {processes} -m lampseg "
-                f"...` or change parallel.dp / parallel.pp / parallel.sp")
+                f"config keys 'parallel.dp' x 'parallel.{other}': {need} processes needed, but WORLD_SIZE is "
+                f"{self.world}; launch with `torchrun --nproc_per_node {processes} -m lampseg ...` or "
+                f"change parallel.dp / parallel.{other}")
 
     @classmethod
     def from_config(cls, parallel_cfg, world: int) -> ParallelDims:

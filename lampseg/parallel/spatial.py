@@ -23,6 +23,9 @@ all ``dp x sp`` ranks does exactly that) gives the unsplit gradient. No library 
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +39,26 @@ from lampseg.data.sampling import split_rows
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
 _POINTWISE = (nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
               nn.Dropout, nn.Dropout3d)
+
+
+class CommTime:
+    """Host seconds spent in halo exchanges and all-reduces since ``reset`` (``bench spatial`` reports
+    them; on CUDA, NCCL returns before the transfer ends, so they undercount there)."""
+
+    def __init__(self) -> None:
+        self.seconds = {"halo": 0.0, "allreduce": 0.0}
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    @contextmanager
+    def timing(self, kind: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[kind] += time.perf_counter() - start
+
+
+COMM = CommTime()
 
 
 def _peers(group) -> tuple[int, int, int | None, int | None]:
@@ -55,8 +78,9 @@ def _swap(to_prev: torch.Tensor | None, to_next: torch.Tensor | None, from_prev:
                              (from_prev, prev, dist.irecv), (from_next, nxt, dist.irecv)):
         if peer is not None and tensor is not None and tensor.numel():
             ops.append(dist.P2POp(op, tensor, peer, group))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
+    with COMM.timing("halo"):
+        for request in dist.batch_isend_irecv(ops) if ops else []:
+            request.wait()
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -108,13 +132,15 @@ class _AllReduce(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        with COMM.timing("allreduce"):
+            dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        with COMM.timing("allreduce"):
+            dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
 

@@ -1,0 +1,234 @@
+"""``python -m lampseg bench spatial``: one volume split into slabs over processes, against one process.
+
+    python -m lampseg bench spatial data.patch_size=[128,128,128] data.batch_size=1 trainer.precision=fp32 \
+        model.channels=[8,16,32] model.strides=[2,2] bench.steps=3 bench.warmup=1 bench.repeats=3
+
+For every round of ``bench.repeats`` and every ``sp`` in ``bench.sp`` (default 1, 2; interleaved: 1 2 1 2 ...)
+one ``torchrun --nproc_per_node sp`` job (127.0.0.1, one thread per process, or one GPU each) builds the
+configured U-Net through ``parallelize`` as ``train parallel=spatial`` does, feeds each rank its slab of one
+random batch of ``data.patch_size`` (a whole volume), and measures:
+
+* the training step (forward, global loss, backward, DDP's gradient average, optimiser step): median of
+  ``bench.steps`` timed steps after ``bench.warmup``;
+* whole-volume inference (``SpatialInference``: whole input in, gathered logits out), median;
+* each rank's peak memory of one training step (CUDA's peak allocated; on CPU what the rank holds at entry
+  plus the peak the step allocates, from the profiler's allocation events), next to the planner's estimate
+  for that layout (``capacity.spatial_plan``);
+* the time spent in halo exchanges and in all-reduces of normalisation and loss sums (``spatial.COMM``);
+* the first step's loss: the same for every ``sp`` (the split is exact).
+
+Speed-ups are medians over rounds of ``t(sp=1) / t(sp)``; with one core or GPU per process they show what
+the split buys in time, on one core they would show only its overhead. Writes ``bench_spatial.json`` and
+``bench_spatial.png`` in ``run_dir``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from lampseg.bench.workers import launch_workers
+from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.data.msd import load_dataset
+from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
+from lampseg.engine.optim import build_optimizer
+from lampseg.engine.steps import local_step
+from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
+from lampseg.model.losses import Targets, build_loss
+from lampseg.model.unet import build_model, size_divisor
+from lampseg.parallel import distributed, spatial
+from lampseg.parallel.capacity import spatial_plan_for
+from lampseg.parallel.dims import ParallelDims
+from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
+from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.device import autocast, resolve_device
+from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
+
+
+def _timed(fn, steps: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _worker(config_path: str, out_path: str) -> None:
+    """One rank of one sp job: training step, inference, memory and communication; rank 0 writes all."""
+    spec = json.loads(Path(config_path).read_text())
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
+    torch.set_num_threads(cfg.trainer.num_threads or 1)
+    distributed.init_from_env(alone=True)
+    sp, rank = dist.get_world_size(), dist.get_rank()
+    device = distributed.local_device(resolve_device(cfg.trainer.device))
+    OmegaConf.update(cfg, "parallel", {"name": "spatial", "sp": sp, "dp": 1}, merge=True)
+    dims = ParallelDims(dp=1, pp=1, world=sp, sp=sp)
+    in_ch, labels, patch, batch = spec["in_channels"], spec["labels"], spec["patch"], cfg.data.batch_size
+    targets = Targets.from_config({int(k): v for k, v in labels.items()}, cfg.data.regions)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    image = torch.randn(batch, in_ch, *patch, generator=generator)
+    values = torch.tensor(sorted(int(k) for k in labels))
+    label = values[torch.randint(len(values), (batch, 1, *patch), generator=generator)]
+    target = targets.loss_target(label)
+    divisor = size_divisor(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, in_ch, targets.out_channels).to(device)
+    net, _ = parallelize(model, dims, cfg, [in_ch, *patch], device, targets)
+    plan = spatial_plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)  # sp=1 too
+    group = dims.sp_group
+    mine = (spatial.slab(image, group, divisor), spatial.slab(target, group, divisor)) if sp > 1 \
+        else (image, target)
+    mine = tuple(t.to(device) for t in mine)
+    optimizer = build_optimizer(model, cfg.optim)
+    step = local_step(net, optimizer, parallel_loss(build_loss(cfg.optim, targets), dims), cfg, device,
+                      torch.amp.GradScaler(device.type, enabled=False))
+    first_loss = step(*mine)
+    for _ in range(cfg.bench.warmup - 1):
+        step(*mine)
+    spatial.COMM.reset()
+    train_s = _timed(lambda: step(*mine), cfg.bench.steps, device)
+    comm = {k: v / cfg.bench.steps for k, v in spatial.COMM.seconds.items()}
+    # one step's memory: held at entry plus the peak it allocates (the profiler sees allocations only)
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    held = tensor_bytes(model.parameters()) + tensor_bytes(
+        v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)) \
+        + tensor_bytes(mine)
+    if device.type == "cuda":
+        held = torch.cuda.memory_allocated(device)
+    with PeakMemory(device) as peak:
+        step(*mine)
+    infer = inference_module(model, net, dims, divisor).eval()
+    whole = image.to(device)
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(device, cfg.trainer.precision):
+            infer(whole)
+
+    forward()
+    infer_s = _timed(forward, cfg.bench.steps, device)
+    row = {"sp": sp, "rank": rank, "train_s": statistics.median(train_s),
+           "infer_s": statistics.median(infer_s), "first_loss": first_loss,
+           "measured_gb": (held + peak.bytes) / GB,
+           "planned_gb": plan.stage.memory_gb, "checkpoint": plan.checkpoint,
+           "halo_s": comm.get("halo", 0.0), "allreduce_s": comm.get("allreduce", 0.0)}
+    parts = [None] * sp if rank == 0 else None
+    dist.gather_object(row, parts, dst=0)
+    if rank == 0:
+        atomic_write_text(out_path, json.dumps(parts))
+    distributed.shutdown()
+
+
+def _summary(jobs: list[dict]) -> dict:
+    """Medians per sp over rounds, speed-ups against sp=1 within each round, memory against the plan."""
+    by_sp: dict[int, list[list[dict]]] = {}
+    for job in jobs:
+        by_sp.setdefault(job["sp"], []).append(job["ranks"])
+    base = {job["round"]: job["ranks"][0] for job in jobs if job["sp"] == 1}
+    out = {}
+    for sp, runs in sorted(by_sp.items()):
+        rounds = [j for j in jobs if j["sp"] == sp]
+        ranks = [r for run in runs for r in run]
+        paired = [(base[j["round"]], j["ranks"][0]) for j in rounds if j["round"] in base]
+        train_up = [one["train_s"] / split["train_s"] for one, split in paired]
+        infer_up = [one["infer_s"] / split["infer_s"] for one, split in paired]
+        planned = [r for r in ranks if r["planned_gb"]]
+        out[str(sp)] = {
+            "train_s": statistics.median(run[0]["train_s"] for run in runs),
+            "infer_s": statistics.median(run[0]["infer_s"] for run in runs),
+            "train_speedup": statistics.median(train_up) if train_up else None,
+            "infer_speedup": statistics.median(infer_up) if infer_up else None,
+            "measured_gb_max": max(r["measured_gb"] for r in ranks),
+            "planned_gb": planned[0]["planned_gb"] if planned else None,
+            "memory_error": (statistics.median(r["measured_gb"] / r["planned_gb"] - 1 for r in planned)
+                             if planned else None),
+            "halo_s": statistics.median(r["halo_s"] for r in ranks),
+            "allreduce_s": statistics.median(r["allreduce_s"] for r in ranks),
+            "first_loss": runs[0][0]["first_loss"]}
+    return out
+
+
+def _plot(summary: dict, path: Path, title: str) -> None:
+    plt = pyplot()
+    sps = sorted(summary, key=int)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(len(sps))
+    ax1.bar([i - 0.2 for i in x], [summary[s]["train_s"] for s in sps], 0.4, label="training step")
+    ax1.bar([i + 0.2 for i in x], [summary[s]["infer_s"] for s in sps], 0.4, label="whole-volume inference")
+    ax1.set_xticks(list(x), [f"sp={s}" for s in sps])
+    ax1.set_ylabel("seconds (median)")
+    ax1.legend()
+    ax2.bar([i - 0.2 for i in x], [summary[s]["measured_gb_max"] for s in sps], 0.4,
+            label="measured (max rank)")
+    ax2.bar([i + 0.2 for i in x], [summary[s]["planned_gb"] or 0 for s in sps], 0.4, label="planned")
+    ax2.set_xticks(list(x), [f"sp={s}" for s in sps])
+    ax2.set_ylabel("GB per rank")
+    ax2.legend()
+    fig.suptitle(title)
+    atomic_write_bytes(path, figure_png(fig))
+
+
+def run(cfg) -> dict:
+    """Run the benchmark (module docstring); returns what it writes to ``bench_spatial.json``."""
+    validate(cfg)
+    patch = patch_size_of(cfg)
+    if patch is None:
+        raise ConfigError("config key 'data.patch_size': bench spatial needs a fixed size (the whole volume "
+                          "to split), e.g. data.patch_size=[128,128,128]")
+    dataset = load_dataset(dataset_root(cfg.data))
+    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"config": to_container(cfg), "in_channels": len(channels), "patch": list(patch),
+            "labels": {str(v): n for v, n in zip(targets.label_values, targets.label_names)}}
+    spec_path = run_dir / "bench_spatial_spec.json"
+    atomic_write_text(spec_path, json.dumps(spec))
+    jobs = []
+    for round_ in range(cfg.bench.repeats):
+        for sp in cfg.bench.sp:
+            out = run_dir / f"bench_spatial_sp{sp}.json"
+            ranks = launch_workers("lampseg.bench.spatial", sp, spec_path, out, cfg.bench.timeout_s)
+            jobs.append({"round": round_, "sp": sp, "ranks": ranks})
+            print(f"round {round_ + 1}/{cfg.bench.repeats} sp={sp}: train {ranks[0]['train_s']:.3f}s "
+                  f"infer {ranks[0]['infer_s']:.3f}s, peak {max(r['measured_gb'] for r in ranks):.3f} "
+                  f"GB/rank", flush=True)
+    summary = _summary(jobs)
+    device = str(resolve_device(cfg.trainer.device))
+    result = {"benchmark": "spatial", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "config": {"model": cfg.model.name, "channels": list(cfg.model.channels),
+                         "patch_size": list(patch), "batch_size": cfg.data.batch_size,
+                         "precision": enum_value(cfg.trainer.precision),
+                         "device": device, "sp": list(cfg.bench.sp), "steps": cfg.bench.steps,
+                         "warmup": cfg.bench.warmup, "repeats": cfg.bench.repeats,
+                         "torch": torch.__version__},
+              "summary": summary, "jobs": jobs}
+    json_path, png_path = run_dir / "bench_spatial.json", run_dir / "bench_spatial.png"
+    write_json(json_path, result)
+    _plot(summary, png_path, f"{cfg.model.name} {list(patch)} x{cfg.data.batch_size}, "
+                             f"{enum_value(cfg.trainer.precision)}, {device}")
+    for sp, s in summary.items():
+        up = f", speed-up train {s['train_speedup']:.2f}x infer {s['infer_speedup']:.2f}x" \
+            if s["train_speedup"] else ""
+        plan = f" (plan {s['planned_gb']:.3f})" if s["planned_gb"] else ""
+        print(f"sp={sp}: train {s['train_s']:.3f}s infer {s['infer_s']:.3f}s{up}; peak "
+              f"{s['measured_gb_max']:.3f} GB/rank{plan}; halo {s['halo_s']:.3f}s all-reduce "
+              f"{s['allreduce_s']:.3f}s per step; first loss {s['first_loss']:.6f}")
+    print(f"wrote {json_path} and {png_path}")
+    return result
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
