@@ -44,7 +44,7 @@ from lampseg.engine.steps import local_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
 from lampseg.model.losses import Targets, build_loss
 from lampseg.model.unet import build_model, size_divisor
-from lampseg.parallel import distributed, spatial
+from lampseg.parallel import distributed, slabs, spatial
 from lampseg.parallel.capacity import spatial_plan_for
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
@@ -89,7 +89,7 @@ def _worker(config_path: str, out_path: str) -> None:
     net, _ = parallelize(model, dims, cfg, [in_ch, *patch], device, targets)
     plan = spatial_plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)  # sp=1 too
     group = dims.sp_group
-    mine = (spatial.slab(image, group, divisor), spatial.slab(target, group, divisor)) if sp > 1 \
+    mine = (slabs.slab(image, group, divisor), slabs.slab(target, group, divisor)) if sp > 1 \
         else (image, target)
     mine = tuple(t.to(device) for t in mine)
     optimizer = build_optimizer(model, cfg.optim)
@@ -178,7 +178,7 @@ def _plot(summary: dict, path: Path, title: str) -> None:
     ax2.set_ylabel("GB per rank")
     ax2.legend()
     fig.suptitle(title)
-    atomic_write_bytes(path, figure_png(fig))
+    atomic_write_bytes(path, figure_png(fig, 120))
 
 
 def run(cfg) -> dict:

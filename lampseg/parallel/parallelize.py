@@ -35,7 +35,8 @@ from lampseg.parallel.ddp import data_parallel, unwrap
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.gpipe import even_balance, gpipe
 from lampseg.parallel.plan import Plan, plan_for
-from lampseg.parallel.spatial import SpatialInference, SpatialLoss, spatial_parallel
+from lampseg.parallel.slabs import SpatialInference, SpatialLoss
+from lampseg.parallel.spatial import spatial_parallel
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int], device: torch.device,

@@ -12,9 +12,11 @@ checkpoints keep the unsplit names and load into any layout:
   the unsplit convolution does;
 - every ``ConvTranspose3d`` takes the rows its overlap needs from the next slab and keeps its own outputs;
 - instance and group normalisation use the statistics of the **whole** volume (sums and sums of squared
-  deviations all-reduced over the group, differentiably);
-- ``SpatialLoss`` makes MONAI's Dice + cross-entropy (or focal) loss global: Dice from all-reduced
-  true/false positive sums, cross-entropy as the mean of the equal slabs' means.
+  deviations all-reduced over the group; the backward all-reduces its two sums too), saving no more than
+  PyTorch's own normalisation saves;
+- ``slabs.SpatialLoss`` makes MONAI's Dice + cross-entropy (or focal) loss global: Dice from all-reduced
+  true/false positive sums, cross-entropy from the slabs' means weighted by their voxels;
+  ``slabs.SpatialInference`` takes whole volumes and gives every rank the whole logits.
 
 Gradients: the collectives differentiate the sum of every rank's (identical) loss, so each rank's
 parameter gradient is its slab's share of ``sp`` times the true gradient; averaging over the group (DDP over
@@ -29,12 +31,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceFocalLoss
-from monai.networks.utils import one_hot
 from torch import nn
 
 from lampseg.config import ConfigError
-from lampseg.data.sampling import split_rows
 
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
 _POINTWISE = (nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -83,37 +82,77 @@ def _swap(to_prev: torch.Tensor | None, to_next: torch.Tensor | None, from_prev:
             request.wait()
 
 
+def _receive_halo(x: torch.Tensor, before: int, after: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous slab's last ``before`` rows and the next slab's first ``after`` rows (zeros where there
+    is no neighbour: the unsplit layer's zero padding)."""
+    _, _, prev, nxt = _peers(group)
+    length, shape = x.shape[AXIS], list(x.shape)
+    head = x.new_zeros(shape[:AXIS] + [before] + shape[AXIS + 1:])
+    tail = x.new_zeros(shape[:AXIS] + [after] + shape[AXIS + 1:])
+    _swap(x.narrow(AXIS, 0, after).contiguous(), x.narrow(AXIS, length - before, before).contiguous(),
+          head, tail, prev, nxt, group)
+    return head, tail
+
+
+def _return_halo_grad(grad: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
+    """The gradient of the haloed slab ``grad`` as the gradient of the slab: the halo rows' gradients go
+    back to the neighbours that lent them, and theirs for this slab's rows are added."""
+    _, _, prev, nxt = _peers(group)
+    length = grad.shape[AXIS] - before - after
+    grad_x = grad.narrow(AXIS, before, length).contiguous()
+    from_prev = torch.empty_like(grad_x.narrow(AXIS, 0, after))  # my first rows, used by prev's tail
+    from_next = torch.empty_like(grad_x.narrow(AXIS, length - before, before))
+    _swap(grad.narrow(AXIS, 0, before).contiguous(),
+          grad.narrow(AXIS, before + length, after).contiguous(), from_prev, from_next, prev, nxt, group)
+    if prev is not None and after:
+        grad_x.narrow(AXIS, 0, after).add_(from_prev)
+    if nxt is not None and before:
+        grad_x.narrow(AXIS, length - before, before).add_(from_next)
+    return grad_x
+
+
 class _HaloExchange(torch.autograd.Function):
     """``x`` with ``before`` rows of the previous slab and ``after`` rows of the next one around it along
-    ``AXIS`` (zeros where there is no neighbour: the unsplit layer's zero padding)."""
+    ``AXIS``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
         ctx.before, ctx.after, ctx.group = before, after, group
-        _, _, prev, nxt = _peers(group)
-        length = x.shape[AXIS]
-        shape = list(x.shape)
-        head = x.new_zeros(shape[:AXIS] + [before] + shape[AXIS + 1:])
-        tail = x.new_zeros(shape[:AXIS] + [after] + shape[AXIS + 1:])
-        _swap(x.narrow(AXIS, 0, after).contiguous(), x.narrow(AXIS, length - before, before).contiguous(),
-              head, tail, prev, nxt, group)
+        head, tail = _receive_halo(x, before, after, group)
         return torch.cat([head, x, tail], AXIS)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        before, after, group = ctx.before, ctx.after, ctx.group
-        _, _, prev, nxt = _peers(group)
-        length = grad.shape[AXIS] - before - after
-        grad_x = grad.narrow(AXIS, before, length).contiguous()
-        from_prev = torch.empty_like(grad_x.narrow(AXIS, 0, after))  # my first rows, used by prev's tail
-        from_next = torch.empty_like(grad_x.narrow(AXIS, length - before, before))
-        _swap(grad.narrow(AXIS, 0, before).contiguous(),
-              grad.narrow(AXIS, before + length, after).contiguous(), from_prev, from_next, prev, nxt, group)
-        if prev is not None and after:
-            grad_x.narrow(AXIS, 0, after).add_(from_prev)
-        if nxt is not None and before:
-            grad_x.narrow(AXIS, length - before, before).add_(from_next)
-        return grad_x, None, None, None
+        return _return_halo_grad(grad, ctx.before, ctx.after, ctx.group), None, None, None
+
+
+class _HaloConv(torch.autograd.Function):
+    """A 3D convolution of the haloed slab that keeps only the slab (alive anyway) and its halo rows for
+    the backward, not the haloed copy: the split layer then saves what the unsplit one saves. Under
+    autocast the backward computes in the dtype of the output gradient, as autocast's own would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, before, after, stride, padding, dilation, groups, group):
+        head, tail = _receive_halo(x, before, after, group)
+        y = F.conv3d(torch.cat([head, x, tail], AXIS), weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, head, tail, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.halo, ctx.group, ctx.has_bias = (before, after), group, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, head, tail, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        haloed = torch.cat([head, x, tail], AXIS).to(grad.dtype)
+        grad_haloed, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, haloed, weight.to(grad.dtype), [weight.shape[0]] if ctx.has_bias else None, list(stride),
+            list(padding), list(dilation), False, [0, 0, 0], groups,
+            [True, True, ctx.has_bias])
+        del haloed
+        grad_x = _return_halo_grad(grad_haloed, *ctx.halo, ctx.group).to(x.dtype)
+        grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias else None
+        return grad_x, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None, None, None
 
 
 def halo_exchange(x: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
@@ -169,9 +208,19 @@ class SpatialConv3d(nn.Conv3d):
         k, s, p = _axis_args(self)
         if x.shape[AXIS] % s:
             raise ValueError(f"a slab of {x.shape[AXIS]} rows does not divide by the stride {s}")
-        x = halo_exchange(x, p, max(k - s - p, 0), self.sp_group)
+        before, after = p, max(k - s - p, 0)
+        if x.shape[AXIS] < max(before, after):
+            raise ValueError(f"a slab of {x.shape[AXIS]} rows cannot lend a halo of {max(before, after)}")
         padding = (0, *self.padding[1:])
-        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if torch.is_autocast_enabled(x.device.type):  # run the conv in autocast's dtype, as F.conv3d would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), self.weight.to(dtype)
+            bias = self.bias.to(dtype) if self.bias is not None else None
+        else:
+            weight, bias = self.weight, self.bias
+        with torch.autocast(x.device.type, enabled=False):
+            return _HaloConv.apply(x, weight, bias, before, after, self.stride, padding, self.dilation,
+                                   self.groups, self.sp_group)
 
 
 class SpatialConvTranspose3d(nn.ConvTranspose3d):
@@ -191,20 +240,59 @@ class SpatialConvTranspose3d(nn.ConvTranspose3d):
         return y.narrow(AXIS, s * before + p, s * length)
 
 
-def _global_moments(x: torch.Tensor, dims: tuple[int, ...], group) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` minus its mean, and its biased variance, over ``dims`` of the whole (split) tensor, in fp32,
-    differentiable. Slabs may differ in length: the voxel count travels with the sums."""
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    count = x.new_full((1,), x[0, 0].numel())
+def _reduce_with_count(local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, group) sums over the whole split tensor, and its voxel count (slabs may differ in
+    length: the count travels with the sums in one all-reduce). ``local``: (N, G, k) partial sums."""
+    voxels = local.new_full((1,), float(local.shape[-1]))
+    packed = torch.cat([local.sum(-1).flatten(), voxels])
+    with COMM.timing("allreduce"):
+        dist.all_reduce(packed, group=group)
+    return packed[:-1].view(local.shape[:2] + (1,)), packed[-1]
 
-    def total(local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        summed = all_reduce(torch.cat([local.flatten(), count]), group)
-        return summed[:-1].view(local.shape), summed[-1]
 
-    sums, voxels = total(x.sum(dims, keepdim=True))
-    centred = x - sums / voxels
-    squares, voxels = total((centred * centred).sum(dims, keepdim=True))
-    return centred, squares / voxels
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least fp32 (statistics of half-precision activations are taken in fp32)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class _GlobalNorm(torch.autograd.Function):
+    """``(x - mean) / sqrt(var + eps)`` with each (sample, group)'s mean and variance over the whole split
+    volume; ``x`` is (N, G, k), k = this slab's voxels of the group. Saves only ``x`` and the statistics
+    (as ``torch.nn.functional.instance_norm`` does), not the centred copies autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float, group) -> torch.Tensor:
+        xf = _wide(x)
+        sums, voxels = _reduce_with_count(xf, group)
+        mean = sums / voxels
+        squares, _ = _reduce_with_count((xf - mean).square(), group)
+        rstd = torch.rsqrt(squares / voxels + eps)
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.group, ctx.voxels = group, voxels
+        return ((xf - mean) * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), both means over the whole volume
+        x, mean, rstd = ctx.saved_tensors
+        xhat = (_wide(x) - mean) * rstd
+        dy = _wide(grad)
+        n, g = dy.shape[:2]
+        both = torch.cat([dy.sum(-1), (dy * xhat).sum(-1)], dim=1)  # (N, 2G)
+        with COMM.timing("allreduce"):
+            dist.all_reduce(both, group=ctx.group)
+        mean_dy, mean_dy_xhat = (both / ctx.voxels).view(n, 2, g, 1).unbind(1)
+        return (rstd * (dy - mean_dy - xhat * mean_dy_xhat)).to(x.dtype), None, None
+
+
+def _global_norm(x: torch.Tensor, groups: int, eps: float, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, group) -> torch.Tensor:
+    """Group normalisation over the whole split volume (``groups`` = channels: instance norm)."""
+    n, c = x.shape[:2]
+    y = _GlobalNorm.apply(x.reshape(n, groups, -1), eps, group).view(x.shape)
+    if weight is not None:
+        y = y * weight.view(1, -1, 1, 1, 1) + bias.view(1, -1, 1, 1, 1)
+    return y
 
 
 class SpatialInstanceNorm3d(nn.InstanceNorm3d):
@@ -213,11 +301,8 @@ class SpatialInstanceNorm3d(nn.InstanceNorm3d):
     sp_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred, var = _global_moments(x, (2, 3, 4), self.sp_group)
-        y = centred * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
-        return y.to(x.dtype)
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        return _global_norm(x.contiguous(), x.shape[1], self.eps, weight, bias, self.sp_group)
 
 
 class SpatialGroupNorm(nn.GroupNorm):
@@ -226,13 +311,8 @@ class SpatialGroupNorm(nn.GroupNorm):
     sp_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        grouped = x.reshape(n, self.num_groups, c // self.num_groups, *x.shape[2:])
-        centred, var = _global_moments(grouped, (2, 3, 4, 5), self.sp_group)
-        y = (centred * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        if self.affine:
-            y = y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
-        return y.to(x.dtype)
+        weight, bias = (self.weight, self.bias) if self.affine else (None, None)
+        return _global_norm(x.contiguous(), self.num_groups, self.eps, weight, bias, self.sp_group)
 
 
 _SPLIT = {nn.Conv3d: SpatialConv3d, nn.ConvTranspose3d: SpatialConvTranspose3d,
@@ -270,92 +350,3 @@ def spatial_parallel(model: nn.Module, group) -> nn.Module:
         if isinstance(module, tuple(_SPLIT.values())):
             module.sp_group = group
     return model
-
-
-def slab(x: torch.Tensor, group, multiple: int = 1) -> torch.Tensor:
-    """This rank's slab of the whole tensor ``x`` along the split axis (``data.sampling.split_rows``)."""
-    start, stop = split_rows(x.shape[AXIS], dist.get_world_size(group), multiple)[dist.get_rank(group)]
-    return x.narrow(AXIS, start, stop - start)
-
-
-def gather_slabs(x: torch.Tensor, group, lengths: list[int]) -> torch.Tensor:
-    """The whole tensor from every rank's slab of ``lengths[rank]`` rows (not differentiable)."""
-    longest = max(lengths)
-    padded = F.pad(x, [0, 0] * (x.dim() - AXIS - 1) + [0, longest - x.shape[AXIS]]).contiguous()
-    parts = [torch.empty_like(padded) for _ in lengths]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part.narrow(AXIS, 0, n) for part, n in zip(parts, lengths)], AXIS)
-
-
-class SpatialInference(nn.Module):
-    """Inference wrapper: the whole input in, the whole output out on every rank of the group, equal to the
-    unsplit model's (any input whose split axis the unsplit model accepts: a multiple of ``divisor`` with
-    at least one ``divisor`` per slab)."""
-
-    def __init__(self, module: nn.Module, group, divisor: int):
-        super().__init__()
-        self.module, self.group, self.divisor = module, group, divisor
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bounds = split_rows(x.shape[AXIS], dist.get_world_size(self.group), self.divisor)
-        out = self.module(slab(x, self.group, self.divisor))
-        return gather_slabs(out, self.group, [stop - start for start, stop in bounds])
-
-
-class SpatialLoss(nn.Module):
-    """MONAI's ``DiceCELoss`` or ``DiceFocalLoss`` over the whole split volume: called with this rank's slab
-    of the logits and of the target, it returns the unsplit loss's value on every rank.
-
-    Dice comes from true-positive, false-positive and false-negative sums all-reduced over the group; the
-    cross-entropy (focal) term from the slabs' means weighted by their voxels.
-
-    Raises:
-        ConfigError: for options whose terms do not add up over slabs (squared or soft-label Dice, ignored
-            labels, class weights, another activation).
-    """
-
-    def __init__(self, loss: nn.Module, group):
-        super().__init__()
-        if not isinstance(loss, (DiceCELoss, DiceFocalLoss)):
-            raise ConfigError(f"config key 'optim.loss': {type(loss).__name__} has no spatial split")
-        dice = loss.dice
-        if dice.squared_pred or dice.soft_label or dice.other_act is not None or \
-                dice.ignore_index is not None or dice.class_weight is not None or dice.reduction != "mean":
-            raise ConfigError("config key 'optim.loss': only plain Dice (mean, no squared prediction, soft "
-                              "labels, ignored labels or class weights) adds up over slabs")
-        self.loss, self.group = loss, group
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss, dice = self.loss, self.loss.dice
-        channels = logits.shape[1]
-        if isinstance(loss, DiceFocalLoss):
-            if loss.to_onehot_y and channels > 1:
-                target = one_hot(target, num_classes=channels)
-            second, weight = loss.focal(logits, target), loss.lambda_focal
-        else:
-            second = loss.ce(logits, target) if channels != 1 else loss.bce(logits, target)
-            weight = loss.lambda_ce
-        voxels = float(target[:, 0].numel())
-        second, voxels = all_reduce(torch.stack([second * voxels, second.new_tensor(voxels)]), self.group)
-        second = second / voxels
-        return loss.lambda_dice * self._dice(logits, target, dice) + weight * second
-
-    def _dice(self, logits: torch.Tensor, target: torch.Tensor, dice: nn.Module) -> torch.Tensor:
-        """MONAI ``DiceLoss.forward`` with its sums all-reduced before the ratio."""
-        channels = logits.shape[1]
-        pred = torch.sigmoid(logits) if dice.sigmoid else logits
-        if dice.softmax and channels > 1:
-            pred = torch.softmax(pred, 1)
-        if dice.to_onehot_y and channels > 1:
-            target = one_hot(target, num_classes=channels)
-        if not dice.include_background and channels > 1:
-            pred, target = pred[:, 1:], target[:, 1:]
-        axes = ([0] if dice.batch else []) + list(range(2, pred.dim()))
-        tp = torch.sum(pred * target, dim=axes)
-        sums = all_reduce(torch.stack([tp, pred.sum(axes) - tp, target.sum(axes) - tp]),
-                         self.group)
-        tp, fp, fn = sums.unbind(0)
-        if not dice.jaccard:
-            fp, fn = 0.5 * fp, 0.5 * fn
-        return torch.mean(1 - (2 * tp + dice.smooth_nr) / (2 * (tp + fp + fn) + dice.smooth_dr))

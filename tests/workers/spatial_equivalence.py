@@ -18,7 +18,7 @@ from lampseg.model.losses import Targets, build_loss
 from lampseg.model.unet import build_model
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
-from lampseg.parallel.spatial import slab
+from lampseg.parallel.slabs import slab
 
 LABELS = {0: "background", 1: "a", 2: "b"}
 # (norm, residual units, loss, regions, checkpoint): MONAI's residual U-Net with instance norm and Dice + CE
@@ -71,7 +71,7 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, c
         whole = infer(uneven)
         ref_whole = reference.eval()(uneven)
     return {"dp": dp, "sp": sp, "norm": norm, "loss_name": loss_name, "checkpoint": plan.checkpoint,
-            "loss": float(replica_loss.detach()) / world, "ref_loss": float(ref_loss),
+            "loss": float(replica_loss.detach()) / world, "ref_loss": float(ref_loss.detach()),
             "max_rel_grad_error": grad_error,
             "logits_error": max_rel_error(logits.detach(),
                                           slab(ref_logits.detach()[replica], dims.sp_group, 4), 0.0),
