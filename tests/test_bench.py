@@ -212,3 +212,19 @@ def test_bench_experiment_parallel_runs_the_three_ways(tmp_path: Path) -> None:
     assert result["overhead"]["ray_start_s"] > 0 and m["t1_s"] > m["t1_run_s"] > 0
     assert result["pass"]["efficiency_ge_0.9"] is (result["efficiency"] >= 0.9)
     assert "efficiency" in proc.stdout
+
+
+@pytest.mark.extended
+def test_bench_spatial_measures_slabs_against_one_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _lampseg(["bench", "spatial", "+exp=smoke", "data.batch_size=1", "bench.steps=1", "bench.warmup=1",
+                     "bench.repeats=1", f"run_dir={run_dir}"], tmp_path / "home", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((run_dir / "bench_spatial.json").read_text())
+    assert (run_dir / "bench_spatial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one, two = result["summary"]["1"], result["summary"]["2"]
+    assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-5)  # the split is exact
+    assert one["train_speedup"] == 1.0 and two["train_speedup"] > 0 and two["infer_speedup"] > 0
+    assert two["halo_s"] > 0 and two["allreduce_s"] > 0 and one["halo_s"] == 0
+    assert 0 < two["planned_gb"] < one["planned_gb"] and 0 < two["measured_gb_max"] < one["measured_gb_max"]
+    assert [len(job["ranks"]) for job in result["jobs"]] == [1, 2]

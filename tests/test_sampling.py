@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from lampseg.data.sampling import PatchDataset, build_augment, read_block, whole_volume_shape
+from lampseg.data.sampling import (
+    PatchDataset,
+    Slab,
+    build_augment,
+    read_block,
+    split_rows,
+    whole_volume_shape,
+)
 from lampseg.data.splits import kfold_splits
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -116,3 +123,31 @@ def test_kfold_splits_deterministic_disjoint_covering(n, folds):
         assert set(s["train"]) | set(s["val"]) == set(cases)
     with pytest.raises(ValueError, match="data.folds"):
         kfold_splits(cases, n + 1)
+
+
+@pytest.mark.parametrize("rotate_prob", [0.0, 1.0])  # rotations mix rows: those samples are cut after
+def test_slabs_read_what_the_whole_sample_holds(rotate_prob):
+    """Spatial parallelism: each process reads only its slab of every sample, with the same sampling,
+    flips and intensity augmentation, so the slabs put together are the whole sample."""
+    aug = build_augment(SimpleNamespace(rotate_prob=rotate_prob, rotate_degrees=15.0, intensity_prob=0.5,
+                                        flip_prob=0.5))
+    whole = _patches(patch_size=[12, 8, 8], augment=aug)
+    parts = [_patches(patch_size=[12, 8, 8], augment=aug, slab=Slab(i, 3, 4)) for i in range(3)]
+    assert parts[0].cut_after_augment == (rotate_prob > 0)
+    for ds in (whole, *parts):
+        ds.set_epoch(2)
+    for index in range(len(whole)):
+        sample = whole[index]
+        pieces = [part[index] for part in parts]
+        assert [p["image"].shape[1] for p in pieces] == [4, 4, 4]
+        for key in ("image", "label"):
+            torch.testing.assert_close(torch.cat([p[key] for p in pieces], dim=1), sample[key])
+
+
+def test_split_rows_gives_multiples_as_equal_as_possible():
+    assert split_rows(32, 2, 4) == [(0, 16), (16, 32)]
+    assert split_rows(28, 4, 4) == [(0, 8), (8, 16), (16, 24), (24, 28)]
+    with pytest.raises(ValueError, match="at least 16"):
+        split_rows(12, 4, 4)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        split_rows(30, 2, 4)

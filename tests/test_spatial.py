@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import compose, free_port, lampseg, torchrun, train_here, train_losses
 
+from lampseg.commands.plan import run_plan
 from lampseg.config import ConfigError, validate
-from lampseg.data.sampling import split_rows
 from lampseg.model.unet import build_model
+from lampseg.parallel.capacity import capacity_table, largest_slab, largest_spatial_cube, spatial_plan
 from lampseg.parallel.dims import ParallelDims, resolve_dims
+from lampseg.parallel.plan import PlanError, profile_for
 from lampseg.parallel.spatial import check_splittable
 
 WORKER = Path(__file__).parent / "workers" / "spatial_equivalence.py"
@@ -57,15 +59,6 @@ def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
     assert evaluated["mean"]["dice"] == pytest.approx(one["best_val_dice"], rel=1e-5)
 
 
-def test_slab_bounds_are_multiples_as_equal_as_possible():
-    assert split_rows(32, 2, 4) == [(0, 16), (16, 32)]
-    assert split_rows(28, 4, 4) == [(0, 8), (8, 16), (16, 24), (24, 28)]
-    with pytest.raises(ValueError, match="at least 16"):
-        split_rows(12, 4, 4)
-    with pytest.raises(ValueError, match="multiple of 4"):
-        split_rows(30, 2, 4)
-
-
 @pytest.mark.parametrize("overrides, key", [
     (["parallel=ddp", "parallel.sp=2"], "parallel.sp"),  # slabs need parallel=spatial
     (["parallel=spatial", "parallel.pp=2"], "parallel.pp"),
@@ -101,3 +94,46 @@ def test_spatial_outside_torchrun_says_how_to_launch(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node 2"):
         resolve_dims(compose("+exp=smoke", "parallel=spatial"))
+
+
+def _unet64_costs(side: int):
+    cfg = compose("model=unet64", f"data.patch_size=[{side},{side},{side}]", "data.batch_size=1",
+                  "trainer.precision=bf16", "parallel.memory_gb=16")
+    return cfg, profile_for(cfg, 4, 4, [4, side, side, side])
+
+
+def test_capacity_grows_with_the_devices():
+    """The planner's promise (issue target): N devices hold at least 0.7 N times one device's voxels."""
+    cfg, costs = _unet64_costs(128)
+    rows = capacity_table(costs, 1, 16.0, [4, 128, 128, 128], "gpipe", 2, 16)
+    one = max(rows[0].pipeline_side, rows[0].spatial_side) ** 3
+    assert [r.devices for r in rows] == [1, 2, 4, 8]
+    for row in rows[1:]:
+        assert row.spatial_side ** 3 >= 0.7 * row.devices * one, row
+        assert row.best == "spatial" and row.spatial_step_s > 0
+
+
+def test_largest_spatial_cube_fits_when_profiled_at_that_size():
+    cfg, costs = _unet64_costs(128)
+    side = largest_spatial_cube(costs, 4, 1, 16.0, [4, 128, 128, 128], 2, 16)
+    _, at_side = _unet64_costs(side)
+    plan = spatial_plan(at_side, 4, 1, 16.0, [4, side, side, side], 2, 16)
+    assert plan.stage.memory_gb <= 16.0 and plan.checkpoint in ("none", "block", "all")
+    assert largest_slab(side, 4, 16) * 4 >= side
+
+
+def test_plan_prints_the_slabs_and_what_fits_when_nothing_does(tmp_path, capsys):
+    big = ["model=unet64", "data.batch_size=1", "trainer.precision=bf16", "parallel.memory_gb=16"]
+    cfg = compose(*big, "data.patch_size=[512,512,512]", "parallel=spatial", "parallel.sp=2",
+                  f"run_dir={tmp_path / 'sp'}")
+    spatial = run_plan(cfg)
+    out = capsys.readouterr().out
+    assert spatial.sp == 2 and spatial.stage.memory_gb <= 16
+    assert "sp=2 slabs of input [4, 512, 512, 512]" in out and "spatial (sp=N)" in out
+    assert json.loads((tmp_path / "sp" / "plan.json").read_text())["spatial"]["sp"] == 2
+    # the issue's misleading case: say which block cannot fit, and print the layouts that would
+    cfg = compose(*big, "data.patch_size=[432,432,432]", "parallel.pp=4", f"run_dir={tmp_path / 'pp'}")
+    expected = r"block up0 needs [0-9.]+ GB on its stage even checkpointing everything.*parallel=spatial"
+    with pytest.raises(PlanError, match=expected):
+        run_plan(cfg)
+    assert "spatial (sp=N)" in capsys.readouterr().out

@@ -1,7 +1,10 @@
-"""``python -m lampseg plan``: the pipeline split for ``model``, ``data.*`` and ``parallel.*`` without the
-target hardware; prints the stage table and writes ``plan.json``.
+"""``python -m lampseg plan``: the pipeline split (or the spatial split) for ``model``, ``data.*`` and
+``parallel.*`` without the target hardware; prints the stage table and the capacity table, writes
+``plan.json``.
 
     python -m lampseg plan model=unet64 data.patch_size=[240,240,160] parallel.pp=4 parallel.memory_gb=16
+    python -m lampseg plan model=unet64 data.patch_size=[512,512,512] data.batch_size=1 parallel.sp=2 \
+        parallel.memory_gb=16
     python -m lampseg plan model=unet32 data.patch_size=auto parallel.pp=2 parallel.memory_gb=0.4
 
 ``parallel.pp`` is honoured with any ``parallel`` mode here (``parallel.plan.planned_stages``), also by
@@ -21,14 +24,22 @@ from lampseg.data.sampling import whole_volume_shape
 from lampseg.engine.setup import load_data
 from lampseg.io import write_json
 from lampseg.model.unet import size_divisor
-from lampseg.parallel.capacity import capacity_lines, capacity_table, spatial_plan
-from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, largest_cube, plan_for
+from lampseg.parallel.capacity import (
+    SpatialPlan,
+    capacity_lines,
+    capacity_table,
+    largest_spatial_cube,
+    spatial_plan,
+)
+from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, PlanError, largest_cube, make_plan, profile_for
 from lampseg.runtime.device import resolve_device
 
 
-def run_plan(cfg, log=print) -> Plan:
+def run_plan(cfg, log=print) -> Plan | SpatialPlan:
     """``python -m lampseg plan``: plan the split for ``model``, ``data.*`` and ``parallel.*``; print the
-    stage table and write ``plan.json`` in ``run_dir``."""
+    stage table (or, with ``parallel.sp > 1``, the per-rank plan of the slabs), the largest cube and, with
+    ``parallel.memory_gb``, the capacity table; write ``plan.json`` in ``run_dir``. When nothing fits, the
+    capacity table comes before the error."""
     decision = None
     if is_auto_patch(cfg):  # the same choice train makes: from the preprocessed training cases (cached)
         bundle = load_data(cfg, Path(cfg.run_dir), log)
@@ -42,31 +53,44 @@ def run_plan(cfg, log=print) -> Plan:
         patch = whole_volume_shape([nib.load(c.image).shape[:3] for c in dataset.cases],
                                    size_divisor(cfg.model))
     input_shape = [len(channels), *patch]
-    plan, costs = plan_for(cfg, len(channels), targets.out_channels, input_shape,
-                           resolve_device(cfg.trainer.device), targets)
+    p, batch, divisor = cfg.parallel, cfg.data.batch_size, size_divisor(cfg.model)
+    opt_states, budget = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), cfg.parallel.memory_gb
+    costs = profile_for(cfg, len(channels), targets.out_channels, input_shape,
+                        resolve_device(cfg.trainer.device), targets)
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
-        f"input {input_shape} x batch {cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}")
-    log(plan.table())
-    opt_states = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2)
-    divisor, batch = size_divisor(cfg.model), cfg.data.batch_size
-    spatial = None
-    if cfg.parallel.sp > 1:
-        spatial = spatial_plan(costs, cfg.parallel.sp, batch, cfg.parallel.memory_gb, input_shape, opt_states,
-                               divisor, enum_value(cfg.parallel.checkpoint))
-        log(spatial.table())
-    cube, capacity = None, None
-    if cfg.parallel.memory_gb is not None:
-        budget = cfg.parallel.memory_gb
-        cube = largest_cube(costs, plan.pp, batch, budget, input_shape, plan.schedule, opt_states, divisor)
-        log(f"largest cubic input that fits {budget:g} GB per stage with pp={plan.pp}: {cube}^3 "
-            f"(batch {batch})")
-        capacity = capacity_table(costs, batch, budget, input_shape, plan.schedule, opt_states, divisor)
+        f"input {input_shape} x batch {batch}, {enum_value(cfg.trainer.precision)}")
+    capacity = capacity_table(costs, batch, budget, input_shape, p.schedule, opt_states, divisor) \
+        if budget is not None else None
+    plan = spatial = cube = None
+    try:
+        if p.sp > 1:  # slabs of each volume: the per-rank plan
+            spatial = spatial_plan(costs, p.sp, batch, budget, input_shape, opt_states, divisor,
+                                   enum_value(p.checkpoint))
+            log(spatial.table())
+        else:
+            plan = make_plan(costs, p.pp, batch, budget, input_shape, p.microbatches, p.schedule,
+                             enum_value(p.checkpoint), enum_value(cfg.optim.name), enum_value(p.profile),
+                             divisor)
+            log(plan.table())
+    except PlanError:
+        for line in capacity_lines(capacity, budget) if capacity else []:  # what would fit, before the error
+            log(line)
+        raise
+    if budget is not None:
+        layout = f"sp={p.sp}" if spatial else f"pp={plan.pp}"
+        if spatial:
+            cube = largest_spatial_cube(costs, p.sp, batch, budget, input_shape, opt_states, divisor)
+        else:
+            cube = largest_cube(costs, plan.pp, batch, budget, input_shape, plan.schedule, opt_states,
+                                divisor)
+        log(f"largest cubic input that fits {budget:g} GB per device with {layout}: {cube}^3 (batch {batch})")
         for line in capacity_lines(capacity, budget):
             log(line)
     out = Path(cfg.run_dir) / "plan.json"
-    write_json(out, {"plan": plan.to_dict(), "largest_cube": cube, "blocks": [asdict(c) for c in costs],
+    write_json(out, {"plan": plan.to_dict() if plan else None, "largest_cube": cube,
+                     "blocks": [asdict(c) for c in costs],
                      "model": to_container(cfg.model), "patch_size_auto": decision,
-                     "spatial": asdict(spatial) if spatial else None,
+                     "spatial": spatial.to_dict() if spatial else None,
                      "capacity": [asdict(r) for r in capacity] if capacity else None})
     log(f"wrote {out}")
-    return plan
+    return plan or spatial

@@ -213,18 +213,32 @@ def _fits(costs, pp, batch, budget, schedule, opt_states) -> bool:
 
 
 def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor) -> str:
-    smallest = min(stage_cost([c], 0, pp, batch, batch, schedule, "all", opt_states).memory_gb for c in costs)
+    # A stage holds whole blocks: the heaviest block, alone on a stage and recomputed, with the skip tensors
+    # it receives and passes on, is the floor of any split.
+    def alone(i: int) -> float:
+        index = 0 if i == 0 else pp - 1 if i == len(costs) - 1 else min(1, pp - 1)
+        return stage_cost([costs[i]], index, pp, batch, batch, schedule, "all", opt_states).memory_gb
+
+    if pp == 1:
+        need, name = stage_cost(costs, 0, 1, batch, batch, schedule, "all", opt_states).memory_gb, "the model"
+    else:
+        need, name = max((alone(i), f"block {c.name}") for i, c in enumerate(costs))
     hints = [f"more stages: parallel.pp={s}" for s in range(pp + 1, len(costs) + 1)
              if _fits(costs, s, batch, budget, schedule, opt_states)][:1]
     side = largest_cube(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor)
     if side:
         hints.append(f"a smaller input: about {side}^3 voxels (data.patch_size=[{side},{side},{side}])")
+    hints.append("slabs of each volume over several devices: parallel=spatial parallel.sp=N (`lampseg plan "
+                 "parallel.memory_gb=...` prints the largest cube per layout)")
     if batch > 1:
         hints.append("a smaller data.batch_size")
     hints.append("a smaller model (fewer channels)")
+    why = (f"{name} needs {need:.3g} GB on its stage even checkpointing everything (with the skip tensors "
+           f"it receives and passes on; a stage holds whole blocks)" if need > budget else
+           f"every block fits on a stage of its own ({name}, the heaviest, needs {need:.3g} GB), but no "
+           f"{pp} contiguous stage(s) of them do")
     return (f"no split of the model into {pp} stage(s) fits parallel.memory_gb={budget:g} GB per stage for "
-            f"input {list(input_shape)} x batch {batch} (even checkpointing everything, the lightest single "
-            f"block needs {smallest:.3g} GB). Would fit: " + "; or ".join(hints))
+            f"input {list(input_shape)} x batch {batch}: {why}. Would fit: " + "; or ".join(hints))
 
 
 def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, input_shape: list[int],
