@@ -226,5 +226,6 @@ def test_bench_spatial_measures_slabs_against_one_process(tmp_path: Path) -> Non
     assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-5)  # the split is exact
     assert one["train_speedup"] == 1.0 and two["train_speedup"] > 0 and two["infer_speedup"] > 0
     assert two["halo_s"] > 0 and two["allreduce_s"] > 0 and one["halo_s"] == 0
+    assert two["ceiling_train_speedup"] > 0 and one["ceiling_train_speedup"] is None
     assert 0 < two["planned_gb"] < one["planned_gb"] and 0 < two["measured_gb_max"] < one["measured_gb_max"]
     assert [len(job["ranks"]) for job in result["jobs"]] == [1, 2]

@@ -15,7 +15,9 @@ random batch of ``data.patch_size`` (a whole volume), and measures:
   plus the peak the step allocates, from the profiler's allocation events), next to the planner's estimate
   for that layout (``capacity.spatial_plan``);
 * the time spent in halo exchanges and in all-reduces of normalisation and loss sums (``spatial.COMM``);
-* the first step's loss: the same for every ``sp`` (the split is exact).
+* the first step's loss: the same for every ``sp`` (the split is exact);
+* the ceiling on this machine: every rank training and inferring an unsplit model on its slab alone, all at
+  once, without communication (on CPUs whose cores share memory bandwidth, halves are not twice as fast).
 
 Speed-ups are medians over rounds of ``t(sp=1) / t(sp)``; with one core or GPU per process they show what
 the split buys in time, on one core they would show only its overhead. Writes ``bench_spatial.json`` and
@@ -64,6 +66,28 @@ def _timed(fn, steps: int, device: torch.device) -> list[float]:
         dist.barrier()
         times.append(time.perf_counter() - start)
     return times
+
+
+def _unsplit_slab_times(cfg, in_ch: int, targets: Targets, mine: tuple[torch.Tensor, torch.Tensor],
+                        device: torch.device) -> dict:
+    """The ceiling of the split on this machine: every rank runs an unsplit model on its slab alone, at the
+    same time as the others, with no communication (on a CPU whose cores share memory bandwidth, two such
+    halves are not twice as fast as the whole)."""
+    model = build_model(cfg.model, in_ch, targets.out_channels).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    step = local_step(model, optimizer, build_loss(cfg.optim, targets), cfg, device,
+                      torch.amp.GradScaler(device.type, enabled=False))
+    step(*mine)
+    train_s = _timed(lambda: step(*mine), cfg.bench.steps, device)
+    model.eval()
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(device, cfg.trainer.precision):
+            model(mine[0])
+
+    forward()
+    return {"ceiling_train_s": statistics.median(train_s),
+            "ceiling_infer_s": statistics.median(_timed(forward, cfg.bench.steps, device))}
 
 
 def _worker(config_path: str, out_path: str) -> None:
@@ -120,11 +144,12 @@ def _worker(config_path: str, out_path: str) -> None:
 
     forward()
     infer_s = _timed(forward, cfg.bench.steps, device)
+    ceiling = _unsplit_slab_times(cfg, in_ch, targets, mine, device) if sp > 1 else {}
     row = {"sp": sp, "rank": rank, "train_s": statistics.median(train_s),
            "infer_s": statistics.median(infer_s), "first_loss": first_loss,
            "measured_gb": (held + peak.bytes) / GB,
            "planned_gb": plan.stage.memory_gb, "checkpoint": plan.checkpoint,
-           "halo_s": comm.get("halo", 0.0), "allreduce_s": comm.get("allreduce", 0.0)}
+           "halo_s": comm.get("halo", 0.0), "allreduce_s": comm.get("allreduce", 0.0), **ceiling}
     parts = [None] * sp if rank == 0 else None
     dist.gather_object(row, parts, dst=0)
     if rank == 0:
@@ -145,6 +170,8 @@ def _summary(jobs: list[dict]) -> dict:
         paired = [(base[j["round"]], j["ranks"][0]) for j in rounds if j["round"] in base]
         train_up = [one["train_s"] / split["train_s"] for one, split in paired]
         infer_up = [one["infer_s"] / split["infer_s"] for one, split in paired]
+        ceiling = [(one["train_s"] / split["ceiling_train_s"], one["infer_s"] / split["ceiling_infer_s"])
+                   for one, split in paired if "ceiling_train_s" in split]
         planned = [r for r in ranks if r["planned_gb"]]
         out[str(sp)] = {
             "train_s": statistics.median(run[0]["train_s"] for run in runs),
@@ -157,7 +184,9 @@ def _summary(jobs: list[dict]) -> dict:
                              if planned else None),
             "halo_s": statistics.median(r["halo_s"] for r in ranks),
             "allreduce_s": statistics.median(r["allreduce_s"] for r in ranks),
-            "first_loss": runs[0][0]["first_loss"]}
+            "first_loss": runs[0][0]["first_loss"],
+            "ceiling_train_speedup": statistics.median(c[0] for c in ceiling) if ceiling else None,
+            "ceiling_infer_speedup": statistics.median(c[1] for c in ceiling) if ceiling else None}
     return out
 
 
@@ -222,6 +251,9 @@ def run(cfg) -> dict:
     for sp, s in summary.items():
         up = f", speed-up train {s['train_speedup']:.2f}x infer {s['infer_speedup']:.2f}x" \
             if s["train_speedup"] else ""
+        if s["ceiling_train_speedup"]:
+            up += (f" (ceiling without communication: train {s['ceiling_train_speedup']:.2f}x infer "
+                   f"{s['ceiling_infer_speedup']:.2f}x)")
         plan = f" (plan {s['planned_gb']:.3f})" if s["planned_gb"] else ""
         print(f"sp={sp}: train {s['train_s']:.3f}s infer {s['infer_s']:.3f}s{up}; peak "
               f"{s['measured_gb_max']:.3f} GB/rank{plan}; halo {s['halo_s']:.3f}s all-reduce "
