@@ -240,14 +240,21 @@ class SpatialConvTranspose3d(nn.ConvTranspose3d):
         return y.narrow(AXIS, s * before + p, s * length)
 
 
-def _reduce_with_count(local: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(sample, group) sums over the whole split tensor, and its voxel count (slabs may differ in
-    length: the count travels with the sums in one all-reduce). ``local``: (N, G, k) partial sums."""
-    voxels = local.new_full((1,), float(local.shape[-1]))
-    packed = torch.cat([local.sum(-1).flatten(), voxels])
+def _global_moments(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and voxel count of each (sample, group) of the whole split tensor; ``x`` is
+    (N, G, k). One fast local pass (``var_mean``), then one all-reduce of (count x mean, the sum of squared
+    deviations from the global origin, count): Chan et al.'s pairwise combination, so slabs may differ in
+    length and no second pass over the activations is needed."""
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    voxels = float(x.shape[-1])
+    packed = torch.cat([(mean * voxels).flatten(), ((var + mean * mean) * voxels).flatten(),
+                        mean.new_full((1,), voxels)])
     with COMM.timing("allreduce"):
         dist.all_reduce(packed, group=group)
-    return packed[:-1].view(local.shape[:2] + (1,)), packed[-1]
+    total = packed[-1]
+    sums, squares = packed[:-1].view(2, *mean.shape).unbind(0)
+    mean = sums / total
+    return mean.unsqueeze(-1), (squares / total - mean * mean).clamp_min(0).unsqueeze(-1), total
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -263,13 +270,13 @@ class _GlobalNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float, group) -> torch.Tensor:
         xf = _wide(x)
-        sums, voxels = _reduce_with_count(xf, group)
-        mean = sums / voxels
-        squares, _ = _reduce_with_count((xf - mean).square(), group)
-        rstd = torch.rsqrt(squares / voxels + eps)
+        mean, var, voxels = _global_moments(xf, group)
+        rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, mean, rstd)
         ctx.group, ctx.voxels = group, voxels
-        return ((xf - mean) * rstd).to(x.dtype)
+        n, g, k = xf.shape  # normalise in one fused pass: batch norm in eval mode with these statistics
+        y = F.batch_norm(xf.reshape(1, n * g, k), mean.flatten(), var.flatten(), training=False, eps=eps)
+        return y.view(n, g, k).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
