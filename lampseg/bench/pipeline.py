@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench.workers import launch_workers
-from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.bench.workers import launch_workers, start_worker
+from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.engine.optim import build_optimizer
@@ -59,12 +59,8 @@ EFFICIENCY_TOLERANCE = 0.15  # GPU: efficiency within 15 % of M / (M + S - 1)
 
 def _worker(config_path: str, out_path: str) -> None:
     """One rank of one pp: every micro-batch count, one JSON row per (M, rank) gathered on rank 0."""
-    spec = json.loads(Path(config_path).read_text())
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
-    torch.set_num_threads(cfg.trainer.num_threads or 1)
-    distributed.init_from_env(alone=True)
+    spec, cfg, device = start_worker(config_path)
     pp, rank = dist.get_world_size(), dist.get_rank()
-    device = distributed.local_device(resolve_device(cfg.trainer.device))
     dims = ParallelDims(dp=1, pp=pp, world=pp, engine="pipelining")
     in_ch, labels, patch, batch = spec["in_channels"], spec["labels"], spec["patch"], spec["batch"]
     targets = Targets.from_config({int(k): v for k, v in labels.items()}, cfg.data.regions)

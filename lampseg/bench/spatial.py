@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench.workers import launch_workers
-from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.bench.workers import launch_workers, start_worker
+from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.engine.optim import build_optimizer
@@ -92,12 +92,8 @@ def _unsplit_slab_times(cfg, in_ch: int, targets: Targets, mine: tuple[torch.Ten
 
 def _worker(config_path: str, out_path: str) -> None:
     """One rank of one sp job: training step, inference, memory and communication; rank 0 writes all."""
-    spec = json.loads(Path(config_path).read_text())
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
-    torch.set_num_threads(cfg.trainer.num_threads or 1)
-    distributed.init_from_env(alone=True)
+    spec, cfg, device = start_worker(config_path)
     sp, rank = dist.get_world_size(), dist.get_rank()
-    device = distributed.local_device(resolve_device(cfg.trainer.device))
     OmegaConf.update(cfg, "parallel", {"name": "spatial", "sp": sp, "dp": 1}, merge=True)
     dims = ParallelDims(dp=1, pp=1, world=sp, sp=sp)
     in_ch, labels, patch, batch = spec["in_channels"], spec["labels"], spec["patch"], cfg.data.batch_size

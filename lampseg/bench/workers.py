@@ -1,4 +1,5 @@
-"""Multi-process benchmarks' launcher: ``torchrun`` jobs on 127.0.0.1 whose rank 0 writes a JSON result."""
+"""Multi-process benchmarks' launcher: ``torchrun`` jobs on 127.0.0.1 whose rank 0 writes a JSON result, and
+the start every rank of such a job shares."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lampseg.config import Config
+from lampseg.parallel import distributed
+from lampseg.runtime.device import resolve_device
 
 
 def free_port() -> int:
@@ -34,3 +42,13 @@ def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, tim
         raise RuntimeError(f"bench: the {nproc}-process job of {module} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-4000:]}")
     return json.loads(Path(out_path).read_text())
+
+
+def start_worker(config_path: str) -> tuple[dict, DictConfig, torch.device]:
+    """A benchmark rank's start: its job spec and config (``spec["config"]`` over the schema), one thread
+    (or ``trainer.num_threads``), the torchrun job joined, and this rank's device."""
+    spec = json.loads(Path(config_path).read_text())
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), spec["config"])
+    torch.set_num_threads(cfg.trainer.num_threads or 1)
+    distributed.init_from_env(alone=True)
+    return spec, cfg, distributed.local_device(resolve_device(cfg.trainer.device))

@@ -8,7 +8,8 @@ and the spatial split alone).
 Under ``parallel.sp=S`` (``spatial.py``) every rank keeps the full weights, gradients and optimiser state, and
 its slab's share of the input, the target and every activation (it reads only its slab of each sample). The
 largest slab has ``ceil(X / divisor / S) * divisor`` rows; at level ``l`` of the U-Net its tensors have
-``rows / 2^l`` rows plus one halo row on each side, so deep levels of thin slabs pay relatively more. Time is
+``rows / 2^l`` rows plus one halo row on each side, so deep levels of thin slabs pay relatively more, and one
+haloed copy of the largest tensor is in flight while a convolution runs or is differentiated. Time is
 the slab's share of the compute plus the halo traffic (both directions, forward and backward) at
 ``LINK_GB_S`` and a latency per collective: rough, and labelled as an estimate.
 """
@@ -69,6 +70,11 @@ def spatial_stage(costs: list[BlockCost], sp: int, batch: int, opt_states: int, 
         halo_bytes += 2 * 2 * c.act_bytes * slab / rows / level_rows if sp > 1 else 0  # 2 sides, fwd+bwd
     stage = stage_cost(per_rank, 0, 1, batch, 1, "gpipe", checkpoint, opt_states)
     if sp > 1:
+        # each convolution builds its haloed input (forward) and again to differentiate (backward): one more
+        # copy of the largest tensor in flight
+        copy = batch * max(c.work_bytes for c in per_rank) / GB
+        stage.activation_gb += copy
+        stage.memory_gb += copy
         stage.time_s += (batch * halo_bytes / (LINK_GB_S * GB)
                          + COLLECTIVE_S * COLLECTIVES_PER_BLOCK * len(costs))
     return stage
