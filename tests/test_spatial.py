@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import compose, free_port, lampseg, torchrun, train_here, train_lo
 
 from lampseg.commands.plan import run_plan
 from lampseg.config import ConfigError, validate
+from lampseg.engine.setup import resolve_auto_layout
 from lampseg.model.unet import build_model
 from lampseg.parallel.capacity import capacity_table, largest_slab, largest_spatial_cube, spatial_plan
 from lampseg.parallel.dims import ParallelDims, resolve_dims
@@ -137,3 +139,37 @@ def test_plan_prints_the_slabs_and_what_fits_when_nothing_does(tmp_path, capsys)
     with pytest.raises(PlanError, match=expected):
         run_plan(cfg)
     assert "spatial (sp=N)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("budget, layout", [
+    ("null", ("ddp", 4, 1, 1)),       # a sample fits one device: every device a data-parallel replica
+    ("0.2", ("spatial", 2, 2, 1)),    # it does not: the smallest split that fits, replicated
+    ("0.12", ("spatial", 1, 4, 1)),
+])
+def test_parallel_auto_chooses_the_smallest_split_that_fits(budget, layout, capsys):
+    cfg = compose("+exp=smoke", "data.patch_size=[128,128,128]", "data.batch_size=1", "parallel=auto",
+                  "parallel.devices=4", f"parallel.memory_gb={budget}")
+    resolve_auto_layout(cfg)
+    p = cfg.parallel
+    assert (str(p.name), p.dp, p.sp, p.pp) == layout
+    assert f"parallel={layout[0]} dp={layout[1]} x pp=1 x sp={layout[2]}" in capsys.readouterr().out
+    assert ParallelDims.from_config(p, world=4).spatial == (layout[0] == "spatial")
+
+
+def test_parallel_auto_says_when_nothing_fits():
+    cfg = compose("+exp=smoke", "data.patch_size=[128,128,128]", "data.batch_size=1", "parallel=auto",
+                  "parallel.devices=2", "parallel.memory_gb=0.001")
+    with pytest.raises(PlanError, match=r"parallel\.devices.*no layout of 2 device\(s\) fits"):
+        resolve_auto_layout(cfg)
+
+
+@pytest.mark.extended
+def test_parallel_auto_trains_the_layout_it_chose(tmp_path):
+    proc = torchrun(2, "train", *EXACT, "data.patch_size=[32,32,32]", "parallel=auto",
+                    "parallel.memory_gb=0.012", f"run_dir={tmp_path}")
+    # a sample does not fit one device: two stages or two slabs, whichever the planner estimates faster
+    pattern = r"parallel=auto over 2 device\(s\): parallel=(\w+) dp=1 x pp=(\d) x sp=(\d)"
+    chosen = re.search(pattern, proc.stdout)
+    assert chosen and chosen.group(1) in ("spatial", "pipeline"), proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["pp"], summary["sp"]) == (int(chosen.group(2)), int(chosen.group(3))) != (1, 1)

@@ -21,7 +21,7 @@ from lampseg.config import enum_value, is_auto_patch, patch_size_of, to_containe
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.data.sampling import whole_volume_shape
-from lampseg.engine.setup import load_data
+from lampseg.engine.setup import load_data, resolve_auto_layout
 from lampseg.io import write_json
 from lampseg.model.unet import size_divisor
 from lampseg.parallel.capacity import (
@@ -41,6 +41,7 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
     ``parallel.memory_gb``, the capacity table; write ``plan.json`` in ``run_dir``. When nothing fits, the
     capacity table comes before the error."""
     decision = None
+    resolve_auto_layout(cfg, log)  # parallel=auto: the layout train would take, then its plan
     if is_auto_patch(cfg):  # the same choice train makes: from the preprocessed training cases (cached)
         bundle = load_data(cfg, Path(cfg.run_dir), log)
         dataset, channels, targets = bundle.dataset, bundle.channels, bundle.targets

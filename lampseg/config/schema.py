@@ -37,6 +37,7 @@ class ParallelMode(Choice):
     ddp = "ddp"
     pipeline = "pipeline"
     spatial = "spatial"
+    auto = "auto"  # the planner chooses among ddp, spatial and pipeline for parallel.devices
 
 
 class PipelineEngine(Choice):
@@ -221,6 +222,7 @@ class ParallelConfig:
     dp: int | None = 1  # null: WORLD_SIZE / pp
     pp: int = 1
     sp: int = 1  # spatial slabs per volume (parallel=spatial)
+    devices: int | None = None  # parallel=auto: processes to lay out (null: WORLD_SIZE)
     engine: PipelineEngine = PipelineEngine.pipelining
     backend: str = "auto"  # auto: nccl for CUDA tensors, gloo for CPU tensors
     timeout_s: float = 600.0  # collective timeout

@@ -8,6 +8,7 @@ build the optimiser, scheduler, loss and scaler, then restore a checkpoint when 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -33,10 +34,10 @@ from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
 from lampseg.parallel import distributed
-from lampseg.parallel.capacity import SpatialPlan
+from lampseg.parallel.capacity import SpatialPlan, choose_layout
 from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
-from lampseg.parallel.plan import Plan, auto_patch_size, plan_for
+from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, auto_patch_size, plan_for, profile_for
 from lampseg.runtime.device import resolve_device, seed_everything, set_rng_state
 from lampseg.runtime.memory import free_memory_gb, keep_freed_cpu_memory
 
@@ -80,6 +81,37 @@ def preflight_plan(cfg, log: Callable[[str], None] = print) -> None:
     dataset = load_dataset(dataset_root(cfg.data, log))
     channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
     plan_for(cfg, len(channels), targets.out_channels, [len(channels), *patch], "cpu", targets)
+
+
+def resolve_auto_layout(cfg, log: Callable[[str], None] = print) -> None:
+    """``parallel=auto``: write the planner's layout of ``parallel.devices`` processes (default: WORLD_SIZE)
+    into ``cfg.parallel`` (``capacity.choose_layout``: DDP when a sample fits one device, else slabs or
+    stages, whichever is faster) and log why. Every rank computes the same choice from ``dataset.json`` and
+    meta-tensor estimates, before anything reads ``cfg.parallel``.
+
+    Raises:
+        ConfigError: without a fixed ``data.patch_size``, or when no layout fits.
+    """
+    p = cfg.parallel
+    if p.name != "auto":
+        return
+    patch = patch_size_of(cfg)
+    if patch is None:
+        raise ConfigError("config key 'parallel': parallel=auto plans for a fixed data.patch_size (e.g. "
+                          "data.patch_size=[128,128,128]); use parallel=spatial or pipeline with whole "
+                          "volumes")
+    dataset = load_dataset(dataset_root(cfg.data, log))
+    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
+    shape = [len(channels), *patch]
+    devices = p.devices or int(os.environ.get("WORLD_SIZE", "1"))
+    costs = profile_for(cfg, len(channels), targets.out_channels, shape, resolve_device(cfg.trainer.device),
+                        targets)
+    keys, why = choose_layout(costs, devices, cfg.data.batch_size, p.memory_gb, shape,
+                              OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), size_divisor(cfg.model),
+                              p.schedule, enum_value(cfg.optim.name))
+    OmegaConf.update(cfg, "parallel", keys, merge=True)
+    layout = f"dp={keys['dp']} x pp={keys['pp']} x sp={keys['sp']}"
+    log(f"parallel=auto over {devices} device(s): parallel={keys['name']} {layout}; {why}")
 
 
 @dataclass
@@ -203,7 +235,8 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
         log: where progress lines go (rank 0 only).
     """
     validate(cfg)
-    dims = resolve_dims(cfg)  # joins the torchrun job, checks dp x pp against WORLD_SIZE
+    resolve_auto_layout(cfg, log if os.environ.get("RANK", "0") == "0" else (lambda *_: None))
+    dims = resolve_dims(cfg)  # joins the torchrun job, checks dp x pp x sp against WORLD_SIZE
     _check_samples(cfg, dims)
     main = distributed.is_main()
     log = log if main else (lambda *_: None)

@@ -217,3 +217,62 @@ def spatial_plan_for(cfg, in_channels: int, out_channels: int, input_shape: list
     return spatial_plan(costs, p.sp, cfg.data.batch_size, p.memory_gb, input_shape,
                         OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), size_divisor(cfg.model),
                         enum_value(p.checkpoint))
+
+
+def choose_layout(costs: list[BlockCost], devices: int, batch: int, budget: float | None,
+                  input_shape: list[int], opt_states: int = 2, divisor: int = 1, schedule: str = "gpipe",
+                  optimizer: str = "adamw") -> tuple[dict, str]:
+    """``parallel=auto``: the layout of ``devices`` processes for this input, and why.
+
+    The smallest split that fits ``budget`` per device wins, so that as many processes as possible are
+    data-parallel replicas (the fastest way to use devices that each hold a whole sample): one device per
+    replica (DDP), else ``s`` devices per replica for s = 2, 3, ... dividing ``devices``, as slabs
+    (``parallel=spatial``) or pipeline stages, whichever has the shorter estimated step.
+
+    Returns:
+        (``parallel.*`` keys to set, a sentence saying why).
+
+    Raises:
+        PlanError: no layout of ``devices`` processes fits; names the largest cube that would.
+    """
+    for split in [s for s in range(1, devices + 1) if devices % s == 0]:
+        dp = devices // split
+        if split == 1:
+            stage = spatial_stage(costs, 1, batch, opt_states, input_shape[1], divisor, "none")
+            if budget is None or stage.memory_gb <= budget:
+                of = f" of {budget:g}" if budget is not None else ""
+                return ({"name": "ddp", "dp": dp, "pp": 1, "sp": 1},
+                        f"one sample fits one device ({stage.memory_gb:.3g} GB{of}): {dp} data-parallel "
+                        f"replica(s)")
+            continue
+        options = []
+        try:
+            slabs = spatial_plan(costs, split, batch, budget, input_shape, opt_states, divisor)
+            keys = {"sp": split, "pp": 1, "checkpoint": slabs.checkpoint}
+            options.append((slabs.stage.time_s, "spatial", keys,
+                            f"{split} slabs of {slabs.stage.memory_gb:.3g} GB per device"))
+        except PlanError:
+            pass
+        if split <= len(costs):
+            try:
+                stages = make_plan(costs, split, batch, budget, input_shape, None, schedule, "auto",
+                                   optimizer)
+                options.append((stages.step_time_s, "pipeline", {"pp": split, "sp": 1,
+                                                                 "checkpoint": stages.checkpoint},
+                                f"{split} pipeline stages of at most "
+                                f"{max(s.memory_gb for s in stages.stages):.3g} GB"))
+            except PlanError:
+                pass
+        if options:
+            time_s, name, keys, what = min(options, key=lambda o: o[0])
+            others = "; ".join(f"{n}: est. {t:.3g}s" for t, n, _, _ in options if n != name)
+            return ({"name": name, "dp": dp, **keys},
+                    f"one sample needs more than {budget:g} GB on one device; {what} (est. step "
+                    f"{time_s:.3g}s" + (f"; {others}" if others else "")
+                    + f"), x {dp} data-parallel replica(s)")
+    side = max(largest_spatial_cube(costs, devices, batch, budget, input_shape, opt_states, divisor),
+               largest_cube(costs, min(devices, len(costs)), batch, budget, input_shape, schedule,
+                            opt_states, divisor))
+    raise PlanError(f"config key 'parallel.devices': no layout of {devices} device(s) fits "
+                    f"parallel.memory_gb={budget:g} GB per device for input {list(input_shape)} x batch "
+                    f"{batch}; the largest cube that would: {side}^3; or more devices")
