@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose, free_port, lampseg, torchrun, train_here, train_losses
+from conftest import compose, free_port, lampseg, load_check_run_dir, torchrun, train_here, train_losses
 
 from lampseg.commands.plan import run_plan
 from lampseg.config import ConfigError, validate
@@ -59,6 +59,7 @@ def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
             f"run_dir={tmp_path / 'eval'}")
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert evaluated["mean"]["dice"] == pytest.approx(one["best_val_dice"], rel=1e-5)
+    assert load_check_run_dir().check(tmp_path / "sp") == []  # last: skips where the shared tool is absent
 
 
 @pytest.mark.parametrize("overrides, key", [

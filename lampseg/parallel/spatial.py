@@ -7,9 +7,9 @@ process group, with results equal to the unsplit model's.
 checkpoints keep the unsplit names and load into any layout:
 
 - every ``Conv3d`` (stride 1 or 2) first exchanges the *halo* its kernel reaches into the neighbouring
-  slabs (``halo_exchange``: forward sends boundary rows to the neighbours, backward sends their gradients
-  back), then convolves without padding along the split axis; the first and last slabs pad with zeros as
-  the unsplit convolution does;
+  slabs (forward: boundary rows to the neighbours; backward: their gradients back), then convolves without
+  padding along the split axis, keeping only the slab and its halo rows for the backward; the first and
+  last slabs pad with zeros as the unsplit convolution does;
 - every ``ConvTranspose3d`` takes the rows its overlap needs from the next slab and keeps its own outputs;
 - instance and group normalisation use the statistics of the **whole** volume (sums and sums of squared
   deviations all-reduced over the group; the backward all-reduces its two sums too), saving no more than
