@@ -152,7 +152,9 @@ class _HaloConv(torch.autograd.Function):
         del haloed
         grad_x = _return_halo_grad(grad_haloed, *ctx.halo, ctx.group).to(x.dtype)
         grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias else None
-        return grad_x, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None, None, None
+        # in the weight's own layout (channels_last_3d too), as DDP's gradient buckets expect
+        grad_weight = torch.empty_like(weight).copy_(grad_weight)
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def halo_exchange(x: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
