@@ -35,6 +35,11 @@ def test_spatial_slabs_match_unsplit_model(world):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (bf16,) = [r for r in rows if "dtype" in r]
+    rows.remove(bf16)
+    assert bf16["dtype"] == "torch.bfloat16", bf16
+    assert bf16["loss"] == pytest.approx(bf16["ref_loss"], rel=2e-2), bf16
+    assert bf16["grad_cosine"] > 0.99, bf16
     layouts = {(1, world)} | ({(2, world // 2)} if world >= 4 else set())
     assert {(r["dp"], r["sp"]) for r in rows} == layouts and len(rows) == 2 * len(layouts)
     assert {r["checkpoint"] for r in rows} == {"none", "block"}  # recomputed blocks repeat their collectives

@@ -78,6 +78,38 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, c
             "inference_error": max_rel_error(whole, ref_whole, 0.0)}
 
 
+def bf16_case(sp: int) -> dict:
+    """Under bf16 autocast (the CPU default) the split runs its convolutions in bf16 as the unsplit layers
+    do: the loss agrees to bf16 rounding and the gradients point the same way."""
+    cfg = OmegaConf.structured(Config)
+    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
+                          "num_res_units": 2, "norm": "instance", "dropout": 0.0})
+    cfg.parallel.merge_with({"name": "spatial", "dp": 1, "sp": sp})
+    targets = Targets.from_config(LABELS, None)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, targets.out_channels).to(memory_format=torch.channels_last_3d)
+    reference = copy.deepcopy(model)
+    loss_fn = build_loss(cfg.optim, targets)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 2, 32, 24, 16, generator=generator)
+    target = targets.loss_target(torch.randint(0, 3, (1, 1, 32, 24, 16), generator=generator))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits = reference(image)
+    ref_loss = loss_fn(ref_logits.float(), target)
+    ref_loss.backward()
+    dims = ParallelDims(dp=1, pp=1, world=dist.get_world_size(), sp=sp)
+    net, _ = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(slab(image, dims.sp_group, 4))
+    loss = parallel_loss(loss_fn, dims)(logits.float(), slab(target, dims.sp_group, 4))
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    want = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    return {"sp": sp, "dtype": str(logits.dtype), "loss": float(loss.detach()),
+            "ref_loss": float(ref_loss.detach()),
+            "grad_cosine": float(torch.nn.functional.cosine_similarity(got, want, dim=0))}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -88,6 +120,9 @@ def main() -> None:
             row = case(dp, sp, *variant)
             if dist.get_rank() == 0:
                 print(json.dumps(row), flush=True)
+    row = bf16_case(world)
+    if dist.get_rank() == 0:
+        print(json.dumps(row), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
