@@ -132,12 +132,12 @@ def test_largest_spatial_cube_fits_when_profiled_at_that_size():
 
 def test_plan_prints_the_slabs_and_what_fits_when_nothing_does(tmp_path, capsys):
     big = ["model=unet64", "data.batch_size=1", "trainer.precision=bf16", "parallel.memory_gb=16"]
-    cfg = compose(*big, "data.patch_size=[512,512,512]", "parallel=spatial", "parallel.sp=2",
+    cfg = compose(*big, "data.patch_size=[480,480,480]", "parallel=spatial", "parallel.sp=2",
                   f"run_dir={tmp_path / 'sp'}")
     spatial = run_plan(cfg)
     out = capsys.readouterr().out
     assert spatial.sp == 2 and spatial.stage.memory_gb <= 16
-    assert "sp=2 slabs of input [4, 512, 512, 512]" in out and "spatial (sp=N)" in out
+    assert "sp=2 slabs of input [4, 480, 480, 480]" in out and "spatial (sp=N)" in out
     assert json.loads((tmp_path / "sp" / "plan.json").read_text())["spatial"]["sp"] == 2
     # the misleading case: say which block cannot fit, and print the layouts that would
     cfg = compose(*big, "data.patch_size=[432,432,432]", "parallel.pp=4", f"run_dir={tmp_path / 'pp'}")

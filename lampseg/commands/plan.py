@@ -3,7 +3,7 @@
 ``plan.json``.
 
     python -m lampseg plan model=unet64 data.patch_size=[240,240,160] parallel.pp=4 parallel.memory_gb=16
-    python -m lampseg plan model=unet64 data.patch_size=[512,512,512] data.batch_size=1 parallel.sp=2 \
+    python -m lampseg plan model=unet64 data.patch_size=[480,480,480] data.batch_size=1 parallel.sp=2 \
         parallel.memory_gb=16
     python -m lampseg plan model=unet32 data.patch_size=auto parallel.pp=2 parallel.memory_gb=0.4
 
