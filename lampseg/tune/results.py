@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def _best(history: list[dict], metric: str, mode: str) -> tuple[float, int | Non
     return float(row[metric]), int(row["epoch"])
 
 
+def _best_from_summary(trial_dir: Path, metric: str) -> tuple[float, int | None]:
+    """The best value the trial's own ``summary.json`` recorded: for a PBT trial that resumed from another
+    trial's checkpoint at its last epoch, Ray's history may hold no validated report of its own."""
+    try:
+        summary = json.loads((trial_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return math.nan, None
+    value = summary.get(f"best_{metric}")
+    return (float(value), summary.get("best_epoch")) if isinstance(value, (int, float)) else (math.nan, None)
+
+
 def trial_rows(grid, cfg: DictConfig) -> list[dict]:
     """One row per trial: its id, status, hyperparameters, best metric, epochs, wall time, directory."""
     metric, mode, max_epochs = cfg.tune.metric, cfg.tune.mode, cfg.trainer.max_epochs
@@ -42,7 +54,9 @@ def trial_rows(grid, cfg: DictConfig) -> list[dict]:
         history = frame.to_dict("records") if frame is not None else []
         last = result.metrics or {}
         config = result.config or {}  # None for a trial an interrupt stopped before it started
-        best, best_epoch = _best(history, metric, mode)
+        best, best_epoch = _best(history + [last], metric, mode)
+        if math.isnan(best):
+            best, best_epoch = _best_from_summary(Path(str(result.path)), metric)
         epochs = int(last.get("epoch", 0) or 0)
         status = "error" if result.error else "completed" if epochs >= max_epochs else "stopped"
         rows.append({"trial_id": last.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
