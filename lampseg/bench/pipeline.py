@@ -36,14 +36,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench.workers import launch_workers, start_worker
+from lampseg.bench.workers import launch_workers, random_batch, start_worker
 from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.engine.optim import build_optimizer
 from lampseg.engine.steps import pipelined_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
-from lampseg.model.losses import Targets, build_loss
+from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel import distributed
 from lampseg.parallel.dims import ParallelDims
@@ -62,13 +62,8 @@ def _worker(config_path: str, out_path: str) -> None:
     spec, cfg, device = start_worker(config_path)
     pp, rank = dist.get_world_size(), dist.get_rank()
     dims = ParallelDims(dp=1, pp=pp, world=pp, engine="pipelining")
-    in_ch, labels, patch, batch = spec["in_channels"], spec["labels"], spec["patch"], spec["batch"]
-    targets = Targets.from_config({int(k): v for k, v in labels.items()}, cfg.data.regions)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    image = torch.randn(batch, in_ch, *patch, generator=generator)
-    label_values = torch.tensor(sorted(int(k) for k in labels))
-    label = label_values[torch.randint(len(label_values), (batch, 1, *patch), generator=generator)]
-    target = targets.loss_target(label)
+    in_ch, patch, batch = spec["in_channels"], spec["patch"], spec["batch"]
+    targets, image, target = random_batch(spec, cfg, batch)
     rows = []
     for micro in spec["microbatches"]:
         if cfg.parallel.schedule == "1f1b" and pp > 1 and micro < pp:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench.workers import launch_workers, start_worker
+from lampseg.bench.workers import launch_workers, random_batch, start_worker
 from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
@@ -96,13 +96,8 @@ def _worker(config_path: str, out_path: str) -> None:
     sp, rank = dist.get_world_size(), dist.get_rank()
     OmegaConf.update(cfg, "parallel", {"name": "spatial", "sp": sp, "dp": 1}, merge=True)
     dims = ParallelDims(dp=1, pp=1, world=sp, sp=sp)
-    in_ch, labels, patch, batch = spec["in_channels"], spec["labels"], spec["patch"], cfg.data.batch_size
-    targets = Targets.from_config({int(k): v for k, v in labels.items()}, cfg.data.regions)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    image = torch.randn(batch, in_ch, *patch, generator=generator)
-    values = torch.tensor(sorted(int(k) for k in labels))
-    label = values[torch.randint(len(values), (batch, 1, *patch), generator=generator)]
-    target = targets.loss_target(label)
+    in_ch, patch, batch = spec["in_channels"], spec["patch"], cfg.data.batch_size
+    targets, image, target = random_batch(spec, cfg, batch)
     divisor = size_divisor(cfg.model)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_ch, targets.out_channels).to(device)

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import Config
+from lampseg.model.losses import Targets
 from lampseg.parallel import distributed
 from lampseg.runtime.device import resolve_device
 
@@ -52,3 +53,16 @@ def start_worker(config_path: str) -> tuple[dict, DictConfig, torch.device]:
     torch.set_num_threads(cfg.trainer.num_threads or 1)
     distributed.init_from_env(alone=True)
     return spec, cfg, distributed.local_device(resolve_device(cfg.trainer.device))
+
+
+def random_batch(spec: dict, cfg: DictConfig, batch: int
+                 ) -> tuple[Targets, torch.Tensor, torch.Tensor]:
+    """The job's random batch: ``(targets, image, loss target)`` of ``batch`` samples of ``spec["patch"]``
+    with ``spec["in_channels"]`` channels, labels drawn from ``spec["labels"]``, seeded by ``cfg.seed``."""
+    labels, patch = spec["labels"], spec["patch"]
+    targets = Targets.from_config({int(k): v for k, v in labels.items()}, cfg.data.regions)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    image = torch.randn(batch, spec["in_channels"], *patch, generator=generator)
+    values = torch.tensor(sorted(int(k) for k in labels))
+    label = values[torch.randint(len(values), (batch, 1, *patch), generator=generator)]
+    return targets, image, targets.loss_target(label)
