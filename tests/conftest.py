@@ -110,6 +110,19 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TI
     return proc
 
 
+def worker_rows(nproc: int, script: Path, timeout: float = 300) -> list[dict]:
+    """Run a test worker ``script`` under torchrun (``lampseg.launch``, 127.0.0.1, one thread per process)
+    and return the JSON lines it printed (failing the test, with its error output, when it fails)."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={nproc}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def compose(*overrides: str) -> DictConfig:
     """Compose the real ``conf/`` (schema-checked) with Hydra's compose API, as the CLI does."""
     from lampseg.__main__ import config_dir

@@ -4,14 +4,11 @@ one-process trajectory; its checkpoint evaluates unsplit to the same Dice; bad l
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose, free_port, lampseg, load_check_run_dir, torchrun, train_here, train_losses
+from conftest import compose, lampseg, load_check_run_dir, torchrun, train_here, train_losses, worker_rows
 
 from lampseg.commands.plan import run_plan
 from lampseg.config import ConfigError, validate
@@ -29,12 +26,7 @@ EXACT = ["+exp=smoke", "optim=sgd", "trainer.precision=fp32", "trainer.channels_
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.extended)])
 def test_spatial_slabs_match_unsplit_model(world):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={world}",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = worker_rows(world, WORKER, timeout=300)
     (bf16,) = [r for r in rows if "dtype" in r]
     rows.remove(bf16)
     assert bf16["dtype"] == "torch.bfloat16", bf16
