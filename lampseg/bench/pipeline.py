@@ -30,13 +30,14 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench.workers import launch_workers, random_batch, start_worker
+from lampseg.bench.workers import launch_workers, random_batch, start_worker, timed_steps
 from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
@@ -77,15 +78,7 @@ def _worker(config_path: str, out_path: str) -> None:
         step = pipelined_step(net, optimizer, build_loss(cfg.optim, targets), cfg)
         for _ in range(cfg.bench.warmup):
             step(image, target)
-        times = []
-        for _ in range(cfg.bench.steps):
-            dist.barrier()
-            start = time.perf_counter()
-            step(image, target)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dist.barrier()
-            times.append(time.perf_counter() - start)
+        times = timed_steps(partial(step, image, target), cfg.bench.steps, device)
         _, memory = net.measure_step(step, optimizer, image, target)
         stage = plan.stages[rank]
         rows.append({"pp": pp, "microbatches": micro, **memory, "step_s": statistics.median(times),

@@ -29,7 +29,6 @@ import gc
 import json
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lampseg.bench.workers import launch_workers, random_batch, start_worker
+from lampseg.bench.workers import launch_workers, random_batch, start_worker, timed_steps
 from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
@@ -55,19 +54,6 @@ from lampseg.runtime.device import autocast, resolve_device
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 
 
-def _timed(fn, steps: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dist.barrier()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _unsplit_slab_times(cfg, in_ch: int, targets: Targets, mine: tuple[torch.Tensor, torch.Tensor],
                         device: torch.device) -> dict:
     """The ceiling of the split on this machine: every rank runs an unsplit model on its slab alone, at the
@@ -78,7 +64,7 @@ def _unsplit_slab_times(cfg, in_ch: int, targets: Targets, mine: tuple[torch.Ten
     step = local_step(model, optimizer, build_loss(cfg.optim, targets), cfg, device,
                       torch.amp.GradScaler(device.type, enabled=False))
     step(*mine)
-    train_s = _timed(lambda: step(*mine), cfg.bench.steps, device)
+    train_s = timed_steps(lambda: step(*mine), cfg.bench.steps, device)
     model.eval()
 
     def forward() -> None:
@@ -87,7 +73,7 @@ def _unsplit_slab_times(cfg, in_ch: int, targets: Targets, mine: tuple[torch.Ten
 
     forward()
     return {"ceiling_train_s": statistics.median(train_s),
-            "ceiling_infer_s": statistics.median(_timed(forward, cfg.bench.steps, device))}
+            "ceiling_infer_s": statistics.median(timed_steps(forward, cfg.bench.steps, device))}
 
 
 def _worker(config_path: str, out_path: str) -> None:
@@ -114,7 +100,7 @@ def _worker(config_path: str, out_path: str) -> None:
     for _ in range(cfg.bench.warmup - 1):
         step(*mine)
     spatial.COMM.reset()
-    train_s = _timed(lambda: step(*mine), cfg.bench.steps, device)
+    train_s = timed_steps(lambda: step(*mine), cfg.bench.steps, device)
     comm = {k: v / cfg.bench.steps for k, v in spatial.COMM.seconds.items()}
     # one step's memory: held at entry plus the peak it allocates (the profiler sees allocations only)
     optimizer.zero_grad(set_to_none=True)
@@ -134,7 +120,7 @@ def _worker(config_path: str, out_path: str) -> None:
             infer(whole)
 
     forward()
-    infer_s = _timed(forward, cfg.bench.steps, device)
+    infer_s = timed_steps(forward, cfg.bench.steps, device)
     ceiling = _unsplit_slab_times(cfg, in_ch, targets, mine, device) if sp > 1 else {}
     row = {"sp": sp, "rank": rank, "train_s": statistics.median(train_s),
            "infer_s": statistics.median(infer_s), "first_loss": first_loss,

@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import Config
@@ -66,3 +68,18 @@ def random_batch(spec: dict, cfg: DictConfig, batch: int
     values = torch.tensor(sorted(int(k) for k in labels))
     label = values[torch.randint(len(values), (batch, 1, *patch), generator=generator)]
     return targets, image, targets.loss_target(label)
+
+
+def timed_steps(fn, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``fn`` on every rank at once: a barrier before and after each
+    (so a step's time is the slowest rank's), CUDA synchronised."""
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    return times

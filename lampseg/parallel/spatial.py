@@ -157,12 +157,16 @@ class _HaloConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
+def _check_halo(x: torch.Tensor, before: int, after: int) -> None:
+    if x.shape[AXIS] < max(before, after):
+        raise ValueError(f"a slab of {x.shape[AXIS]} rows cannot lend a halo of {max(before, after)}")
+
+
 def halo_exchange(x: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
     """``x`` extended along the split axis by its neighbours' boundary rows (differentiable)."""
     if before == 0 and after == 0:
         return x
-    if x.shape[AXIS] < max(before, after):
-        raise ValueError(f"a slab of {x.shape[AXIS]} rows cannot lend a halo of {max(before, after)}")
+    _check_halo(x, before, after)
     return _HaloExchange.apply(x, before, after, group)
 
 
@@ -211,8 +215,7 @@ class SpatialConv3d(nn.Conv3d):
         if x.shape[AXIS] % s:
             raise ValueError(f"a slab of {x.shape[AXIS]} rows does not divide by the stride {s}")
         before, after = p, max(k - s - p, 0)
-        if x.shape[AXIS] < max(before, after):
-            raise ValueError(f"a slab of {x.shape[AXIS]} rows cannot lend a halo of {max(before, after)}")
+        _check_halo(x, before, after)
         padding = (0, *self.padding[1:])
         if torch.is_autocast_enabled(x.device.type):  # run the conv in autocast's dtype, as F.conv3d would
             dtype = torch.get_autocast_dtype(x.device.type)
