@@ -84,15 +84,17 @@ def _assert_config_error(tmp_path, override: str, key: str, *also: str) -> str:
 
 @pytest.mark.parametrize("override,key", [
     ("trainer.max_epoch=3", "trainer.max_epoch"),           # unknown key
-    ("trainer.max_epochs=abc", "trainer.max_epochs"),       # wrong type
-    ("trainer.precision=fp64", "trainer.precision"),        # bad enum value
+    pytest.param("trainer.max_epochs=abc", "trainer.max_epochs", marks=pytest.mark.extended),  # wrong type
+    pytest.param("trainer.precision=fp64", "trainer.precision", marks=pytest.mark.extended),  # bad enum value
     ("data.fold=7", "data.fold"),                           # range (lampseg.config.validate)
-    ("data.patch_size=[30,30,30]", "data.patch_size"),      # not a multiple of prod(model.strides)
+    pytest.param("data.patch_size=[30,30,30]", "data.patch_size",  # not a multiple of prod(model.strides)
+                 marks=pytest.mark.extended),
 ])
 def test_config_errors_name_the_key(tmp_path, override, key):
     _assert_config_error(tmp_path, override, key)
 
 
+@pytest.mark.extended  # in-process: tests/test_msd.py
 def test_unknown_modality_lists_available(tmp_path, trained_run):
     # trained_run: the default synthetic dataset already exists, so this only reads dataset.json.
     message = _assert_config_error(tmp_path, "data.modalities=[NOPE]", "data.modalities", "NOPE")
@@ -115,7 +117,7 @@ def test_brats_recipe_composes():
 # ----------------------------------------------------------------------------------------- evaluate
 
 
-@pytest.mark.parametrize("mode", ["whole", "sliding"])
+@pytest.mark.parametrize("mode", ["whole", pytest.param("sliding", marks=pytest.mark.extended)])
 def test_evaluate(tmp_path, trained_run, mode):
     run_dir = tmp_path / "eval"
     args = ["evaluate", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"run_dir={run_dir}"]
@@ -194,6 +196,7 @@ def test_synth_writes_dataset(synth_3d):
         assert nib.load(synth_3d / item["label"]).shape == (32, 32, 32)
 
 
+@pytest.mark.extended  # 3D (one-modality) datasets load and sample in tests/test_msd.py
 def test_train_one_modality_3d_dataset(tmp_path, synth_3d):
     run_dir = tmp_path / "run"
     lampseg("train", *SMOKE_FAST, f"data.root={synth_3d}", f"run_dir={run_dir}")
@@ -266,6 +269,10 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     proc = lampseg("evaluate", f"ckpt={bad}", f"run_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 1
     assert str(bad) in proc.stderr and "weights_only=True" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.extended  # in-process: tests/test_reliability.py's dataset-json-missing case
+def test_missing_dataset_is_a_clear_cli_error(tmp_path):
     proc = lampseg("train", f"data.root={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'run2'}", check=False)
     assert proc.returncode == 1 and "dataset.json" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -154,6 +154,7 @@ def test_dp2_x_pp2_matches_one_process_and_loads_unsplit(tmp_path, one_process):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["mean"]["dice"] >= 0
 
 
+@pytest.mark.extended  # in-process: tests/test_spatial.py, test_pipelining_stages.py
 def test_wrong_dp_times_pp_fails_before_training(tmp_path):
     proc = torchrun(2, "train", "+exp=smoke", "parallel=pipeline", "parallel.dp=2", "parallel.pp=2",
                     f"run_dir={tmp_path}", check=False)

@@ -9,8 +9,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
+from lampseg.config import ConfigError
 from lampseg.data.msd import Case, DataError, load_dataset, read_case, read_image
+from lampseg.data.prepare import resolve_channels
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([1.5, 1.0, 2.0, 1.0])
@@ -267,3 +270,12 @@ def test_case_is_frozen() -> None:
     case = Case("a", Path("a.nii.gz"), None)
     with pytest.raises(AttributeError):
         case.name = "b"  # type: ignore[misc]
+
+
+def test_unknown_modality_is_a_config_error_listing_the_dataset_s(tmp_path: Path) -> None:
+    """``data.modalities`` naming a modality the dataset lacks: the key, the name, and what there is."""
+    ds = load_dataset(make_dataset(tmp_path / "d", modalities=("CT", "PET")))
+    assert resolve_channels(ds, OmegaConf.create({"modalities": ["PET"]})) == [1]
+    with pytest.raises(ConfigError, match=r"data\.modalities.*NOPE") as err:
+        resolve_channels(ds, OmegaConf.create({"modalities": ["NOPE"]}))
+    assert "CT" in str(err.value) and "PET" in str(err.value)

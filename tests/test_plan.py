@@ -114,6 +114,10 @@ def test_plan_cli_writes_plan_json(tmp_path):
     assert plan["plan"]["bubble"] == pytest.approx(1 / (plan["plan"]["microbatches"] + 1))
     bad = lampseg("plan", "+exp=smoke", "parallel.pp=9", f"run_dir={tmp_path / 'x'}", check=False)
     assert bad.returncode == 2 and "parallel.pp" in bad.stderr
+
+
+@pytest.mark.extended  # in-process: ParallelDims.from_config's tests
+def test_train_refuses_stages_outside_parallel_pipeline(tmp_path):
     bad = lampseg("train", "+exp=smoke", "parallel.pp=2", f"run_dir={tmp_path / 'y'}", check=False)
     assert bad.returncode == 2 and "parallel.pp" in bad.stderr
 

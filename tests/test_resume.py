@@ -173,6 +173,7 @@ def test_sigkill_twice_then_same_command_matches_uninterrupted(tmp_path):
         assert torch.allclose(tensor, final_killed["model"][name], rtol=0, atol=1e-6), name
 
 
+@pytest.mark.extended
 def test_resume_with_more_epochs_uses_the_new_schedule_at_once(tmp_path):
     """Extending ``trainer.max_epochs`` on resume: the first resumed epoch already runs at the new
     schedule's rate (poly decay had reached 0 at the old end)."""

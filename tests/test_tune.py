@@ -62,15 +62,14 @@ def _progress_epochs(trial_dir: Path) -> list[int]:
 
 
 def test_grid_study_writes_outputs_and_its_best_config_reruns(tmp_path, ray_session):
-    """A 2 x 2 grid: four trials, results.csv, best_config.yaml, plots, a table; the best config reruns
-    through ``train --config-path`` to the same Dice."""
+    """A 2 x 1 grid over two keys: two trials, results.csv, best_config.yaml, plots, a table; the best
+    config reruns through ``train --config-path`` to the same Dice."""
     lines: list[str] = []
-    space = "tune.space=[{key:optim.lr,grid:[0.001,0.003]},{key:optim.amsgrad,grid:[false,true]}]"
+    space = "tune.space=[{key:optim.lr,grid:[0.001,0.003]},{key:optim.amsgrad,grid:[true]}]"
     summary = _study(tmp_path, space, log=lines.append)
     rows = _results(tmp_path)
-    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
-    assert {(r["optim.lr"], r["optim.amsgrad"]) for r in rows} == {
-        ("0.001", "False"), ("0.001", "True"), ("0.003", "False"), ("0.003", "True")}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    assert {(r["optim.lr"], r["optim.amsgrad"]) for r in rows} == {("0.001", "True"), ("0.003", "True")}
     for r in rows:  # each trial is a lampseg run directory trained with its own values
         trial = Path(r["trial_dir"])
         trained = json.loads((trial / "summary.json").read_text())
