@@ -29,6 +29,14 @@ def test_spatial_slabs_match_unsplit_model(world):
     rows = worker_rows(world, WORKER, timeout=300)
     (bf16,) = [r for r in rows if "dtype" in r]
     rows.remove(bf16)
+    staged = [r for r in rows if "pp" in r]
+    for row in staged:  # sp=2 x pp=2: stages of slabs through the pipelining schedule
+        rows.remove(row)
+        assert row["plan_sp"] == 2 and len(row["stages"]) == 2, row
+        assert row["loss"] == pytest.approx(row["ref_loss"], rel=1e-7), row
+        assert row["max_rel_grad_error"] < 1e-6 and row["normwise_grad_error"] < 1e-9, row
+        assert row["inference_error"] < 1e-12, row
+    assert len(staged) == (1 if world == 4 else 0)
     assert bf16["dtype"] == "torch.bfloat16", bf16
     assert bf16["loss"] == pytest.approx(bf16["ref_loss"], rel=2e-2), bf16
     assert bf16["grad_cosine"] > 0.99, bf16
@@ -61,7 +69,7 @@ def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [
     (["parallel=ddp", "parallel.sp=2"], "parallel.sp"),  # slabs need parallel=spatial
-    (["parallel=spatial", "parallel.pp=2"], "parallel.pp"),
+    (["parallel=spatial", "parallel.pp=2", "parallel.engine=gpipe"], "parallel.engine"),  # a stage a process
 ])
 def test_spatial_layout_errors_name_the_key(overrides, key):
     cfg = compose("+exp=smoke", *overrides)

@@ -28,6 +28,8 @@ from lampseg.parallel.capacity import (
     SpatialPlan,
     capacity_lines,
     capacity_table,
+    hybrid_plan,
+    largest_hybrid_cube,
     largest_spatial_cube,
     spatial_plan,
 )
@@ -64,7 +66,12 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
         if budget is not None else None
     plan = spatial = cube = None
     try:
-        if p.sp > 1:  # slabs of each volume: the per-rank plan
+        if p.sp > 1 and p.pp > 1:  # stages of slabs: the pipeline plan of one slab's ranks
+            plan = hybrid_plan(costs, p.sp, p.pp, batch, budget, input_shape, p.microbatches, p.schedule,
+                               enum_value(p.checkpoint), enum_value(cfg.optim.name), enum_value(p.profile),
+                               divisor)
+            log(plan.table())
+        elif p.sp > 1:  # slabs of each volume: the per-rank plan
             spatial = spatial_plan(costs, p.sp, batch, budget, input_shape, opt_states, divisor,
                                    enum_value(p.checkpoint))
             log(spatial.table())
@@ -78,9 +85,12 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
             log(line)
         raise
     if budget is not None:
-        layout = f"sp={p.sp}" if spatial else f"pp={plan.pp}"
+        layout = f"sp={p.sp}" if spatial else f"pp={plan.pp}" if plan.sp == 1 else f"sp={p.sp} x pp={plan.pp}"
         if spatial:
             cube = largest_spatial_cube(costs, p.sp, batch, budget, input_shape, opt_states, divisor)
+        elif plan.sp > 1:
+            cube = largest_hybrid_cube(costs, p.sp, plan.pp, batch, budget, input_shape, plan.schedule,
+                                       opt_states, divisor)
         else:
             cube = largest_cube(costs, plan.pp, batch, budget, input_shape, plan.schedule, opt_states,
                                 divisor)

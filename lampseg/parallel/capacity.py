@@ -23,8 +23,10 @@ from lampseg.model.unet import size_divisor
 from lampseg.parallel.plan import (
     OPTIMIZER_STATES,
     RECOMPUTE,
+    Plan,
     PlanError,
     Stage,
+    fits,
     largest_cube,
     make_plan,
     profile_for,
@@ -51,33 +53,89 @@ def _level(name: str, depth: int) -> int:
     return depth if name == "bottom" else int(name.lstrip("downup"))
 
 
+def slab_costs(costs: list[BlockCost], sp: int, rows: int, divisor: int) -> list[BlockCost] | None:
+    """Per-rank costs of each block for the largest of ``sp`` slabs of an input with ``rows`` rows along
+    the split axis; None when the input has fewer than ``sp`` units of ``divisor`` rows.
+
+    A block's tensors shrink to the slab's share plus one halo row on each side at its level; its working
+    buffers double (the haloed copy of a convolution's input, built in the forward and again in the
+    backward); its time is the slab's share of the compute plus the halo traffic (two sides, forward and
+    backward) at ``LINK_GB_S`` and ``COLLECTIVES_PER_BLOCK`` latencies. Pipeline stages of slabs
+    (``hybrid_plan``) are planned from these costs as ``plan.make_plan`` plans whole blocks."""
+    slab = largest_slab(rows, sp, divisor)
+    if not slab:
+        return None
+    if sp == 1:
+        return list(costs)
+    depth = sum(c.name.startswith("down") for c in costs)
+    per_rank = []
+    for c in costs:
+        level_rows = slab / 2 ** _level(c.name, depth)
+        scaled = scale_costs([c], slab / rows * (1 + 2 / level_rows))[0]
+        halo_bytes = 2 * 2 * c.act_bytes * slab / rows / level_rows
+        scaled.time_s = (c.time_s * slab / rows + halo_bytes / (LINK_GB_S * GB)
+                         + COLLECTIVE_S * COLLECTIVES_PER_BLOCK)
+        scaled.work_bytes *= 2
+        per_rank.append(scaled)
+    return per_rank
+
+
 def spatial_stage(costs: list[BlockCost], sp: int, batch: int, opt_states: int, rows: int,
                   divisor: int, checkpoint: str = "none") -> Stage | None:
     """Per-rank memory and time of the largest slab when the costs' input (``rows`` along the split axis)
     is split over ``sp`` ranks, with activation checkpointing ``checkpoint`` (none|block|all); None when the
     input has fewer than ``sp`` units of ``divisor`` rows."""
-    slab = largest_slab(rows, sp, divisor)
-    if not slab:
-        return None
-    depth = sum(c.name.startswith("down") for c in costs)
-    per_rank, halo_bytes = [], 0.0
-    for c in costs:
-        level_rows = slab / 2 ** _level(c.name, depth)
-        grow = 1 + (2 / level_rows if sp > 1 else 0)
-        scaled = scale_costs([c], slab / rows * grow)[0]
-        scaled.time_s = c.time_s * slab / rows
-        per_rank.append(scaled)
-        halo_bytes += 2 * 2 * c.act_bytes * slab / rows / level_rows if sp > 1 else 0  # 2 sides, fwd+bwd
-    stage = stage_cost(per_rank, 0, 1, batch, 1, "gpipe", checkpoint, opt_states)
-    if sp > 1:
-        # each convolution builds its haloed input (forward) and again to differentiate (backward): one more
-        # copy of the largest tensor in flight
-        copy = batch * max(c.work_bytes for c in per_rank) / GB
-        stage.activation_gb += copy
-        stage.memory_gb += copy
-        stage.time_s += (batch * halo_bytes / (LINK_GB_S * GB)
-                         + COLLECTIVE_S * COLLECTIVES_PER_BLOCK * len(costs))
-    return stage
+    per_rank = slab_costs(costs, sp, rows, divisor)
+    return None if per_rank is None else stage_cost(per_rank, 0, 1, batch, 1, "gpipe", checkpoint, opt_states)
+
+
+def hybrid_plan(costs: list[BlockCost], sp: int, pp: int, batch: int, budget: float | None,
+                input_shape: list[int], microbatches: int | None = None, schedule: str = "gpipe",
+                checkpoint: str = "auto", optimizer: str = "adamw", source: str = "estimate",
+                divisor: int = 1) -> Plan:
+    """Pipeline stages of slabs (``parallel=spatial parallel.pp=P``): ``plan.make_plan`` on the per-slab
+    costs (``slab_costs``), so each stage's memory and time are one rank's, for its slab.
+
+    Raises:
+        PlanError: the input is too short for ``sp`` slabs, or no split into ``pp`` stages fits.
+    """
+    per_rank = slab_costs(costs, sp, input_shape[1], divisor)
+    if per_rank is None:
+        raise PlanError(_too_short(input_shape[1], sp, divisor))
+    try:
+        plan = make_plan(per_rank, pp, batch, budget, input_shape, microbatches, schedule, checkpoint,
+                         optimizer, source, divisor)
+    except PlanError as e:
+        raise PlanError(f"parallel.sp={sp} slabs, each: {e}") from e
+    plan.sp = sp
+    return plan
+
+
+def _too_short(rows: int, sp: int, divisor: int) -> str:
+    return (f"config key 'parallel.sp': {rows} rows along the first axis make no {sp} slabs of a multiple of "
+            f"the model's size divisor {divisor}; use parallel.sp <= {rows // divisor} or a larger input")
+
+
+def largest_hybrid_cube(costs: list[BlockCost], sp: int, pp: int, batch: int, budget: float,
+                        input_shape: list[int], schedule: str = "gpipe", opt_states: int = 2,
+                        divisor: int = 1, limit: int = 4096) -> int:
+    """Side of the largest cubic input whose ``sp`` slabs fit ``budget`` GB per rank in ``pp`` stages; 0
+    when none does. Per-rank memory grows with the side (side^2 x slab rows), so bisection finds it."""
+    voxels = math.prod(input_shape[1:])
+
+    def fit(units: int) -> bool:
+        side = units * divisor
+        per_rank = slab_costs(scale_costs(costs, side**3 / voxels), sp, side, divisor)
+        return per_rank is not None and fits(per_rank, pp, batch, budget, schedule, opt_states)
+
+    lo, hi = sp - 1, limit // divisor  # below sp units there are no sp slabs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fit(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * divisor if lo >= sp else 0
 
 
 def largest_spatial_cube(costs: list[BlockCost], sp: int, batch: int, budget: float, input_shape: list[int],
@@ -98,41 +156,63 @@ def largest_spatial_cube(costs: list[BlockCost], sp: int, batch: int, budget: fl
 
 @dataclass
 class Capacity:
-    """One row of the capacity table: ``devices`` processes used as a pipeline or as spatial slabs."""
+    """One row of the capacity table: ``devices`` processes used as a pipeline, as spatial slabs, or as the
+    best combination of both (``sp x pp = devices``, each at least 2)."""
 
     devices: int
     pipeline_side: int  # largest cube with pp=devices (0: none fits or more stages than blocks)
     pipeline_step_s: float | None
     spatial_side: int  # largest cube with sp=devices
     spatial_step_s: float | None
+    hybrid_side: int = 0  # largest cube of the best sp x pp = devices (0: none, or no such layout)
+    hybrid_step_s: float | None = None
+    hybrid_layout: tuple[int, int] | None = None  # (sp, pp)
 
     @property
     def best(self) -> str:
-        return "spatial" if self.spatial_side >= self.pipeline_side else "pipeline"
+        sides = {"pipeline": self.pipeline_side, "spatial": self.spatial_side}
+        if self.hybrid_layout is not None:
+            sides[f"sp={self.hybrid_layout[0]} x pp={self.hybrid_layout[1]}"] = self.hybrid_side
+        return max(sides, key=lambda k: (sides[k], k == "spatial"))
 
 
 def capacity_table(costs: list[BlockCost], batch: int, budget: float, input_shape: list[int],
                    schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1,
                    devices: tuple[int, ...] = DEVICE_COUNTS) -> list[Capacity]:
-    """The largest whole cube and its estimated step time for each device count, pipeline versus spatial
-    split (``python -m lampseg plan`` prints it with ``capacity_lines``)."""
+    """The largest whole cube and its estimated step time for each device count: pipeline, spatial split,
+    and the best combination of both (``python -m lampseg plan`` prints it with ``capacity_lines``)."""
     voxels = math.prod(input_shape[1:])
+    optimizer = "adamw" if opt_states == 2 else "sgd"
+
+    def cube(side: int) -> tuple[list[BlockCost], list[int]]:
+        return scale_costs(costs, side**3 / voxels), [input_shape[0], side, side, side]
+
     rows = []
     for n in devices:
-        pp_side = largest_cube(costs, n, batch, budget, input_shape, schedule, opt_states, divisor) \
-            if n <= len(costs) else 0
-        pp_step = None
-        if pp_side:
-            cube = [input_shape[0], pp_side, pp_side, pp_side]
-            pp_step = make_plan(scale_costs(costs, pp_side**3 / voxels), n, batch, budget, cube, None,
-                                schedule, "auto", "adamw" if opt_states == 2 else "sgd").step_time_s
-        sp_side = largest_spatial_cube(costs, n, batch, budget, input_shape, opt_states, divisor)
-        sp_step = None
-        if sp_side:
-            cube = [input_shape[0], sp_side, sp_side, sp_side]
-            sp_step = spatial_plan(scale_costs(costs, sp_side**3 / voxels), n, batch, budget, cube,
-                                   opt_states, divisor).stage.time_s
-        rows.append(Capacity(n, pp_side, pp_step, sp_side, sp_step))
+        row = Capacity(n, 0, None, 0, None)
+        if n <= len(costs):
+            row.pipeline_side = largest_cube(costs, n, batch, budget, input_shape, schedule, opt_states,
+                                             divisor)
+        if row.pipeline_side:
+            scaled, shape = cube(row.pipeline_side)
+            row.pipeline_step_s = make_plan(scaled, n, batch, budget, shape, None, schedule, "auto",
+                                            optimizer).step_time_s
+        row.spatial_side = largest_spatial_cube(costs, n, batch, budget, input_shape, opt_states, divisor)
+        if row.spatial_side:
+            scaled, shape = cube(row.spatial_side)
+            row.spatial_step_s = spatial_plan(scaled, n, batch, budget, shape, opt_states,
+                                              divisor).stage.time_s
+        for sp in (s for s in range(2, n // 2 + 1) if n % s == 0 and n // s <= len(costs)):
+            side = largest_hybrid_cube(costs, sp, n // sp, batch, budget, input_shape, schedule, opt_states,
+                                       divisor)
+            if side > row.hybrid_side or row.hybrid_layout is None:
+                row.hybrid_side, row.hybrid_layout = side, (sp, n // sp)
+        if row.hybrid_side:
+            sp, pp = row.hybrid_layout
+            scaled, shape = cube(row.hybrid_side)
+            row.hybrid_step_s = hybrid_plan(scaled, sp, pp, batch, budget, shape, None, schedule, "auto",
+                                            optimizer, divisor=divisor).step_time_s
+        rows.append(row)
     return rows
 
 
@@ -140,16 +220,23 @@ def capacity_lines(rows: list[Capacity], budget: float) -> list[str]:
     """The capacity table as text: side, voxels relative to one device, estimated step time."""
     base = max(rows[0].pipeline_side, rows[0].spatial_side) ** 3 or 1
 
-    def cell(side: int, step: float | None) -> str:
+    def cell(side: int, step: float | None, width: int = 24) -> str:
         if not side:
-            return f"{'-':>24}"
-        return f"{side:>5}^3 {side**3 / base:>6.2f}x {step:>8.3f}s"
+            return f"{'-':>{width}}"
+        return f"{side:>5}^3 {side**3 / base:>6.2f}x {step:>8.3f}s".rjust(width)
+
+    def hybrid(r: Capacity) -> str:
+        if r.hybrid_layout is None:
+            return f"{'-':>34}"
+        sp, pp = r.hybrid_layout
+        return f"{f'sp={sp} x pp={pp}':>10}{cell(r.hybrid_side, r.hybrid_step_s)}"
 
     lines = [f"capacity at {budget:g} GB per device (largest whole cube, voxels vs 1 device, est. step):",
-             f"{'devices':>7}  {'pipeline (pp=N)':>24}  {'spatial (sp=N)':>24}  best"]
+             f"{'devices':>7}  {'pipeline (pp=N)':>24}  {'spatial (sp=N)':>24}  "
+             f"{'best sp x pp = N':>34}  best"]
     for r in rows:
         lines.append(f"{r.devices:>7}  {cell(r.pipeline_side, r.pipeline_step_s)}  "
-                     f"{cell(r.spatial_side, r.spatial_step_s)}  {r.best}")
+                     f"{cell(r.spatial_side, r.spatial_step_s)}  {hybrid(r)}  {r.best}")
     return lines
 
 
@@ -187,9 +274,7 @@ def spatial_plan(costs: list[BlockCost], sp: int, batch: int, budget: float | No
     policies = [checkpoint] if checkpoint != "auto" else (list(RECOMPUTE) if budget is not None else ["none"])
     stages = {p: spatial_stage(costs, sp, batch, opt_states, rows, divisor, p) for p in policies}
     if any(stage is None for stage in stages.values()):
-        raise PlanError(f"config key 'parallel.sp': {rows} rows along the first axis make no {sp} slabs "
-                        f"of a multiple of the model's size divisor {divisor}; use parallel.sp <= "
-                        f"{rows // divisor} or a larger input")
+        raise PlanError(_too_short(rows, sp, divisor))
     fitting = {p: s for p, s in stages.items() if budget is None or s.memory_gb <= budget}
     if not fitting:
         lightest = min(stages, key=lambda p: stages[p].memory_gb)
@@ -219,6 +304,16 @@ def spatial_plan_for(cfg, in_channels: int, out_channels: int, input_shape: list
                         enum_value(p.checkpoint))
 
 
+def hybrid_plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int], device="cpu",
+                    targets=None) -> Plan:
+    """Profile ``cfg.model`` (``plan.profile_for``) and plan its stages of slabs under ``cfg.parallel``."""
+    p = cfg.parallel
+    costs = profile_for(cfg, in_channels, out_channels, input_shape, device, targets)
+    return hybrid_plan(costs, p.sp, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches,
+                       p.schedule, enum_value(p.checkpoint), enum_value(cfg.optim.name),
+                       enum_value(p.profile), size_divisor(cfg.model))
+
+
 def choose_layout(costs: list[BlockCost], devices: int, batch: int, budget: float | None,
                   input_shape: list[int], opt_states: int = 2, divisor: int = 1, schedule: str = "gpipe",
                   optimizer: str = "adamw") -> tuple[dict, str]:
@@ -227,7 +322,8 @@ def choose_layout(costs: list[BlockCost], devices: int, batch: int, budget: floa
     The smallest split that fits ``budget`` per device wins, so that as many processes as possible are
     data-parallel replicas (the fastest way to use devices that each hold a whole sample): one device per
     replica (DDP), else ``s`` devices per replica for s = 2, 3, ... dividing ``devices``, as slabs
-    (``parallel=spatial``) or pipeline stages, whichever has the shorter estimated step.
+    (``parallel=spatial``), pipeline stages, or stages of slabs (``parallel=spatial parallel.pp=P``),
+    whichever has the shortest estimated step.
 
     Returns:
         (``parallel.*`` keys to set, a sentence saying why).
@@ -253,19 +349,22 @@ def choose_layout(costs: list[BlockCost], devices: int, batch: int, budget: floa
                             f"{split} slabs of {slabs.stage.memory_gb:.3g} GB per device"))
         except PlanError:
             pass
-        if split <= len(costs):
+        for sp in range(1, split // 2 + 1):  # pp = split / sp stages (of sp slabs each, if sp > 1)
+            pp = split // sp
+            if split % sp or pp > len(costs):
+                continue
             try:
-                stages = make_plan(costs, split, batch, budget, input_shape, None, schedule, "auto",
-                                   optimizer)
-                options.append((stages.step_time_s, "pipeline", {"pp": split, "sp": 1,
-                                                                 "checkpoint": stages.checkpoint},
-                                f"{split} pipeline stages of at most "
-                                f"{max(s.memory_gb for s in stages.stages):.3g} GB"))
+                stages = hybrid_plan(costs, sp, pp, batch, budget, input_shape, None, schedule, "auto",
+                                     optimizer, divisor=divisor)
             except PlanError:
-                pass
+                continue
+            what = f"{pp} pipeline stages" + (f" of {sp} slabs each" if sp > 1 else "")
+            options.append((stages.step_time_s, "pipeline" if sp == 1 else "spatial",
+                            {"pp": pp, "sp": sp, "checkpoint": stages.checkpoint},
+                            f"{what}, at most {max(s.memory_gb for s in stages.stages):.3g} GB per device"))
         if options:
             time_s, name, keys, what = min(options, key=lambda o: o[0])
-            others = "; ".join(f"{n}: est. {t:.3g}s" for t, n, _, _ in options if n != name)
+            others = "; ".join(f"{w}: est. {t:.3g}s" for t, _, k, w in options if k != keys)
             return ({"name": name, "dp": dp, **keys},
                     f"one sample needs more than {budget:g} GB on one device; {what} (est. step "
                     f"{time_s:.3g}s" + (f"; {others}" if others else "")

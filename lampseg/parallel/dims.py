@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 4 -m lampseg train parallel=pipeline parallel.dp=2 parallel.pp=2
     torchrun --nproc_per_node 4 -m lampseg train parallel=spatial parallel.dp=2 parallel.sp=2
+    torchrun --nproc_per_node 4 -m lampseg train parallel=spatial parallel.pp=2 parallel.sp=2
 
 ``ParallelDims.from_config`` resolves ``parallel.dp`` (null: WORLD_SIZE / (pp x sp)) and checks that
 ``dp * pp * sp == WORLD_SIZE`` before any heavy work; ``build_mesh`` lays the processes out as a 3D device
@@ -40,6 +41,7 @@ class ParallelDims:
     engine: str | None = None
     mesh: object | None = field(default=None, repr=False)
     sp: int = 1
+    _replicas: object | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.dp < 1 or self.pp < 1 or self.sp < 1:
@@ -47,13 +49,15 @@ class ParallelDims:
                               f"integers, got {self.dp}, {self.pp} and {self.sp}")
         processes = self.dp * self.stage_processes * self.sp
         if processes != self.world:
-            other = "sp" if self.spatial else "pp"
-            need = {"sp": f"{self.dp} x {self.sp} = {processes}", "pp": f"{self.dp} x {self.pp} = {processes}"
-                    }[other] if self.staged or self.spatial else f"{processes}"
+            keys = ["dp"] + (["pp"] if self.staged else []) + (["sp"] if self.spatial else [])
+            degrees = {"dp": self.dp, "pp": self.pp, "sp": self.sp}
+            need = f"{' x '.join(str(degrees[k]) for k in keys)} = {processes}" if len(keys) > 1 \
+                else f"{processes}"
+            named = " x ".join(f"'parallel.{k}'" for k in keys)
             raise ConfigError(
-                f"config keys 'parallel.dp' x 'parallel.{other}': {need} processes needed, but WORLD_SIZE is "
-                f"{self.world}; launch with `torchrun --nproc_per_node {processes} -m lampseg ...` or "
-                f"change parallel.dp / parallel.{other}")
+                f"config keys {named}: {need} processes needed, but WORLD_SIZE is {self.world}; launch with "
+                f"`torchrun --nproc_per_node {processes} -m lampseg ...` or change "
+                f"{' / '.join('parallel.' + k for k in keys)}")
 
     @classmethod
     def from_config(cls, parallel_cfg, world: int) -> ParallelDims:
@@ -67,16 +71,16 @@ class ParallelDims:
         if p.name not in MODES:
             raise ConfigError(f"config key 'parallel.name': expected one of {'|'.join(MODES)}, "
                               f"got {p.name!r}")
-        engine = enum_value(p.engine) if p.name == "pipeline" else None
         sp = int(p.sp)
+        # stages of slabs (parallel=spatial parallel.pp=P) run one stage per process, as pipelining does
+        engine = enum_value(p.engine) if p.name == "pipeline" or (p.name == "spatial" and p.pp > 1) else None
         if p.name != "spatial" and sp != 1:
             raise ConfigError(f"config key 'parallel.sp': {sp} slabs need parallel=spatial (got "
                               f"parallel={p.name}); DP x SP is parallel=spatial parallel.dp=D")
-        if p.name == "spatial" and p.pp != 1:
-            raise ConfigError(f"config key 'parallel.pp': parallel=spatial splits each volume into slabs "
-                              f"and does not pipeline yet; use parallel.pp=1 (got {p.pp}), or "
-                              f"parallel=pipeline for stages")
-        if p.name != "pipeline" and p.pp != 1:
+        if p.name == "spatial" and engine == "gpipe":
+            raise ConfigError("config key 'parallel.engine': stages of slabs (parallel=spatial "
+                              "parallel.pp>1) run one stage per process; use parallel.engine=pipelining")
+        if p.name not in ("pipeline", "spatial") and p.pp != 1:
             raise ConfigError(f"config key 'parallel.pp': {p.pp} stages need parallel=pipeline "
                               f"(got parallel={p.name}); DP x PP is parallel=pipeline parallel.dp=D")
         if p.name == "single" and world > 1:
@@ -138,6 +142,18 @@ class ParallelDims:
         return self.mesh.get_group("dp") if self.mesh is not None else None
 
     @property
+    def replica_group(self) -> dist.ProcessGroup | None:
+        """The processes that hold copies of this process's parameters and average their gradients: the
+        ``dp x sp`` processes of this stage (None: the whole job, as in plain DDP or DP x SP)."""
+        if self.mesh is None or not self.staged:
+            return None
+        if not self.spatial:
+            return self.dp_group
+        if self._replicas is None:
+            self._replicas = self.mesh["dp", "sp"]._flatten("dp_sp").get_group()
+        return self._replicas
+
+    @property
     def dp_rank(self) -> int:
         """Which replica this process belongs to: its shard of each batch and of the validation cases."""
         if self.mesh is not None:
@@ -181,8 +197,9 @@ def resolve_dims(cfg) -> ParallelDims:
     joined = distributed.init_from_env()
     staged = p.name == "pipeline" and enum_value(p.engine) == "pipelining"
     if p.name == "spatial" and not joined:
+        processes = (p.dp or 1) * p.pp * p.sp
         raise ConfigError(f"config key 'parallel': parallel=spatial splits each volume over processes; "
-                          f"launch with `torchrun --nproc_per_node {(p.dp or 1) * p.sp} -m lampseg ...`")
+                          f"launch with `torchrun --nproc_per_node {processes} -m lampseg ...`")
     if staged and not joined:
         raise ConfigError(f"config key 'parallel.engine': 'pipelining' runs one stage per process; launch "
                           f"with `torchrun --nproc_per_node {(p.dp or 1) * p.pp} -m lampseg ...`, or set "

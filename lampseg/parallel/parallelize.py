@@ -5,7 +5,8 @@ place that wraps a model; the engine, evaluation and the benchmarks all come thr
    each volume (``spatial.py``); training feeds each rank its slab (``data.sampling.Slab``), with the
    planner's activation checkpointing (``capacity.spatial_plan``); ``parallel_loss`` makes the loss global
    and ``inference_module`` takes and gives whole volumes.
-1. **Pipeline (PP)**, ``parallel=pipeline``: plan the split (``plan.py``), then
+1. **Pipeline (PP)**, ``parallel=pipeline``, or stages of slabs (SP x PP: ``parallel=spatial
+   parallel.pp=P``, planned per slab by ``capacity.hybrid_plan``): plan the split (``plan.py``), then
    - ``parallel.engine=pipelining`` (default): this process keeps one stage (``pipelining.PipelinedUNet``,
      ``torch.distributed.pipelining``) of the pipeline it belongs to in the ``(dp, pp)`` device mesh;
      rank 0 plans for every pipeline;
@@ -14,8 +15,8 @@ place that wraps a model; the engine, evaluation and the benchmarks all come thr
 2. **Data (DP)**, ``parallel.dp > 1``: ``DistributedDataParallel`` (``ddp.py``) over the replicas: of the
    whole model (``parallel=ddp``), or of each stage over the ``dp`` dimension of the mesh (DP x PP).
    Inference never goes through DDP (``train=False``): validation shards cases, not batches. Under SP, DDP
-   spans all ``dp x sp`` processes: averaging the slabs' gradients gives the unsplit gradient
-   (``spatial.py``).
+   spans all ``dp x sp`` processes (of each stage: ``ParallelDims.replica_group``): averaging the slabs'
+   gradients gives the unsplit gradient (``spatial.py``).
 
 ``split_for_inference`` pipelines an unsplit model over several devices for one whole volume that does not
 fit one device (``inference.mode=auto``).
@@ -30,7 +31,7 @@ from torch import nn
 from lampseg.model.unet import build_model
 from lampseg.parallel import distributed
 from lampseg.parallel.blocks import BlockSequence, unet_blocks
-from lampseg.parallel.capacity import SpatialPlan, spatial_plan_for
+from lampseg.parallel.capacity import SpatialPlan, hybrid_plan_for, spatial_plan_for
 from lampseg.parallel.ddp import data_parallel, unwrap
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.gpipe import even_balance, gpipe
@@ -55,10 +56,27 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     Raises:
         ConfigError: for an engine that is not available or too few devices.
     """
-    replicate = train and dims.dp_enabled
-    if dims.spatial:  # each rank gets its slab of every sample (data.sampling.Slab); DDP over all dp x sp
+    if dims.staged or dims.spatial:
         dims.build_mesh(device.type)
+    if dims.spatial:  # each rank gets its slab of every sample (data.sampling.Slab)
         spatial_parallel(model, dims.sp_group)
+    # DDP averages the gradients of every copy of a parameter: over dp, and over sp (the slabs' shares)
+    replicate = train and (dims.dp_enabled or dims.spatial)
+    if dims.staged:
+        # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
+        from lampseg.parallel.pipelining import PipelinedUNet
+
+        plan = None  # rank 0 plans for all: a measured profile differs between ranks, the split must not
+        if distributed.is_main():
+            plan = _stage_plan(cfg, dims, model, input_shape, device, targets)
+        plan = distributed.broadcast_object(plan)
+        with torch.device("meta"):
+            probe = build_model(cfg.model, input_shape[0], int(model.out_channels))
+        net = PipelinedUNet(model, probe, plan, device, cfg.trainer.precision, group=dims.pp_group)
+        if replicate:
+            net.wrap_stage(lambda stage: data_parallel(stage, device, dims.replica_group))
+        return net, plan
+    if dims.spatial:
         plan = None
         if train:  # rank 0 plans for all (checkpointing must agree: the collectives pair up)
             if distributed.is_main():
@@ -69,21 +87,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
         if plan is not None and plan.checkpoint != "none":
             net = BlockSequence(unet_blocks(model)[0], plan.checkpoint)
         return (data_parallel(net, device) if train else net), plan
-    if dims.staged:
-        # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
-        from lampseg.parallel.pipelining import PipelinedUNet
-
-        dims.build_mesh(device.type)
-        plan = None  # rank 0 plans for all: a measured profile differs between ranks, the split must not
-        if distributed.is_main():
-            plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
-        plan = distributed.broadcast_object(plan)
-        with torch.device("meta"):
-            probe = build_model(cfg.model, input_shape[0], int(model.out_channels))
-        net = PipelinedUNet(model, probe, plan, device, cfg.trainer.precision, group=dims.pp_group)
-        if replicate:
-            net.wrap_stage(lambda stage: data_parallel(stage, device, dims.dp_group))
-        return net, plan
     if dims.engine == "gpipe":
         plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
         balance = [len(stage.blocks) for stage in plan.stages]
@@ -91,6 +94,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
     if replicate:
         return data_parallel(model, device), None
     return model, None
+
+
+def _stage_plan(cfg, dims: ParallelDims, model: nn.Module, input_shape: list[int], device: torch.device,
+                targets) -> Plan:
+    """The pipeline plan: of whole volumes, or (SP x PP) of the slabs each stage's ranks hold."""
+    if not dims.spatial:
+        return plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)[0]
+    return hybrid_plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
 
 
 def parallel_loss(loss: nn.Module, dims: ParallelDims) -> nn.Module:
@@ -101,8 +112,11 @@ def parallel_loss(loss: nn.Module, dims: ParallelDims) -> nn.Module:
 
 def inference_module(model: nn.Module, net: nn.Module, dims: ParallelDims, divisor: int) -> nn.Module:
     """What validation runs: ``net`` (``parallelize``'s module) without DDP; under SP, the split ``model``
-    taking whole volumes and giving every rank of the volume's slabs the whole logits."""
-    return SpatialInference(model, dims.sp_group, divisor) if dims.spatial else unwrap(net)
+    (or, SP x PP, this rank's pipeline of slabs) taking whole volumes and giving every rank the whole
+    logits."""
+    if not dims.spatial:
+        return unwrap(net)
+    return SpatialInference(net if dims.staged else model, dims.sp_group, divisor)
 
 
 def split_for_inference(model: nn.Module, devices: int, device: torch.device) -> nn.Module:

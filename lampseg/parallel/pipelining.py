@@ -40,7 +40,9 @@ class StageModule(BlockSequence):
     def __init__(self, blocks: list[nn.Module], checkpoint: str, precision: str, device: torch.device):
         super().__init__(blocks, checkpoint)
         self.precision, self.device = precision, device
-        self.wire_dtype = wire_dtype(precision, device)
+        # the weights' dtype: fp32, or float64 for a double model (the exactness tests)
+        self.param_dtype = next((p.dtype for p in self.parameters()), torch.float32)
+        self.wire_dtype = wire_dtype(precision, device, self.param_dtype)
 
     def forward(self, *tensors: torch.Tensor):
         state = tensors[0] if len(tensors) == 1 else tensors
@@ -50,11 +52,12 @@ class StageModule(BlockSequence):
         return outs[0] if len(outs) == 1 else outs
 
 
-def wire_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """dtype of the tensors sent between stages: the autocast dtype (halves traffic) or fp32."""
+def wire_dtype(precision: str, device: torch.device, param_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """dtype of the tensors sent between stages: the autocast dtype (halves traffic), or without autocast
+    the weights' dtype (fp32)."""
     precision = enum_value(precision)
-    if precision == "fp16" and device.type != "cuda":
-        return torch.float32
+    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
+        return param_dtype
     return DTYPES[precision]
 
 
@@ -149,7 +152,7 @@ class PipelinedUNet(nn.Module):
         return self._shapes[key]
 
     def _examples(self, shapes: list[torch.Size], first: bool) -> tuple[torch.Tensor, ...]:
-        dtype = torch.float32 if first else self.stage_module.wire_dtype
+        dtype = self.stage_module.param_dtype if first else self.stage_module.wire_dtype
         return tuple(torch.empty(s, dtype=dtype, device=self.device).requires_grad_(not first)
                      for s in shapes)
 
@@ -171,7 +174,9 @@ class PipelinedUNet(nn.Module):
             stage = PipelineStage(self.trained, self.pp_rank, self.pp, self.device, input_args=inputs,
                                   output_args=outputs[0] if len(outputs) == 1 else outputs, group=self.group)
             self._schedules[key] = SCHEDULES[self.plan.schedule](
-                stage, self.plan.microbatches, loss_fn=lambda out, target: loss_fn(out.float(), target))
+                stage, self.plan.microbatches,
+                loss_fn=lambda out, target: loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)),
+                                                    target))
         return self._schedules[key]
 
     def release_buffers(self) -> None:

@@ -51,6 +51,7 @@ class Plan:
     memory_gb: float | None
     source: str
     stages: list[Stage] = field(default_factory=list)
+    sp: int = 1  # spatial slabs per stage (``capacity.hybrid_plan``): the stages' costs are per slab
 
     @property
     def bubble(self) -> float:
@@ -79,7 +80,8 @@ class Plan:
             lines.append(f"{i:>5}  {','.join(s.blocks):<28} {s.params:>11,} {s.static_gb:>9.3f} "
                          f"{s.activation_gb:>9.3f} {s.memory_gb:>8.3f} {1000 * s.time_s:>8.2f}")
         budget = f"{self.memory_gb:g} GB" if self.memory_gb else "none"
-        lines.append(f"pp={self.pp} microbatches={self.microbatches} schedule={self.schedule} "
+        slabs = f"sp={self.sp} slabs (costs per slab) x " if self.sp > 1 else ""
+        lines.append(f"{slabs}pp={self.pp} microbatches={self.microbatches} schedule={self.schedule} "
                      f"checkpoint={self.checkpoint} budget/stage={budget} balance={self.balance:.2f} "
                      f"bubble={self.bubble:.2f} est. step={self.step_time_s:.3f}s ({self.source})")
         return "\n".join(lines)
@@ -207,7 +209,9 @@ def make_plan(costs: list[BlockCost], pp: int, batch_size: int, memory_gb: float
     return best
 
 
-def _fits(costs, pp, batch, budget, schedule, opt_states) -> bool:
+def fits(costs: list[BlockCost], pp: int, batch: int, budget: float | None, schedule: str, opt_states: int
+         ) -> bool:
+    """Whether some split into ``pp`` stages, micro-batching and checkpointing fits ``budget`` per stage."""
     return any(_best_split(costs, pp, batch, m, schedule, policy, opt_states, budget) is not None
                for policy in RECOMPUTE for m in range(1, batch + 1) if batch % m == 0)
 
@@ -224,7 +228,7 @@ def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, d
     else:
         need, name = max((alone(i), f"block {c.name}") for i, c in enumerate(costs))
     hints = [f"more stages: parallel.pp={s}" for s in range(pp + 1, len(costs) + 1)
-             if _fits(costs, s, batch, budget, schedule, opt_states)][:1]
+             if fits(costs, s, batch, budget, schedule, opt_states)][:1]
     side = largest_cube(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor)
     if side:
         hints.append(f"a smaller input: about {side}^3 voxels (data.patch_size=[{side},{side},{side}])")
@@ -252,7 +256,7 @@ def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, inp
     while lo < hi:
         mid = (lo + hi + 1) // 2
         side = mid * divisor
-        if _fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states):
+        if fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states):
             lo = mid
         else:
             hi = mid - 1

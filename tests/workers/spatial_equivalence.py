@@ -1,7 +1,8 @@
 """torchrun worker: a U-Net split into slabs (``parallelize`` under ``parallel=spatial``) gives the unsplit
 model's logits, loss and gradients, alone (dp=1) and with data parallelism (dp x sp = WORLD_SIZE), and whole
 outputs for inputs whose slabs differ in length. Float64, so that any real difference stands out from
-rounding. Prints one JSON line per case on rank 0.
+rounding. With 4 processes also two pipeline stages of two slabs each (sp=2 x pp=2, ``torch.distributed.
+pipelining``, two micro-batches). Prints one JSON line per case on rank 0.
 
     torchrun --nproc_per_node 4 --master_addr 127.0.0.1 --master_port PORT \
         tests/workers/spatial_equivalence.py
@@ -78,6 +79,50 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, c
             "inference_error": max_rel_error(whole, ref_whole, 0.0)}
 
 
+def staged_case(sp: int, pp: int) -> dict:
+    """Stages of slabs: each of ``pp`` stages split over ``sp`` ranks, trained through the pipeline's
+    schedule (two micro-batches), equal to the unsplit model's loss and gradients (float64 weights: the
+    stages exchange float64 without autocast)."""
+    cfg = OmegaConf.structured(Config)
+    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
+                          "num_res_units": 2, "norm": "instance", "dropout": 0.0})
+    cfg.parallel.merge_with({"name": "spatial", "dp": 1, "sp": sp, "pp": pp, "microbatches": 2,
+                             "checkpoint": "none"})
+    cfg.data.batch_size, cfg.trainer.precision = 2, "fp32"
+    targets = Targets.from_config(LABELS, None)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, targets.out_channels).double()
+    reference = copy.deepcopy(model)
+    loss_fn = build_loss(cfg.optim, targets)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
+    target = targets.loss_target(torch.randint(0, 3, (2, 1, 32, 24, 16), generator=generator))
+    ref_loss = loss_fn(reference(image), target)
+    ref_loss.backward()
+
+    dims = ParallelDims(dp=1, pp=pp, world=dist.get_world_size(), engine="pipelining", sp=sp)
+    net, plan = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"), targets)
+    loss = net.train_step(slab(image, dims.sp_group, 4), slab(target, dims.sp_group, 4),
+                          parallel_loss(loss_fn, dims))
+    grads = {name: p.grad for name, p in model.named_parameters() if net.owns(name)}
+    wanted = {name: p.grad for name, p in reference.named_parameters() if name in grads}
+    scale = max(float(p.grad.abs().max()) for p in reference.parameters()) * 1e-6
+    error = torch.tensor([max(max_rel_error(grads[n], g, scale) for n, g in wanted.items())])
+    dist.all_reduce(error, op=dist.ReduceOp.MAX)  # over every stage's parameters
+    squares = torch.tensor([sum(float((grads[n] - g).pow(2).sum()) for n, g in wanted.items()),
+                            sum(float(g.pow(2).sum()) for g in wanted.values())], dtype=torch.float64)
+    dist.all_reduce(squares)  # every stage counted sp times, numerator and denominator alike
+    infer = inference_module(model, net, dims, 4).eval()
+    uneven = image[:, :, :28]
+    with torch.no_grad():
+        whole = infer(uneven)
+        ref_whole = reference.eval()(uneven)
+    return {"sp": sp, "pp": pp, "stages": [list(s.blocks) for s in plan.stages], "plan_sp": plan.sp,
+            "loss": loss, "ref_loss": float(ref_loss.detach()), "max_rel_grad_error": float(error),
+            "normwise_grad_error": float((squares[0] / squares[1]).sqrt()),
+            "inference_error": max_rel_error(whole, ref_whole, 0.0)}
+
+
 def bf16_case(sp: int) -> dict:
     """Under bf16 autocast (the CPU default) the split runs its convolutions in bf16 as the unsplit layers
     do: the loss agrees to bf16 rounding and the gradients point the same way."""
@@ -123,6 +168,10 @@ def main() -> None:
     row = bf16_case(world)
     if dist.get_rank() == 0:
         print(json.dumps(row), flush=True)
+    if world == 4:
+        row = staged_case(2, 2)
+        if dist.get_rank() == 0:
+            print(json.dumps(row), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
