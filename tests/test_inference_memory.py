@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import lampseg
+from conftest import compose, lampseg
 
 import lampseg.engine.inference as inference
 from lampseg.data.sampling import whole_volume_shape
@@ -172,3 +172,22 @@ def test_auto_pipelines_an_unsplit_model_over_devices_when_the_whole_volume_fits
     # With one device only, the same budget means sliding windows.
     single = InferenceMemory(0, 1e4, 2, 3, budget_gb=memory.budget_gb, devices=1)
     assert choose_mode(single, [20, 24, 16], 4, 1).mode == "sliding"
+
+
+def test_auto_takes_the_whole_volume_split_into_the_run_s_slabs_when_one_device_cannot_hold_it():
+    """``parallel=spatial``: each rank holds its slab's activations (and the replicated weights), so a
+    whole volume too large for one device may fit as slabs; ``inference_memory`` reads the slabs from the
+    config."""
+    from lampseg.engine.inference_memory import choose_mode, inference_memory
+
+    one = InferenceMemory(1e6, 1e4, 2, 3)
+    two = InferenceMemory(1e6, 1e4, 2, 3, slabs=2)
+    volume = [64, 48, 32]
+    assert two.whole_gb(volume) < one.whole_gb(volume)
+    budget = (one.whole_gb(volume) + two.whole_gb(volume)) / 2
+    choice = choose_mode(InferenceMemory(1e6, 1e4, 2, 3, budget_gb=budget, slabs=2), volume, 4, 1)
+    assert choice.mode == "whole" and "each of 2 slabs" in choice.reason
+    assert choose_mode(InferenceMemory(1e6, 1e4, 2, 3, budget_gb=budget), volume, 4, 1).mode == "sliding"
+    cfg = compose("+exp=smoke", "parallel=spatial", "parallel.sp=2", "inference.mode=auto",
+                  "inference.memory_gb=1")
+    assert inference_memory(cfg, 4, 4, torch.device("cpu")).slabs == 2

@@ -67,6 +67,27 @@ def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
     assert load_check_run_dir().check(tmp_path / "sp") == []  # last: skips where the shared tool is absent
 
 
+@pytest.mark.extended
+def test_stages_of_slabs_train_like_one_process_and_resume_as_a_pipeline(tmp_path):
+    """sp=2 x pp=2 (four processes) follows the one-process trajectory; its checkpoint (unsplit names)
+    resumes as a four-stage pipeline (pp=4) to the same losses, and evaluates unsplit to the same Dice."""
+    one = train_here(tmp_path / "one", *EXACT)
+    run_dir = tmp_path / "sp2pp2"
+    first = torchrun(4, "train", *EXACT, "parallel=spatial", "parallel.sp=2", "parallel.pp=2",
+                     "trainer.stop_after_epochs=1", f"run_dir={run_dir}")
+    assert "4 processes: dp=1 x pp=2 x sp=2" in first.stdout and "sp=2 slabs" in first.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 1
+    second = torchrun(4, "train", *EXACT, "parallel=pipeline", "parallel.pp=4", f"run_dir={run_dir}")
+    assert "resumed from" in second.stdout and "4 processes: dp=4" not in second.stdout
+    assert train_losses(run_dir) == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_val_dice"] == pytest.approx(one["best_val_dice"], rel=1e-5)
+    lampseg("evaluate", f"ckpt={run_dir / 'checkpoints' / 'best.pt'}", "parallel=single",
+            f"run_dir={tmp_path / 'eval'}")
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["mean"]["dice"] == pytest.approx(one["best_val_dice"], rel=1e-5)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["parallel=ddp", "parallel.sp=2"], "parallel.sp"),  # slabs need parallel=spatial
     (["parallel=spatial", "parallel.pp=2", "parallel.engine=gpipe"], "parallel.engine"),  # a stage a process

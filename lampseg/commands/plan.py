@@ -33,7 +33,15 @@ from lampseg.parallel.capacity import (
     largest_spatial_cube,
     spatial_plan,
 )
-from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, PlanError, largest_cube, make_plan, profile_for
+from lampseg.parallel.plan import (
+    OPTIMIZER_STATES,
+    Plan,
+    PlanError,
+    largest_cube,
+    make_plan,
+    profile_for,
+    skip_routing,
+)
 from lampseg.runtime.device import resolve_device
 
 
@@ -62,7 +70,8 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
                         resolve_device(cfg.trainer.device), targets)
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
         f"input {input_shape} x batch {batch}, {enum_value(cfg.trainer.precision)}")
-    capacity = capacity_table(costs, batch, budget, input_shape, p.schedule, opt_states, divisor) \
+    capacity = capacity_table(costs, batch, budget, input_shape, p.schedule, opt_states, divisor,
+                              skips=skip_routing(p)) \
         if budget is not None else None
     plan = spatial = cube = None
     try:
@@ -78,7 +87,7 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
         else:
             plan = make_plan(costs, p.pp, batch, budget, input_shape, p.microbatches, p.schedule,
                              enum_value(p.checkpoint), enum_value(cfg.optim.name), enum_value(p.profile),
-                             divisor)
+                             divisor, skip_routing(p))
             log(plan.table())
     except PlanError:
         for line in capacity_lines(capacity, budget) if capacity else []:  # what would fit, before the error
@@ -93,7 +102,7 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
                                        opt_states, divisor)
         else:
             cube = largest_cube(costs, plan.pp, batch, budget, input_shape, plan.schedule, opt_states,
-                                divisor)
+                                divisor, skips=plan.skips)
         log(f"largest cubic input that fits {budget:g} GB per device with {layout}: {cube}^3 (batch {batch})")
         for line in capacity_lines(capacity, budget):
             log(line)

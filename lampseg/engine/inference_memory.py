@@ -5,9 +5,10 @@ the planner's per-block costs and choose, per volume, what fits a budget.
 
 (The training patch, ``data.patch_size=auto``, is the planner's: ``parallel.plan.auto_patch_size``.)
 Inference: whole volume on one device when its estimated peak fits ``inference.memory_gb`` (default:
-the device's free memory), else (a pipelined checkpoint) the whole volume split over its stages, else
-the largest sliding window that fits. If the device still runs out of memory, ``infer`` releases it,
-falls back to the next smaller choice, warns once, and finishes.
+the device's free memory), split into the run's slabs (``parallel=spatial``: each rank holds its slab's
+activations) or over its pipeline stages, else the largest sliding window that fits. If the device still
+runs out of memory, ``infer`` releases it, falls back to the next smaller choice, warns once, and
+finishes.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class InferenceMemory:
             memory when the estimate was made).
         devices: devices an unsplit model may be pipelined over for a whole volume that does not fit one
             (``inference.devices``; default: the visible GPUs, 1 on CPU).
+        slabs: spatial slabs each volume is split into (``parallel.sp`` under ``parallel=spatial``): every
+            rank keeps the weights and its slab's activations (plus a halo row on each side).
     """
 
     param_bytes: int
@@ -48,10 +51,12 @@ class InferenceMemory:
     stages: int = 1
     budget_gb: float = math.inf
     devices: int = 1
+    slabs: int = 1
 
     @classmethod
     def from_config(cls, model_cfg, in_channels: int, out_channels: int, precision: str = "fp32",
-                    stages: int = 1, budget_gb: float = math.inf, devices: int = 1) -> InferenceMemory:
+                    stages: int = 1, budget_gb: float = math.inf, devices: int = 1,
+                    slabs: int = 1) -> InferenceMemory:
         """Profile ``model_cfg``'s U-Net on meta tensors (no memory, milliseconds)."""
         side = 4 * size_divisor(model_cfg)
         with torch.device("meta"):
@@ -64,14 +69,17 @@ class InferenceMemory:
         # A residual unit holds two intermediates at once (convolution and normalisation outputs): 2x the
         # largest. Checked against bench inference's measured peaks (whole and 64-128^3 windows: within 10 %).
         act = max(c.in_bytes + c.out_bytes + 2 * c.work_bytes for c in costs)
-        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb, devices)
+        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb, devices, slabs)
 
     def whole_gb(self, shape: list[int], split: int | None = None) -> float:
         """Peak GB per device for the whole (padded) volume ``shape`` in one pass, over ``split`` devices
-        (default: the model's stages)."""
+        (default: the model's stages), each stage split into ``slabs`` (whose ranks all hold the whole
+        input and the gathered logits)."""
         voxels = math.prod(shape)
         held = 4 * voxels * (self.in_channels + self.out_channels)  # fp32 image and logits
-        return (held + (self.param_bytes + self.act_bytes_per_voxel * voxels) / (split or self.stages)) / GB
+        stages = split or self.stages
+        slab = voxels / self.slabs * (1 + 2 * self.slabs / shape[0] if self.slabs > 1 else 1)  # + halos
+        return (held + self.param_bytes / stages + self.act_bytes_per_voxel * slab / stages) / GB
 
     def sliding_gb(self, volume: list[int], window: list[int], sw_batch_size: int) -> float:
         """Peak GB for sliding windows of ``window`` over ``volume`` (MONAI keeps the fp32 output sum
@@ -129,9 +137,11 @@ def choose_mode(memory: InferenceMemory, volume: list[int], divisor: int, sw_bat
     whole = memory.whole_gb(padded)
     if whole <= budget_gb:
         where = "one device" if memory.stages == 1 else f"{memory.stages} pipeline stages"
+        if memory.slabs > 1:
+            where = f"each of {memory.slabs} slabs" + ("" if memory.stages == 1 else f" of {where}")
         return ModeChoice("whole", None, whole, budget_gb,
                           f"the whole volume needs ~{whole:.3g} GB on {where}, within {budget_gb:.3g} GB")
-    if memory.stages == 1 and memory.devices > 1:
+    if memory.stages == 1 and memory.slabs == 1 and memory.devices > 1:
         split = memory.whole_gb(padded, memory.devices)
         if split <= budget_gb:
             return ModeChoice("whole", None, split, budget_gb,
@@ -170,5 +180,6 @@ def inference_memory(cfg, in_channels: int, out_channels: int,
     devices = cfg.inference.devices
     if devices is None:
         devices = torch.cuda.device_count() if device.type == "cuda" else 1
+    slabs = int(cfg.parallel.sp) if cfg.parallel.name == "spatial" else 1
     return InferenceMemory.from_config(cfg.model, in_channels, out_channels, cfg.trainer.precision, stages,
-                                       budget, devices)
+                                       budget, devices, slabs)

@@ -178,9 +178,10 @@ class Capacity:
 
 def capacity_table(costs: list[BlockCost], batch: int, budget: float, input_shape: list[int],
                    schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1,
-                   devices: tuple[int, ...] = DEVICE_COUNTS) -> list[Capacity]:
-    """The largest whole cube and its estimated step time for each device count: pipeline, spatial split,
-    and the best combination of both (``python -m lampseg plan`` prints it with ``capacity_lines``)."""
+                   devices: tuple[int, ...] = DEVICE_COUNTS, skips: str = "carried") -> list[Capacity]:
+    """The largest whole cube and its estimated step time for each device count: pipeline (its skip tensors
+    ``skips``: carried or direct, ``plan.stage_cost``), spatial split, and the best combination of both
+    (stages of slabs, pipelining: carried) (``python -m lampseg plan`` prints it with ``capacity_lines``)."""
     voxels = math.prod(input_shape[1:])
     optimizer = "adamw" if opt_states == 2 else "sgd"
 
@@ -192,11 +193,11 @@ def capacity_table(costs: list[BlockCost], batch: int, budget: float, input_shap
         row = Capacity(n, 0, None, 0, None)
         if n <= len(costs):
             row.pipeline_side = largest_cube(costs, n, batch, budget, input_shape, schedule, opt_states,
-                                             divisor)
+                                             divisor, skips=skips)
         if row.pipeline_side:
             scaled, shape = cube(row.pipeline_side)
             row.pipeline_step_s = make_plan(scaled, n, batch, budget, shape, None, schedule, "auto",
-                                            optimizer).step_time_s
+                                            optimizer, skips=skips).step_time_s
         row.spatial_side = largest_spatial_cube(costs, n, batch, budget, input_shape, opt_states, divisor)
         if row.spatial_side:
             scaled, shape = cube(row.spatial_side)

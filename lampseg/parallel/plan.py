@@ -52,6 +52,7 @@ class Plan:
     source: str
     stages: list[Stage] = field(default_factory=list)
     sp: int = 1  # spatial slabs per stage (``capacity.hybrid_plan``): the stages' costs are per slab
+    skips: str = "carried"  # skip tensors carried through the stages in between, or sent "direct"
 
     @property
     def bubble(self) -> float:
@@ -82,7 +83,8 @@ class Plan:
         budget = f"{self.memory_gb:g} GB" if self.memory_gb else "none"
         slabs = f"sp={self.sp} slabs (costs per slab) x " if self.sp > 1 else ""
         lines.append(f"{slabs}pp={self.pp} microbatches={self.microbatches} schedule={self.schedule} "
-                     f"checkpoint={self.checkpoint} budget/stage={budget} balance={self.balance:.2f} "
+                     f"checkpoint={self.checkpoint} skips={self.skips} budget/stage={budget} "
+                     f"balance={self.balance:.2f} "
                      f"bubble={self.bubble:.2f} est. step={self.step_time_s:.3f}s ({self.source})")
         return "\n".join(lines)
 
@@ -97,7 +99,7 @@ def _through_bytes(costs: list[BlockCost]) -> int:
 
 
 def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, microbatches: int,
-               schedule: str, checkpoint: str, opt_states: int) -> Stage:
+               schedule: str, checkpoint: str, opt_states: int, skips: str = "carried") -> Stage:
     """Peak memory and time of one stage (a pipelining rank) holding ``costs``' blocks.
 
     Per micro-batch in flight (all M with GPipe, at most S - stage with 1F1B): the tensors saved for
@@ -107,13 +109,19 @@ def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, micr
     micro-batch's output (last: the schedule returns them). One micro-batch
     at a time: the input gradient being sent back, the backward's working buffers (~ the largest saved
     tensor) and any recomputation.
+
+    ``skips="direct"`` (torchgpipe's skip API, ``gpipe.py``): a skip tensor goes straight from the stage
+    that makes it to the stage that uses it, so skips that merely cross a stage are neither received nor
+    sent there (nor their gradients); ``"carried"`` (``torch.distributed.pipelining``): they are.
     """
     micro = batch / microbatches
     in_flight = min(microbatches, stages - index) if schedule == "1f1b" else microbatches
     first, last = index == 0, index == stages - 1
     act = sum(c.act_bytes for c in costs) - (0 if first else costs[0].saved_in_bytes)
-    recv = 0 if first else costs[0].in_bytes
-    output = costs[-1].out_bytes - _through_bytes(costs)
+    through = _through_bytes(costs)
+    crossing = through if skips == "direct" else 0  # received and sent on: not here when sent direct
+    recv = 0 if first else costs[0].in_bytes - crossing
+    output = costs[-1].out_bytes - through
     working = max(c.work_bytes for c in costs)
     workspace = max(c.workspace_bytes for c in costs)
     if checkpoint == "none":
@@ -124,7 +132,8 @@ def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, micr
     else:  # "all": keep only the received input, recompute the whole stage for one micro-batch at a time
         kept, recomputed = 0, act
     # The last stage keeps every micro-batch's output (the schedule returns them merged) and the target.
-    whole_batch = (recv + (0 if last else costs[-1].out_bytes) + (costs[0].extra_in_bytes if first else 0)
+    whole_batch = (recv + (0 if last else costs[-1].out_bytes - crossing)
+                   + (costs[0].extra_in_bytes if first else 0)
                    + (costs[-1].extra_out_bytes + output if last else 0))
     activation = (in_flight * micro * (kept + (0 if last else output)) + batch * whole_batch
                   + micro * (recv + working + recomputed) + workspace) / GB
@@ -134,7 +143,8 @@ def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, micr
                  micro * sum(c.time_s for c in costs) * RECOMPUTE[checkpoint])
 
 
-def _best_split(costs, stages, batch, microbatches, schedule, checkpoint, opt_states, budget_gb):
+def _best_split(costs, stages, batch, microbatches, schedule, checkpoint, opt_states, budget_gb,
+                skips="carried"):
     """Contiguous split minimising the slowest stage with every stage within budget (DP), or None."""
     n = len(costs)
     inf = (math.inf, None)
@@ -147,7 +157,7 @@ def _best_split(costs, stages, batch, microbatches, schedule, checkpoint, opt_st
                 if prev_stages is None:
                     continue
                 stage = stage_cost(costs[i:j], s - 1, stages, batch, microbatches, schedule, checkpoint,
-                               opt_states)
+                                   opt_states, skips)
                 if budget_gb is not None and stage.memory_gb > budget_gb:
                     continue
                 slowest = max(prev_time, stage.time_s)
@@ -163,7 +173,7 @@ class PlanError(ConfigError):
 def make_plan(costs: list[BlockCost], pp: int, batch_size: int, memory_gb: float | None,
               input_shape: list[int], microbatches: int | None = None, schedule: str = "gpipe",
               checkpoint: str = "auto", optimizer: str = "adamw", source: str = "estimate",
-              divisor: int = 1) -> Plan:
+              divisor: int = 1, skips: str = "carried") -> Plan:
     """Choose stage boundaries, micro-batches and checkpointing.
 
     Args:
@@ -178,6 +188,7 @@ def make_plan(costs: list[BlockCost], pp: int, batch_size: int, memory_gb: float
         optimizer: adamw | sgd (optimiser state per parameter).
         source: where ``costs`` came from (recorded).
         divisor: spatial multiple the network needs (for the "smaller input" hint).
+        skips: how skip tensors reach their stage: carried (pipelining) or direct (gpipe; ``stage_cost``).
 
     Raises:
         PlanError: when ``pp`` exceeds the number of blocks or nothing fits; says what would fit.
@@ -197,39 +208,40 @@ def make_plan(costs: list[BlockCost], pp: int, batch_size: int, memory_gb: float
     best = None
     for policy in policies:
         for m in counts:
-            stages = _best_split(costs, pp, batch_size, m, schedule, policy, opt_states, memory_gb)
+            stages = _best_split(costs, pp, batch_size, m, schedule, policy, opt_states, memory_gb, skips)
             if stages is None:
                 continue
-            plan = Plan(pp, m, schedule, policy, batch_size, list(input_shape), memory_gb, source, stages)
+            plan = Plan(pp, m, schedule, policy, batch_size, list(input_shape), memory_gb, source, stages,
+                        skips=skips)
             if best is None or plan.step_time_s < best.step_time_s - 1e-12:
                 best = plan
     if best is None:
         raise PlanError(_nothing_fits(costs, pp, batch_size, memory_gb, input_shape, schedule, opt_states,
-                                      divisor))
+                                      divisor, skips))
     return best
 
 
-def fits(costs: list[BlockCost], pp: int, batch: int, budget: float | None, schedule: str, opt_states: int
-         ) -> bool:
+def fits(costs: list[BlockCost], pp: int, batch: int, budget: float | None, schedule: str, opt_states: int,
+         skips: str = "carried") -> bool:
     """Whether some split into ``pp`` stages, micro-batching and checkpointing fits ``budget`` per stage."""
-    return any(_best_split(costs, pp, batch, m, schedule, policy, opt_states, budget) is not None
+    return any(_best_split(costs, pp, batch, m, schedule, policy, opt_states, budget, skips) is not None
                for policy in RECOMPUTE for m in range(1, batch + 1) if batch % m == 0)
 
 
-def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor) -> str:
+def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor, skips) -> str:
     # A stage holds whole blocks: the heaviest block, alone on a stage and recomputed, with the skip tensors
     # it receives and passes on, is the floor of any split.
     def alone(i: int) -> float:
         index = 0 if i == 0 else pp - 1 if i == len(costs) - 1 else min(1, pp - 1)
-        return stage_cost([costs[i]], index, pp, batch, batch, schedule, "all", opt_states).memory_gb
+        return stage_cost([costs[i]], index, pp, batch, batch, schedule, "all", opt_states, skips).memory_gb
 
     if pp == 1:
         need, name = stage_cost(costs, 0, 1, batch, batch, schedule, "all", opt_states).memory_gb, "the model"
     else:
         need, name = max((alone(i), f"block {c.name}") for i, c in enumerate(costs))
     hints = [f"more stages: parallel.pp={s}" for s in range(pp + 1, len(costs) + 1)
-             if fits(costs, s, batch, budget, schedule, opt_states)][:1]
-    side = largest_cube(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor)
+             if fits(costs, s, batch, budget, schedule, opt_states, skips)][:1]
+    side = largest_cube(costs, pp, batch, budget, input_shape, schedule, opt_states, divisor, skips=skips)
     if side:
         hints.append(f"a smaller input: about {side}^3 voxels (data.patch_size=[{side},{side},{side}])")
     hints.append("slabs of each volume over several devices: parallel=spatial parallel.sp=N (`lampseg plan "
@@ -246,7 +258,8 @@ def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, d
 
 
 def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, input_shape: list[int],
-                 schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1, limit: int = 4096) -> int:
+                 schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1, limit: int = 4096,
+                 skips: str = "carried") -> int:
     """Side of the largest cubic input (a multiple of ``divisor``) whose plan fits ``budget`` GB per stage
     with ``pp`` stages; 0 when none does. Activation, state and time costs scale with the number of voxels
     (parameters do not), so the costs profiled at ``input_shape`` are rescaled rather than re-measured.
@@ -256,7 +269,7 @@ def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, inp
     while lo < hi:
         mid = (lo + hi + 1) // 2
         side = mid * divisor
-        if fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states):
+        if fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states, skips):
             lo = mid
         else:
             hi = mid - 1
@@ -284,6 +297,13 @@ def planned_stages(parallel_cfg) -> tuple[int, bool]:
     """
     pp = int(parallel_cfg.pp)
     return pp, parallel_cfg.name == "pipeline" or pp > 1
+
+
+def skip_routing(parallel_cfg) -> str:
+    """How the configured engine moves skip tensors between stages: ``direct`` with ``engine=gpipe``
+    (torchgpipe's skip API), else ``carried`` (``torch.distributed.pipelining`` stages only talk to their
+    neighbours)."""
+    return "direct" if enum_value(parallel_cfg.engine) == "gpipe" else "carried"
 
 
 def profile_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
@@ -314,7 +334,7 @@ def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],
     costs = profile_for(cfg, in_channels, out_channels, input_shape, device, targets)
     plan = make_plan(costs, p.pp, cfg.data.batch_size, p.memory_gb, input_shape, p.microbatches, p.schedule,
                      enum_value(p.checkpoint), enum_value(cfg.optim.name), enum_value(p.profile),
-                     size_divisor(cfg.model))
+                     size_divisor(cfg.model), skip_routing(p))
     return plan, costs
 
 
@@ -361,7 +381,8 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
     def peak_gb(shape: list[int]) -> float | None:
         scaled = scale_costs(costs, math.prod(shape) / math.prod(cap))
         peaks = [max(s.memory_gb for s in split) for policy in policies for m in counts
-                 if (split := _best_split(scaled, pp, batch, m, p.schedule, policy, opt_states, budget_gb))]
+                 if (split := _best_split(scaled, pp, batch, m, p.schedule, policy, opt_states, budget_gb,
+                                          skip_routing(p)))]
         return min(peaks) if peaks else None
 
     tried = []
