@@ -41,7 +41,7 @@ def _positive_ints(key: str, value: Any, length: int | None = None) -> list[int]
 
 def patch_size_of(cfg: DictConfig) -> list[int] | None:
     """``data.patch_size`` as three ints, or None for whole-volume training and ``auto`` (chosen from the
-    data by ``parallel.plan.auto_patch_size``)."""
+    data by ``parallel.patch.auto_patch_size``)."""
     value = cfg.data.patch_size
     if isinstance(value, str):
         if value not in ("whole", "auto"):

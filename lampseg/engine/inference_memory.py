@@ -3,7 +3,7 @@ the planner's per-block costs and choose, per volume, what fits a budget.
 
     python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt inference.mode=auto inference.memory_gb=2
 
-(The training patch, ``data.patch_size=auto``, is the planner's: ``parallel.plan.auto_patch_size``.)
+(The training patch, ``data.patch_size=auto``, is the planner's: ``parallel.patch.auto_patch_size``.)
 Inference: whole volume on one device when its estimated peak fits ``inference.memory_gb`` (default:
 the device's free memory), split into the run's slabs (``parallel=spatial``: each rank holds its slab's
 activations) or over its pipeline stages, else the largest sliding window that fits. If the device still

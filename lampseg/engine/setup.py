@@ -37,7 +37,8 @@ from lampseg.parallel import distributed
 from lampseg.parallel.capacity import SpatialPlan, choose_layout
 from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
-from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, auto_patch_size, plan_for, profile_for
+from lampseg.parallel.patch import auto_patch_size
+from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, plan_for, profile_for
 from lampseg.runtime.device import resolve_device, seed_everything, set_rng_state
 from lampseg.runtime.memory import free_memory_gb, keep_freed_cpu_memory
 
