@@ -338,12 +338,15 @@ def test_failure_message_without_heartbeats_or_a_laggard(monkeypatch):
 
 
 @pytest.mark.extended
-def test_stalled_rank_times_out_with_a_clear_message(tmp_path):
-    """SIGSTOP one rank: the other fails its collective after parallel.timeout_s with lampseg's message
-    (no traceback) instead of hanging; the job exits non-zero."""
+@pytest.mark.parametrize("layout", [["parallel=ddp"], ["parallel=spatial", "parallel.sp=2"]],
+                         ids=["ddp", "spatial"])
+def test_stalled_rank_times_out_with_a_clear_message(tmp_path, layout):
+    """SIGSTOP one rank: the other fails its collective (DDP's all-reduce; under SP, a halo exchange or a
+    normalisation's all-reduce) after parallel.timeout_s with lampseg's message (no traceback) instead of
+    hanging; the job exits non-zero."""
     run_dir = tmp_path / "stalled"
     command = [sys.executable, "-m", "lampseg.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "lampseg", "train", "+exp=smoke", "parallel=ddp",
+               f"--master_port={free_port()}", "-m", "lampseg", "train", "+exp=smoke", *layout,
                "parallel.timeout_s=4", "trainer.num_threads=1", "trainer.hd95=false", "trainer.max_epochs=50",
                "data.samples_per_epoch=16", f"run_dir={run_dir}"]
     job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
