@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose, lampseg, load_check_run_dir, torchrun, train_here, train_losses, worker_rows
 
 from lampseg.commands.plan import run_plan
@@ -16,6 +17,7 @@ from lampseg.engine.setup import resolve_auto_layout
 from lampseg.model.unet import build_model
 from lampseg.parallel.capacity import capacity_table, largest_slab, largest_spatial_cube, spatial_plan
 from lampseg.parallel.dims import ParallelDims, resolve_dims
+from lampseg.parallel.kernels import conv3d, conv3d_backward
 from lampseg.parallel.plan import PlanError, profile_for
 from lampseg.parallel.spatial import check_splittable
 
@@ -29,17 +31,13 @@ def test_spatial_slabs_match_unsplit_model(world):
     rows = worker_rows(world, WORKER, timeout=300)
     (bf16,) = [r for r in rows if "dtype" in r]
     rows.remove(bf16)
-    staged = [r for r in rows if "pp" in r]
-    for row in staged:  # sp=2 x pp=2: stages of slabs through the pipelining schedule
-        rows.remove(row)
-        assert row["plan_sp"] == 2 and len(row["stages"]) == 2, row
-        assert row["loss"] == pytest.approx(row["ref_loss"], rel=1e-7), row
-        assert row["max_rel_grad_error"] < 1e-6 and row["normwise_grad_error"] < 1e-9, row
-        assert row["inference_error"] < 1e-12, row
-    assert len(staged) == (1 if world == 4 else 0)
     assert bf16["dtype"] == "torch.bfloat16", bf16
     assert bf16["loss"] == pytest.approx(bf16["ref_loss"], rel=2e-2), bf16
     assert bf16["grad_cosine"] > 0.99, bf16
+    staged = [r for r in rows if "pp" in r]
+    for row in staged:
+        rows.remove(row)
+    _assert_staged_exact(staged, 1 if world == 4 else 0)
     layouts = {(1, world)} | ({(2, world // 2)} if world >= 4 else set())
     assert {(r["dp"], r["sp"]) for r in rows} == layouts and len(rows) == 2 * len(layouts)
     assert {r["checkpoint"] for r in rows} == {"none", "block"}  # recomputed blocks repeat their collectives
@@ -49,6 +47,24 @@ def test_spatial_slabs_match_unsplit_model(world):
         # MONAI's focal term rounds to fp32
         assert row["loss"] == pytest.approx(row["ref_loss"], rel=1e-7), row
         assert row["max_rel_grad_error"] < 1e-6, row
+
+
+def _assert_staged_exact(rows: list[dict], count: int) -> None:
+    """Stages of slabs through the pipelining schedule: the unsplit loss, gradients and inference."""
+    assert len(rows) == count, rows
+    for row in rows:
+        assert row["plan_sp"] == 2 and len(row["stages"]) == 2, row
+        assert row["loss"] == pytest.approx(row["ref_loss"], rel=1e-7), row
+        assert row["max_rel_grad_error"] < 1e-6 and row["normwise_grad_error"] < 1e-9, row
+        assert row["inference_error"] < 1e-12, row
+
+
+@pytest.mark.extended
+def test_data_parallel_stages_of_slabs_match_unsplit_model():
+    """dp=2 x sp=2 x pp=2: all three dimensions of the mesh at once (eight processes)."""
+    rows = worker_rows(8, WORKER, timeout=600)
+    _assert_staged_exact(rows, 1)
+    assert (rows[0]["dp"], rows[0]["sp"], rows[0]["pp"]) == (2, 2, 2)
 
 
 def test_spatial_training_follows_one_process_and_evaluates_unsplit(tmp_path):
@@ -200,3 +216,25 @@ def test_parallel_auto_trains_the_layout_it_chose(tmp_path):
     assert chosen and chosen.group(1) in ("spatial", "pipeline"), proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["pp"], summary["sp"]) == (int(chosen.group(2)), int(chosen.group(3))) != (1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride,padding", [((1, 1, 1), (0, 1, 1)), ((2, 2, 2), (0, 1, 1)),
+                                            ((1, 1, 1), (1, 1, 1))])
+def test_slab_kernels_equal_pytorch_convolution_and_its_gradients(dtype, stride, padding):
+    """``kernels.conv3d`` / ``conv3d_backward`` (oneDNN for fp32 CPU slabs, the split axis moved last for
+    the backward) compute what ``F.conv3d`` and autograd compute, for a thin slab that PyTorch itself
+    would send to its im2col kernel."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 10, 32, 24, dtype=dtype, requires_grad=True)
+    weight = torch.randn(8, 16, 3, 3, 3, dtype=dtype, requires_grad=True)
+    bias = torch.randn(8, dtype=dtype, requires_grad=True)
+    want = torch.nn.functional.conv3d(x, weight, bias, stride, padding)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got = conv3d(x.detach(), weight.detach(), bias.detach(), stride, padding, (1, 1, 1), 1)
+    grads = conv3d_backward(grad, x.detach(), weight.detach(), True, stride, padding, (1, 1, 1), 1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, b in zip((got, *grads), (want, x.grad, weight.grad, bias.grad)):
+        assert a.shape == b.shape
+        assert float((a - b).abs().max() / b.abs().max()) < tol

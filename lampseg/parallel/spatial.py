@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lampseg.config import ConfigError
+from lampseg.parallel.kernels import conv3d, conv3d_backward
 
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
 _POINTWISE = (nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -126,18 +127,6 @@ class _HaloExchange(torch.autograd.Function):
         return _return_halo_grad(grad, ctx.before, ctx.after, ctx.group), None, None, None
 
 
-def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
-            groups: int) -> torch.Tensor:
-    """``F.conv3d``, except that fp32 CPU convolutions always take oneDNN's kernel: PyTorch picks its
-    im2col kernel (2-3x slower here) when batch x channels x X x Y <= 20480, a line that thin slabs of
-    small layers cross where the unsplit layer does not (``docs/MODEL_PARALLEL.md``)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available() \
-            and torch.backends.mkldnn.enabled:
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation),
-                                                 groups)
-    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-
-
 class _HaloConv(torch.autograd.Function):
     """A 3D convolution of the haloed slab that keeps only the slab (alive anyway) and its halo rows for
     the backward, not the haloed copy: the split layer then saves what the unsplit one saves. Under
@@ -146,7 +135,7 @@ class _HaloConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, before, after, stride, padding, dilation, groups, group):
         head, tail = _receive_halo(x, before, after, group)
-        y = _conv3d(torch.cat([head, x, tail], AXIS), weight, bias, stride, padding, dilation, groups)
+        y = conv3d(torch.cat([head, x, tail], AXIS), weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, head, tail, weight)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.halo, ctx.group, ctx.has_bias = (before, after), group, bias is not None
@@ -157,10 +146,8 @@ class _HaloConv(torch.autograd.Function):
         x, head, tail, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         haloed = torch.cat([head, x, tail], AXIS).to(grad.dtype)
-        grad_haloed, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, haloed, weight.to(grad.dtype), [weight.shape[0]] if ctx.has_bias else None, list(stride),
-            list(padding), list(dilation), False, [0, 0, 0], groups,
-            [True, True, ctx.has_bias])
+        grad_haloed, grad_weight, grad_bias = conv3d_backward(
+            grad, haloed, weight.to(grad.dtype), ctx.has_bias, stride, padding, dilation, groups)
         del haloed
         grad_x = _return_halo_grad(grad_haloed, *ctx.halo, ctx.group).to(x.dtype)
         grad_bias = grad_bias.to(weight.dtype) if ctx.has_bias else None

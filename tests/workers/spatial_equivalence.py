@@ -2,7 +2,8 @@
 model's logits, loss and gradients, alone (dp=1) and with data parallelism (dp x sp = WORLD_SIZE), and whole
 outputs for inputs whose slabs differ in length. Float64, so that any real difference stands out from
 rounding. With 4 processes also two pipeline stages of two slabs each (sp=2 x pp=2, ``torch.distributed.
-pipelining``, two micro-batches). Prints one JSON line per case on rank 0.
+pipelining``, two micro-batches), with 8 also two replicas of that (dp=2 x sp=2 x pp=2). Prints one JSON
+line per case on rank 0.
 
     torchrun --nproc_per_node 4 --master_addr 127.0.0.1 --master_port PORT \
         tests/workers/spatial_equivalence.py
@@ -79,14 +80,14 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, c
             "inference_error": max_rel_error(whole, ref_whole, 0.0)}
 
 
-def staged_case(sp: int, pp: int) -> dict:
-    """Stages of slabs: each of ``pp`` stages split over ``sp`` ranks, trained through the pipeline's
-    schedule (two micro-batches), equal to the unsplit model's loss and gradients (float64 weights: the
-    stages exchange float64 without autocast)."""
+def staged_case(dp: int, sp: int, pp: int) -> dict:
+    """Stages of slabs: each of ``pp`` stages split over ``sp`` ranks (and ``dp`` replicas, each with its
+    share of the batch), trained through the pipeline's schedule (two micro-batches), equal to the unsplit
+    model's loss and gradients (float64 weights: the stages exchange float64 without autocast)."""
     cfg = OmegaConf.structured(Config)
     cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
                           "num_res_units": 2, "norm": "instance", "dropout": 0.0})
-    cfg.parallel.merge_with({"name": "spatial", "dp": 1, "sp": sp, "pp": pp, "microbatches": 2,
+    cfg.parallel.merge_with({"name": "spatial", "dp": dp, "sp": sp, "pp": pp, "microbatches": 2,
                              "checkpoint": "none"})
     cfg.data.batch_size, cfg.trainer.precision = 2, "fp32"
     targets = Targets.from_config(LABELS, None)
@@ -95,15 +96,17 @@ def staged_case(sp: int, pp: int) -> dict:
     reference = copy.deepcopy(model)
     loss_fn = build_loss(cfg.optim, targets)
     generator = torch.Generator().manual_seed(1)
-    image = torch.randn(2, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
-    target = targets.loss_target(torch.randint(0, 3, (2, 1, 32, 24, 16), generator=generator))
+    image = torch.randn(2 * dp, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
+    target = targets.loss_target(torch.randint(0, 3, (2 * dp, 1, 32, 24, 16), generator=generator))
     ref_loss = loss_fn(reference(image), target)
     ref_loss.backward()
 
-    dims = ParallelDims(dp=1, pp=pp, world=dist.get_world_size(), engine="pipelining", sp=sp)
+    dims = ParallelDims(dp=dp, pp=pp, world=dist.get_world_size(), engine="pipelining", sp=sp)
     net, plan = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"), targets)
-    loss = net.train_step(slab(image, dims.sp_group, 4), slab(target, dims.sp_group, 4),
+    mine = slice(2 * dims.dp_rank, 2 * dims.dp_rank + 2)  # this replica's two samples
+    loss = net.train_step(slab(image[mine], dims.sp_group, 4), slab(target[mine], dims.sp_group, 4),
                           parallel_loss(loss_fn, dims))
+    loss = dims.dp_mean(loss)  # the replicas' mean: the whole batch's loss
     grads = {name: p.grad for name, p in model.named_parameters() if net.owns(name)}
     wanted = {name: p.grad for name, p in reference.named_parameters() if name in grads}
     scale = max(float(p.grad.abs().max()) for p in reference.parameters()) * 1e-6
@@ -113,11 +116,11 @@ def staged_case(sp: int, pp: int) -> dict:
                             sum(float(g.pow(2).sum()) for g in wanted.values())], dtype=torch.float64)
     dist.all_reduce(squares)  # every stage counted sp times, numerator and denominator alike
     infer = inference_module(model, net, dims, 4).eval()
-    uneven = image[:, :, :28]
+    uneven = image[:2, :, :28]
     with torch.no_grad():
         whole = infer(uneven)
         ref_whole = reference.eval()(uneven)
-    return {"sp": sp, "pp": pp, "stages": [list(s.blocks) for s in plan.stages], "plan_sp": plan.sp,
+    return {"dp": dp, "sp": sp, "pp": pp, "stages": [list(s.blocks) for s in plan.stages], "plan_sp": plan.sp,
             "loss": loss, "ref_loss": float(ref_loss.detach()), "max_rel_grad_error": float(error),
             "normwise_grad_error": float((squares[0] / squares[1]).sqrt()),
             "inference_error": max_rel_error(whole, ref_whole, 0.0)}
@@ -159,17 +162,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     world = dist.get_world_size()
-    layouts = [(1, world)] + ([(2, world // 2)] if world >= 4 else [])
+    layouts = [(1, world)] + ([(2, world // 2)] if world == 4 else []) if world <= 4 else []
     for dp, sp in layouts:
         for variant in VARIANTS:
             row = case(dp, sp, *variant)
             if dist.get_rank() == 0:
                 print(json.dumps(row), flush=True)
-    row = bf16_case(world)
-    if dist.get_rank() == 0:
-        print(json.dumps(row), flush=True)
-    if world == 4:
-        row = staged_case(2, 2)
+    if world <= 4:
+        row = bf16_case(world)
+        if dist.get_rank() == 0:
+            print(json.dumps(row), flush=True)
+    if world in (4, 8):  # sp=2 x pp=2, and with two replicas
+        row = staged_case(world // 4, 2, 2)
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)
     dist.barrier()
