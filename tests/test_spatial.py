@@ -226,12 +226,13 @@ def test_slab_kernels_equal_pytorch_convolution_and_its_gradients(dtype, stride,
     the backward) compute what ``F.conv3d`` and autograd compute, for a thin slab that PyTorch itself
     would send to its im2col kernel."""
     torch.manual_seed(0)
-    x = torch.randn(1, 16, 10, 32, 24, dtype=dtype, requires_grad=True)
+    x = torch.randn(1, 16, 10, 32, 48, dtype=dtype, requires_grad=True)  # im2col, unless permuted
     weight = torch.randn(8, 16, 3, 3, 3, dtype=dtype, requires_grad=True)
     bias = torch.randn(8, dtype=dtype, requires_grad=True)
     want = torch.nn.functional.conv3d(x, weight, bias, stride, padding)
     grad = torch.randn_like(want)
     want.backward(grad)
+    want = want.detach()
     got = conv3d(x.detach(), weight.detach(), bias.detach(), stride, padding, (1, 1, 1), 1)
     grads = conv3d_backward(grad, x.detach(), weight.detach(), True, stride, padding, (1, 1, 1), 1)
     tol = 1e-5 if dtype == torch.float32 else 1e-12

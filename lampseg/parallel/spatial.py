@@ -285,15 +285,18 @@ class _GlobalNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), both means over the whole volume
+        # two activation-sized buffers at a time (xhat and the result), as a fused kernel would nearly do:
+        # the dot product by einsum (no product tensor), the rest in place
         x, mean, rstd = ctx.saved_tensors
-        xhat = (_wide(x) - mean) * rstd
+        xhat = (_wide(x) - mean).mul_(rstd)
         dy = _wide(grad)
         n, g = dy.shape[:2]
-        both = torch.cat([dy.sum(-1), (dy * xhat).sum(-1)], dim=1)  # (N, 2G)
+        both = torch.cat([dy.sum(-1), torch.einsum("ngk,ngk->ng", dy, xhat)], dim=1)  # (N, 2G)
         with COMM.timing("allreduce"):
             dist.all_reduce(both, group=ctx.group)
         mean_dy, mean_dy_xhat = (both / ctx.voxels).view(n, 2, g, 1).unbind(1)
-        return (rstd * (dy - mean_dy - xhat * mean_dy_xhat)).to(x.dtype), None, None
+        grad_x = (dy - mean_dy).sub_(xhat.mul_(mean_dy_xhat)).mul_(rstd)
+        return grad_x.to(x.dtype), None, None
 
 
 def _global_norm(x: torch.Tensor, groups: int, eps: float, weight: torch.Tensor | None,
