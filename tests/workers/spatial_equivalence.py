@@ -30,6 +30,26 @@ VARIANTS = [("instance", 2, "dice_ce", None, "none"),
             ("group", 0, "dice_focal", {"ab": [1, 2], "b": [2]}, "block")]
 
 
+def probe_config(res_units: int, norm: str, parallel: dict):
+    """The config of a small probe U-Net (8-16-32 channels, two levels) under ``parallel``."""
+    cfg = OmegaConf.structured(Config)
+    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
+                          "num_res_units": res_units, "norm": norm, "dropout": 0.0})
+    cfg.parallel.merge_with({"name": "spatial", **parallel})
+    return cfg
+
+
+def probe_problem(cfg, regions, samples: int):
+    """A float64 probe model (seed 0), its unsplit copy, the loss, the targets and a random batch."""
+    targets = Targets.from_config(LABELS, regions)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, targets.out_channels).double()
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(samples, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
+    target = targets.loss_target(torch.randint(0, 3, (samples, 1, 32, 24, 16), generator=generator))
+    return model, copy.deepcopy(model), build_loss(cfg.optim, targets), targets, image, target
+
+
 def max_rel_error(got: torch.Tensor, want: torch.Tensor, scale: float) -> float:
     """Largest difference relative to ``want``'s largest entry (at least ``scale``: gradients that are zero
     analytically, such as a bias before a normalisation, come out as rounding noise)."""
@@ -38,19 +58,9 @@ def max_rel_error(got: torch.Tensor, want: torch.Tensor, scale: float) -> float:
 
 def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, checkpoint: str) -> dict:
     world = dist.get_world_size()
-    cfg = OmegaConf.structured(Config)
-    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
-                          "num_res_units": res_units, "norm": norm, "dropout": 0.0})
-    cfg.parallel.merge_with({"name": "spatial", "dp": dp, "sp": sp, "checkpoint": checkpoint})
+    cfg = probe_config(res_units, norm, {"dp": dp, "sp": sp, "checkpoint": checkpoint})
     cfg.data.batch_size, cfg.optim.loss, cfg.trainer.precision = 2, loss_name, "fp32"
-    targets = Targets.from_config(LABELS, regions)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 2, targets.out_channels).double()
-    reference = copy.deepcopy(model)
-    loss_fn = build_loss(cfg.optim, targets)
-    generator = torch.Generator().manual_seed(1)
-    image = torch.randn(2, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
-    target = targets.loss_target(torch.randint(0, 3, (2, 1, 32, 24, 16), generator=generator))
+    model, reference, loss_fn, targets, image, target = probe_problem(cfg, regions, 2)
 
     ref_logits = reference(image)
     ref_loss = loss_fn(ref_logits, target)
@@ -84,20 +94,9 @@ def staged_case(dp: int, sp: int, pp: int) -> dict:
     """Stages of slabs: each of ``pp`` stages split over ``sp`` ranks (and ``dp`` replicas, each with its
     share of the batch), trained through the pipeline's schedule (two micro-batches), equal to the unsplit
     model's loss and gradients (float64 weights: the stages exchange float64 without autocast)."""
-    cfg = OmegaConf.structured(Config)
-    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
-                          "num_res_units": 2, "norm": "instance", "dropout": 0.0})
-    cfg.parallel.merge_with({"name": "spatial", "dp": dp, "sp": sp, "pp": pp, "microbatches": 2,
-                             "checkpoint": "none"})
+    cfg = probe_config(2, "instance", {"dp": dp, "sp": sp, "pp": pp, "microbatches": 2, "checkpoint": "none"})
     cfg.data.batch_size, cfg.trainer.precision = 2, "fp32"
-    targets = Targets.from_config(LABELS, None)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 2, targets.out_channels).double()
-    reference = copy.deepcopy(model)
-    loss_fn = build_loss(cfg.optim, targets)
-    generator = torch.Generator().manual_seed(1)
-    image = torch.randn(2 * dp, 2, 32, 24, 16, generator=generator, dtype=torch.float64)
-    target = targets.loss_target(torch.randint(0, 3, (2 * dp, 1, 32, 24, 16), generator=generator))
+    model, reference, loss_fn, targets, image, target = probe_problem(cfg, None, 2 * dp)
     ref_loss = loss_fn(reference(image), target)
     ref_loss.backward()
 
@@ -129,10 +128,7 @@ def staged_case(dp: int, sp: int, pp: int) -> dict:
 def bf16_case(sp: int) -> dict:
     """Under bf16 autocast (the CPU default) the split runs its convolutions in bf16 as the unsplit layers
     do: the loss agrees to bf16 rounding and the gradients point the same way."""
-    cfg = OmegaConf.structured(Config)
-    cfg.model.merge_with({"name": "probe", "channels": [8, 16, 32], "strides": [2, 2], "kernel_size": 3,
-                          "num_res_units": 2, "norm": "instance", "dropout": 0.0})
-    cfg.parallel.merge_with({"name": "spatial", "dp": 1, "sp": sp})
+    cfg = probe_config(2, "instance", {"dp": 1, "sp": sp})
     targets = Targets.from_config(LABELS, None)
     torch.manual_seed(0)
     model = build_model(cfg.model, 2, targets.out_channels).to(memory_format=torch.channels_last_3d)
