@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError
 from lampseg.data.msd import Case, DataError, load_dataset, read_case, read_image
-from lampseg.data.prepare import resolve_channels
+from lampseg.data.prepare import report_small_cases, resolve_channels
 
 SHAPE = (12, 14, 10)
 AFFINE = np.diag([1.5, 1.0, 2.0, 1.0])
@@ -279,3 +280,18 @@ def test_unknown_modality_is_a_config_error_listing_the_dataset_s(tmp_path: Path
     with pytest.raises(ConfigError, match=r"data\.modalities.*NOPE") as err:
         resolve_channels(ds, OmegaConf.create({"modalities": ["NOPE"]}))
     assert "CT" in str(err.value) and "PET" in str(err.value)
+
+
+def test_cases_smaller_than_the_patch_are_said_once_as_information_when_all_are() -> None:
+    """All cases smaller than the patch (the default synthetic dataset, cropped to its foreground): one
+    ``info:`` line; some of them: a ``warning:`` with examples; none: nothing."""
+    def cache(*shapes):
+        images = {f"case_{i}": np.zeros((4, *s), np.float32) for i, s in enumerate(shapes)}
+        return SimpleNamespace(cases=list(images), image=images.__getitem__)
+
+    for shapes, start in [([(46, 46, 34)] * 3, "info: all 3 case(s) are smaller"),
+                          ([(46, 46, 34), (64, 64, 64)], "warning: 1 of 2 case(s) are smaller"),
+                          ([(64, 64, 48)], None)]:
+        lines: list[str] = []
+        report_small_cases(cache(*shapes), [48, 48, 48], lines.append)
+        assert lines == [] if start is None else len(lines) == 1 and lines[0].startswith(start), lines

@@ -132,19 +132,28 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print, choose_patch: Patc
         raise ConfigError(f"config key 'data.patch_size': expected multiples of {divisor} (the product of "
                           f"model.strides), got {list(patch)}")
     else:
-        _warn_small_cases(cache, patch, log)
+        report_small_cases(cache, patch, log)
     return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole, decision)
 
 
-def _warn_small_cases(cache, patch: list[int], log) -> None:
-    """One line when preprocessed cases are smaller than the patch (they are zero-padded, which works but
-    is rarely what a user meant)."""
+def report_small_cases(cache, patch: list[int], log) -> None:
+    """One line when preprocessed cases are smaller than the patch (they are zero-padded). When every case
+    is, the dataset's volumes are simply smaller than the patch (the default synthetic dataset, cropped to
+    its foreground, is): said once as information. When only some are, which is rarely what a user meant:
+    a warning with examples."""
     shapes = {n: list(cache.image(n).shape[-3:]) for n in cache.cases}
     small = {n: s for n, s in shapes.items() if any(v < p for v, p in zip(s, patch))}
-    if small:
-        examples = ", ".join(f"{n} {s}" for n, s in list(small.items())[:3])
+    if not small:
+        return
+    examples = ", ".join(f"{n} {s}" for n, s in list(small.items())[:3])
+    examples += ", ..." if len(small) > 3 else ""
+    if len(small) == len(shapes):
+        log(f"info: all {len(small)} case(s) are smaller than data.patch_size {patch} after preprocessing "
+            f"({examples}): patches are zero-padded around them (data.patch_size=whole trains on whole "
+            f"cases instead)")
+    else:
         log(f"warning: {len(small)} of {len(cache.cases)} case(s) are smaller than data.patch_size {patch} "
-            f"after preprocessing ({examples}{', ...' if len(small) > 3 else ''}): patches are zero-padded")
+            f"after preprocessing ({examples}): patches are zero-padded")
 
 
 def curriculum_phases(cfg, bundle: DataBundle) -> list[tuple[int, list[int], bool]]:
