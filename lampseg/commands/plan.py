@@ -94,13 +94,15 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
             log(line)
         raise
     if budget is not None:
-        layout = f"sp={p.sp}" if spatial else f"pp={plan.pp}" if plan.sp == 1 else f"sp={p.sp} x pp={plan.pp}"
         if spatial:
+            layout = f"sp={p.sp}"
             cube = largest_spatial_cube(costs, p.sp, batch, budget, input_shape, opt_states, divisor)
         elif plan.sp > 1:
-            cube = largest_hybrid_cube(costs, p.sp, plan.pp, batch, budget, input_shape, plan.schedule,
+            layout = f"sp={plan.sp} x pp={plan.pp}"
+            cube = largest_hybrid_cube(costs, plan.sp, plan.pp, batch, budget, input_shape, plan.schedule,
                                        opt_states, divisor)
         else:
+            layout = f"pp={plan.pp}"
             cube = largest_cube(costs, plan.pp, batch, budget, input_shape, plan.schedule, opt_states,
                                 divisor, skips=plan.skips)
         log(f"largest cubic input that fits {budget:g} GB per device with {layout}: {cube}^3 (batch {batch})")

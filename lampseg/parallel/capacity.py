@@ -28,6 +28,7 @@ from lampseg.parallel.plan import (
     Stage,
     fits,
     largest_cube,
+    largest_fitting_side,
     make_plan,
     profile_for,
     scale_costs,
@@ -120,38 +121,29 @@ def largest_hybrid_cube(costs: list[BlockCost], sp: int, pp: int, batch: int, bu
                         input_shape: list[int], schedule: str = "gpipe", opt_states: int = 2,
                         divisor: int = 1, limit: int = 4096) -> int:
     """Side of the largest cubic input whose ``sp`` slabs fit ``budget`` GB per rank in ``pp`` stages; 0
-    when none does. Per-rank memory grows with the side (side^2 x slab rows), so bisection finds it."""
+    when none does (``plan.largest_fitting_side``)."""
     voxels = math.prod(input_shape[1:])
 
-    def fit(units: int) -> bool:
-        side = units * divisor
+    def fit(side: int) -> bool:
         per_rank = slab_costs(scale_costs(costs, side**3 / voxels), sp, side, divisor)
         return per_rank is not None and fits(per_rank, pp, batch, budget, schedule, opt_states)
 
-    lo, hi = sp - 1, limit // divisor  # below sp units there are no sp slabs
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fit(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * divisor if lo >= sp else 0
+    return largest_fitting_side(fit, divisor, smallest=sp, limit=limit)
 
 
 def largest_spatial_cube(costs: list[BlockCost], sp: int, batch: int, budget: float, input_shape: list[int],
                          opt_states: int = 2, divisor: int = 1, limit: int = 4096) -> int:
     """Side of the largest cubic input (a multiple of ``divisor``) whose largest slab fits ``budget`` GB per
-    rank with ``sp`` slabs; 0 when none does. Costs profiled at ``input_shape`` are rescaled by voxels.
-
-    Scanned from the top rather than bisected: slabs are whole multiples of ``divisor``, so a side that
-    splits evenly can fit where a slightly smaller one does not."""
+    rank with ``sp`` slabs; 0 when none does. Costs profiled at ``input_shape`` are rescaled by voxels
+    (``plan.largest_fitting_side``)."""
     voxels = math.prod(input_shape[1:])
-    for side in range(limit // divisor * divisor, 0, -divisor):
+
+    def fit(side: int) -> bool:
         scaled = scale_costs(costs, side**3 / voxels)
-        if any((stage := spatial_stage(scaled, sp, batch, opt_states, side, divisor, policy)) is not None
-               and stage.memory_gb <= budget for policy in RECOMPUTE):
-            return side
-    return 0
+        return any((stage := spatial_stage(scaled, sp, batch, opt_states, side, divisor, policy)) is not None
+                   and stage.memory_gb <= budget for policy in RECOMPUTE)
+
+    return largest_fitting_side(fit, divisor, smallest=sp, limit=limit)
 
 
 @dataclass

@@ -13,6 +13,7 @@ estimated step time ``(M + S - 1) * slowest micro-batch stage time``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -256,6 +257,22 @@ def _nothing_fits(costs, pp, batch, budget, input_shape, schedule, opt_states, d
             f"input {list(input_shape)} x batch {batch}: {why}. Would fit: " + "; or ".join(hints))
 
 
+def largest_fitting_side(fit: Callable[[int], bool], divisor: int, smallest: int = 1,
+                         limit: int = 4096) -> int:
+    """The largest cube side, a multiple of ``divisor`` from ``smallest`` divisors up to ``limit``, for which
+    ``fit(side)`` holds; 0 when none does. Memory grows with the side (for slabs too: side^2 x slab rows,
+    and a slab's rows never shrink as the side grows), so ``fit`` holds up to some side and not beyond, and
+    bisection finds it."""
+    lo, hi = smallest - 1, limit // divisor  # in units of divisor
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fit(mid * divisor):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * divisor if lo >= smallest else 0
+
+
 def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, input_shape: list[int],
                  schedule: str = "gpipe", opt_states: int = 2, divisor: int = 1, limit: int = 4096,
                  skips: str = "carried") -> int:
@@ -264,15 +281,11 @@ def largest_cube(costs: list[BlockCost], pp: int, batch: int, budget: float, inp
     (parameters do not), so the costs profiled at ``input_shape`` are rescaled rather than re-measured.
     """
     voxels = math.prod(input_shape[1:])
-    lo, hi = 0, limit // divisor  # in units of divisor; lo always fits (or is 0)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        side = mid * divisor
-        if fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states, skips):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * divisor
+
+    def fit(side: int) -> bool:
+        return fits(scale_costs(costs, side**3 / voxels), pp, batch, budget, schedule, opt_states, skips)
+
+    return largest_fitting_side(fit, divisor, limit=limit)
 
 
 def scale_costs(costs: list[BlockCost], scale: float) -> list[BlockCost]:
