@@ -6,6 +6,7 @@ the synthetic dataset and its preprocessing cache are generated once per session
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -83,14 +84,20 @@ def is_loopback(ip: str) -> bool:
     return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
+def launch_command(nproc: int, *target: str | Path) -> list[str]:
+    """``python -m lampseg.launch`` (torchrun, loopback-bound) with ``nproc`` processes on 127.0.0.1 and a
+    free port, running ``target`` (``-m lampseg ARGS`` or a script)."""
+    return [sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", *map(str, target)]
+
+
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT_S
              ) -> subprocess.CompletedProcess:
     """``python -m lampseg.launch --nproc_per_node NPROC -m lampseg ARGS`` (torchrun, loopback-bound) on
     127.0.0.1, one thread per process. While it runs, the listening sockets of the whole process tree are
     sampled (``proc.listening``); any not on loopback fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lampseg", *map(str, args)]
+    command = launch_command(nproc, "-m", "lampseg", *args)
     listening: set[tuple[str, int]] = set()
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env) as popen:
@@ -113,12 +120,9 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TI
 def worker_rows(nproc: int, script: Path, timeout: float = 300) -> list[dict]:
     """Run a test worker ``script`` under torchrun (``lampseg.launch``, 127.0.0.1, one thread per process)
     and return the JSON lines it printed (failing the test, with its error output, when it fails)."""
-    import json
-
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={nproc}",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(launch_command(nproc, script), capture_output=True, text=True, timeout=timeout,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 

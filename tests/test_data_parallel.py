@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose, free_port, lampseg, torchrun, train_losses
+from conftest import REPO, compose, free_port, lampseg, launch_command, torchrun, train_losses
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError
@@ -243,8 +243,7 @@ def test_killed_rank_fails_the_job_fast_and_the_same_command_resumes(tmp_path):
               "trainer.channels_last=false", "trainer.deterministic=true"]
     torchrun(2, "train", *common, f"run_dir={tmp_path / 'whole'}")
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "lampseg.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "lampseg", "train", *common, f"run_dir={run_dir}"]
+    command = launch_command(2, "-m", "lampseg", "train", *common, f"run_dir={run_dir}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
@@ -345,10 +344,9 @@ def test_stalled_rank_times_out_with_a_clear_message(tmp_path, layout):
     normalisation's all-reduce) after parallel.timeout_s with lampseg's message (no traceback) instead of
     hanging; the job exits non-zero."""
     run_dir = tmp_path / "stalled"
-    command = [sys.executable, "-m", "lampseg.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "lampseg", "train", "+exp=smoke", *layout,
-               "parallel.timeout_s=4", "trainer.num_threads=1", "trainer.hd95=false", "trainer.max_epochs=50",
-               "data.samples_per_epoch=16", f"run_dir={run_dir}"]
+    command = launch_command(2, "-m", "lampseg", "train", "+exp=smoke", *layout, "parallel.timeout_s=4",
+                             "trainer.num_threads=1", "trainer.hd95=false", "trainer.max_epochs=50",
+                             "data.samples_per_epoch=16", f"run_dir={run_dir}")
     job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stalled = None
