@@ -97,6 +97,48 @@ def test_loo_ranks_modalities_in_their_known_order_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in trained} == trained
 
 
+@pytest.mark.extended
+def test_loo_console_names_every_condition_in_few_lines(tmp_path):
+    """``lampseg loo`` on a 4-modality dataset that is not BraTS (T2star, PD; label names with spaces):
+    5 conditions x 2 folds = 10 trials in under 100 console lines, each trial named by its condition, a
+    study line after each, and no logger complaining about the metric names."""
+    import json
+
+    from conftest import lampseg
+
+    from lampseg.data.synth import generate_dataset
+
+    root = generate_dataset(tmp_path / "data", cases=6, shape=(24, 24, 24))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["modality"] = {"0": "FLAIR", "1": "T1w", "2": "T2star", "3": "PD"}
+    meta["labels"] = {"0": "background", "1": "outer lesion zone", "2": "inner core", "3": "active rim"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    run_dir = tmp_path / "study"
+    proc = lampseg("loo", "+exp=smoke", "data=msd", f"data.root={root}", "data.patch_size=[16,16,16]",
+                   "trainer.hd95=false", "trainer.max_epochs=2", "loo.folds=2", f"run_dir={run_dir}",
+                   timeout=400)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) < 100, "\n".join(lines)
+    text = "\n".join(lines)
+    for noise in ("illegal", "Summary name", "Checkpoint successfully created", "Token authentication",
+                  "bottleneck", "Trial status", "╭"):  # tensorboardX, Ray's logs and its tables
+        assert noise not in text, text
+    for fold in (0, 1):
+        for condition in ("all modalities", *(f"without {m}" for m in ("FLAIR", "T1w", "T2star", "PD"))):
+            name = f"{condition}, fold {fold}"
+            assert sum(line.endswith(f"started   {name}") for line in lines) == 1, text
+            assert sum("epoch 2/2 val Dice" in line and line.endswith(name) for line in lines) == 1, text
+            assert sum(f"finished  {name}: best val Dice" in line and "held-out Dice" in line
+                       for line in lines) == 1, text
+    studies = [line for line in lines if line.startswith("study: ")]
+    assert len(studies) == 10 and studies[-1].startswith("study: 10/10 finished, 0 running, 0 pending")
+    assert all("best val Dice" in line for line in studies)
+    trial = next((run_dir / "tune").glob("trial_*"))
+    header = (trial / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_dice_outer_lesion_zone" in header and "epoch 2/2" in (trial / "log.txt").read_text()
+    assert (run_dir / "loo" / "summary.md").is_file()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["loo.folds=1"], "loo.folds"),
     (["loo.folds=many"], "loo.folds"),

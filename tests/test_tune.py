@@ -83,6 +83,13 @@ def test_grid_study_writes_outputs_and_its_best_config_reruns(tmp_path, ray_sess
     for name in ("curves.png", "params.png"):
         assert (tmp_path / "tune" / name).read_bytes()[:8] == PNG
     assert any(line.startswith("rank") and "optim.lr" in line for line in "\n".join(lines).splitlines())
+    # the console names each trial by its values and says how the study stands
+    for lr in ("0.001", "0.003"):
+        assert sum(f"started   lr={lr} amsgrad=True" in line for line in lines) == 1, lines
+        assert sum("finished  lr=" + lr in line and "best val Dice" in line for line in lines) == 1, lines
+    assert any(line.startswith("study: 2/2 finished, 0 running, 0 pending; best val Dice") for line in lines)
+    for r in rows:  # each trial's own output is in its log.txt
+        assert "epoch 2/2" in (Path(r["trial_dir"]) / "log.txt").read_text()
 
     rerun = tmp_path / "rerun"
     lampseg("train", "--config-path", tmp_path / "tune", "--config-name", "best_config", f"run_dir={rerun}",
@@ -110,8 +117,11 @@ def test_asha_stops_the_bad_trial_early(tmp_path, ray_session):
 def test_failed_trial_retries_from_its_checkpoint(tmp_path, ray_session):
     """A trial that raises after epoch 1 is restarted by Tune from its epoch-1 checkpoint and finishes:
     epochs are reported 1, 2, 3 (a restart from scratch would report epoch 1 twice)."""
+    lines: list[str] = []
     _study(tmp_path, "trainer.max_epochs=3", "trainer.fail_at_epoch=1", "tune.max_failures=1",
-           "tune.space=[{key:optim.lr,grid:[0.003]}]")
+           "tune.space=[{key:optim.lr,grid:[0.003]}]", log=lines.append)
+    assert any("failed    lr=0.003: RuntimeError: trainer.fail_at_epoch=1" in line
+               and "retrying from its last checkpoint" in line for line in lines), lines
     (row,) = _results(tmp_path)
     trial = Path(row["trial_dir"])
     assert row["status"] == "completed" and (trial / ".failed_at_epoch").is_file()

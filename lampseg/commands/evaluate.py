@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from lampseg.config import ConfigError
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.evaluate import config_from_checkpoint, evaluate_cases, load_model
+from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import load_data
 from lampseg.io import write_json
 from lampseg.parallel import distributed
@@ -43,6 +44,6 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
         write_json(run_dir / "eval.json", result)
     names = bundle.targets.names
     log(f"evaluated {len(per_case)} cases: mean Dice {means['dice']:.4f} ("
-        + ", ".join(f"{n} {means[f'dice_{n}']:.4f}" for n in names)
+        + ", ".join(f"{n} {means[f'dice_{metric_key(n)}']:.4f}" for n in names)
         + f"), {result['seconds_per_case']:.2f} s/case -> {run_dir / 'eval.json'}")
     return result

@@ -23,11 +23,11 @@ def _at_least(checks: list[tuple[str, Any, int]]) -> None:
             _fail(key, f"an integer >= {lo}", value)
 
 
-def _one_of(checks: list[tuple[str, Any, tuple[str, ...]]]) -> None:
-    """Each ``(key, value, allowed)``: one of the allowed strings."""
+def _one_of(checks: list[tuple[str, Any, tuple]]) -> None:
+    """Each ``(key, value, allowed)``: one of the allowed values."""
     for key, value, allowed in checks:
         if value not in allowed:
-            _fail(key, "one of " + "|".join(allowed), value)
+            _fail(key, "one of " + "|".join(str(a) for a in allowed), value)
 
 
 def _positive_ints(key: str, value: Any, length: int | None = None) -> list[int]:
@@ -188,6 +188,7 @@ def _check_choices(cfg: DictConfig) -> None:
              ("tune.search", tu.search, ("grid", "random", "optuna")),
              ("tune.scheduler", tu.scheduler, ("fifo", "asha", "pbt")),
              ("tune.mode", tu.mode, ("max", "min")),
+             ("tune.verbose", tu.verbose, (0, 1, 2)),
              ("parallel.schedule", p.schedule, ("gpipe", "1f1b"))])  # "1f1b" cannot be an enum name
 
 

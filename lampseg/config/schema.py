@@ -299,6 +299,7 @@ class TuneConfig:
     num_gpus: int | None = None  # local Ray: GPUs to offer (null: all)
     dashboard: bool = False  # Ray's dashboard (loopback only)
     keep_checkpoints: int = 2  # Tune checkpoints kept per trial
+    verbose: int = 1  # 0: progress and errors; 1: a line per trial event; 2: Ray's tables, trials' output
     time_budget_s: float | None = None  # stop starting/continuing trials after this many seconds
     asha: AshaConfig = field(default_factory=AshaConfig)
     pbt: PbtConfig = field(default_factory=PbtConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lampseg.engine.metrics import metric_key
 from lampseg.io import atomic_write_bytes, atomic_write_csv
 from lampseg.plots import figure_png, pyplot
 
@@ -15,7 +16,7 @@ class RunLogger:
 
     Args:
         run_dir: the run directory.
-        names: metric names (regions or labels) for the ``val_dice_<name>`` columns.
+        names: region or label names for the ``val_dice_<metric_key(name)>`` columns.
         history: rows restored from a checkpoint when resuming.
         write: False keeps the rows without writing anything (ranks other than 0).
     """
@@ -23,7 +24,8 @@ class RunLogger:
     def __init__(self, run_dir: Path, names: list[str], history: list[dict] | None = None,
                  write: bool = True):
         self.run_dir, self.write = Path(run_dir), write
-        self.columns = BASE_COLUMNS + [f"val_dice_{n}" for n in names] + [f"val_hd95_{n}" for n in names]
+        keys = [metric_key(n) for n in names]
+        self.columns = BASE_COLUMNS + [f"val_dice_{k}" for k in keys] + [f"val_hd95_{k}" for k in keys]
         self.rows: list[dict] = list(history or [])
         self._tb = None
 

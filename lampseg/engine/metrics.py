@@ -6,6 +6,7 @@ Dice is counted directly on the device (MONAI's ``compute_dice`` spent ~0.5 s pe
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -57,9 +58,21 @@ def nanmean(values) -> float:
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else math.nan
 
 
+def metric_key(name: str) -> str:
+    """A region or label name as it appears in metric keys (``val_dice_<key>``): every character other
+    than letters, digits, ``-``, ``.`` and ``_`` becomes ``_`` (``non-enhancing tumor`` ->
+    ``non-enhancing_tumor``).
+
+    One spelling for every logger: TensorBoard (and Ray's TensorBoard logger) rejects spaces in scalar
+    names and renames them with a message per name and epoch; ``metrics.csv`` and Tune use the same key.
+    """
+    return re.sub(r"[^\w.\-]", "_", name)
+
+
 def summarize(per_case: list[dict], names: list[str]) -> dict:
-    """Mean Dice/HD95 per name over cases, plus the overall mean Dice (``dice``)."""
-    out = {f"dice_{n}": nanmean(c["dice"][n] for c in per_case) for n in names}
-    out.update({f"hd95_{n}": nanmean(c["hd95"][n] for c in per_case) for n in names})
-    out["dice"] = nanmean(out[f"dice_{n}"] for n in names)
+    """Mean Dice/HD95 per name over cases (keys ``dice_<metric_key(name)>``), plus the overall mean Dice
+    (``dice``)."""
+    out = {f"dice_{metric_key(n)}": nanmean(c["dice"][n] for c in per_case) for n in names}
+    out.update({f"hd95_{metric_key(n)}": nanmean(c["hd95"][n] for c in per_case) for n in names})
+    out["dice"] = nanmean(out[f"dice_{metric_key(n)}"] for n in names)
     return out

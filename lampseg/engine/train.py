@@ -20,6 +20,7 @@ from lampseg.data.sampling import Slab
 from lampseg.engine.checkpoint import merge_optimizer_states, optimizer_state_by_name, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.logs import RunLogger
+from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import Run, setup
 from lampseg.engine.steps import EpochResult, GlobalStep, Progress, local_step, pipelined_step, train_epoch
 from lampseg.io import atomic_write_text, portable, write_json
@@ -189,8 +190,8 @@ class Trainer:
         data = {"status": status, "epochs": state.epoch, "max_epochs": cfg.trainer.max_epochs,
                 "best_epoch": state.best_epoch,
                 "best_val_dice": state.best_val_dice if state.best_epoch is not None else None,
-                "val_dice": {n: state.best_metrics.get(f"dice_{n}") for n in names},
-                "val_hd95": {n: state.best_metrics.get(f"hd95_{n}") for n in names},
+                "val_dice": {n: state.best_metrics.get(f"dice_{metric_key(n)}") for n in names},
+                "val_hd95": {n: state.best_metrics.get(f"hd95_{metric_key(n)}") for n in names},
                 "wall_s": round(time.perf_counter() - run.started, 2),
                 "train_samples_per_s": state.train_samples / max(state.train_time_s, 1e-9),
                 "peak_memory_mb": round(peak_memory_mb(run.device), 1), "params": run.params,
@@ -217,7 +218,7 @@ class Trainer:
             for r in rows))
 
     def log_epoch(self, row: dict, skipped: int) -> None:
-        names = " ".join(f"{n}={row.get(f'val_dice_{n}', math.nan):.3f}"
+        names = " ".join(f"{n}={row.get(f'val_dice_{metric_key(n)}', math.nan):.3f}"
                          for n in self.run.bundle.targets.names)
         val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
         skip = f" (skipped {skipped} step(s): non-finite loss or gradients)" if skipped else ""

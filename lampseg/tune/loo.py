@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import ConfigError, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels
+from lampseg.engine.metrics import metric_key
 from lampseg.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from lampseg.plots import figure_png, pyplot
 from lampseg.tune.search import run_tune
@@ -73,17 +74,37 @@ def loo_study(cfg: DictConfig, subsets: dict[str, list[str]], folds: int) -> Dic
     return study
 
 
+class ConditionNames:
+    """Names a trial by its condition and fold (``without T2star, fold 1``; ``all modalities, fold 0``).
+
+    Args:
+        subsets: :func:`conditions`' result.
+    """
+
+    def __init__(self, subsets: dict[str, list[str]]):
+        self.by_subset = {tuple(m.lower() for m in used): name for name, used in subsets.items()}
+
+    def left_out(self, params: dict) -> str | None:
+        """The condition (left-out modality, or ``none``) of a trial's parameters; None if not a subset."""
+        return self.by_subset.get(tuple(m.lower() for m in params["data.modalities"]))
+
+    def __call__(self, params: dict) -> str:
+        left_out = self.left_out(params)
+        condition = "all modalities" if left_out == BASELINE else f"without {left_out}"
+        return f"{condition}, fold {params['data.fold']}"
+
+
 def gather(study_dir: Path, subsets: dict[str, list[str]]) -> list[dict]:
     """One row per (condition, fold, held-out case) from the trials' ``eval.json``.
 
     Raises:
         ConfigError: when a trial has not finished (so the study is incomplete).
     """
-    by_subset = {tuple(m.lower() for m in used): name for name, used in subsets.items()}
+    names = ConditionNames(subsets)
     rows, missing = [], []
     for trial in sorted(study_dir.glob("trial_*")):
         params = json.loads((trial / "params.json").read_text())
-        left_out = by_subset.get(tuple(m.lower() for m in params["data.modalities"]))
+        left_out = names.left_out(params)
         if left_out is None:
             continue
         if not (trial / "eval.json").is_file():
@@ -93,7 +114,7 @@ def gather(study_dir: Path, subsets: dict[str, list[str]]) -> list[dict]:
             scores = case["dice"]
             rows.append({"left_out": left_out, "fold": params["data.fold"], "case": case["case"],
                          "dice": sum(scores.values()) / len(scores),
-                         **{f"dice_{k}": v for k, v in scores.items()}})
+                         **{f"dice_{metric_key(k)}": v for k, v in scores.items()}})
     if missing:
         raise ConfigError(f"the study is incomplete: {len(missing)} trial(s) have no held-out evaluation "
                           f"({', '.join(missing[:4])}); continue it with tune.resume=true")
@@ -156,7 +177,8 @@ def run_loo(cfg: DictConfig, log=print) -> dict:
     folds = _folds(cfg, len(dataset.cases))
     log(f"loo: {len(subsets)} conditions ({', '.join(subsets)}) x {folds} folds = {len(subsets) * folds} "
         "trials")
-    run_tune(loo_study(cfg, subsets, folds), log=log, held_out=cfg.loo.checkpoint)
+    run_tune(loo_study(cfg, subsets, folds), log=log, held_out=cfg.loo.checkpoint,
+             describe=ConditionNames(subsets))
     run_dir = Path(cfg.run_dir).resolve()
     rows = gather(run_dir / "tune", subsets)
     dice: dict[str, dict[str, float]] = {}

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lampseg.engine.metrics import metric_key
 from lampseg.io import atomic_write_csv
 
 FIELDS = ("status", "best_val_dice", "best_epoch", "epochs", "wall_s", "train_samples_per_s",
@@ -36,7 +37,8 @@ def gather(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
         row = {"job": path.parent.name, "overrides": " ".join(str(o) for o in overrides)}
         row.update({k: summary.get(k) for k in FIELDS})
-        row.update({f"val_dice_{name}": value for name, value in (summary.get("val_dice") or {}).items()})
+        dice = summary.get("val_dice") or {}
+        row.update({f"val_dice_{metric_key(name)}": value for name, value in dice.items()})
         row["run_dir"] = str(path.parent)
         rows.append(row)
     return rows

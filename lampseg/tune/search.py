@@ -17,17 +17,21 @@ experiment state and one directory per trial (a lampseg run directory), then ``r
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import ConfigError, enum_value, to_container, validate
+from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import load_data
 from lampseg.io import write_json
 from lampseg.tune.loopback import local_ray_on_loopback
@@ -119,7 +123,8 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith("LAMPSEG_")}
     if t.address:
         try:
-            ray.init(address=t.address, runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+            ray.init(address=t.address, runtime_env={"env_vars": env} if env else None,
+                     log_to_driver=t.verbose >= 2)
         except ConnectionError as e:
             raise ConfigError(f"config key 'tune.address': no Ray cluster at {t.address!r} ({e}); start one "
                               "with `ray start --head` (docs/CLUSTER.md)") from e
@@ -136,8 +141,28 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
         temp = short
     reap_orphans(temp, log)
     local_ray_on_loopback()
+    if t.verbose < 2:  # Ray turns token authentication on for a new local cluster and says so each start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=t.dashboard,
-             dashboard_host="127.0.0.1", _temp_dir=str(temp), configure_logging=False, log_to_driver=True)
+             dashboard_host="127.0.0.1", _temp_dir=str(temp), configure_logging=False,
+             log_to_driver=t.verbose >= 2)  # below 2 the trials' output is in their log.txt
+
+
+@contextmanager
+def _quiet_ray(verbose: int):
+    """Below ``tune.verbose=2`` the study's console is lampseg's (``StudyConsole``): Ray's experiment
+    header is off (its legacy reporter prints nothing at verbose 0; the new one always prints the header),
+    and so is its warning, at every checkpoint of short epochs, that snapshots "may become a bottleneck"."""
+    quiet = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    saved = {key: os.environ.get(key) for key in quiet}
+    if verbose < 2:
+        os.environ.update({k: v for k, v in quiet.items() if saved[k] is None})  # the user's values win
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 def _scheduler(cfg: DictConfig, space: dict):
@@ -168,7 +193,8 @@ def _search(cfg: DictConfig):
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.tune.max_concurrent)
 
 
-def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
+def run_tune(cfg: DictConfig, log=print, held_out: str | None = None,
+             describe: Callable[[dict], str] | None = None) -> dict:
     """Run (or resume) the study ``cfg.tune`` describes and write its results.
 
     Args:
@@ -176,6 +202,8 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
         log: where progress lines go.
         held_out: also evaluate each trial's ``final`` or ``best`` checkpoint on its validation fold
             (``eval.json`` per trial; ``lampseg loo``).
+        describe: names a trial on the console from its parameters (default: ``key=value`` pairs);
+            picklable, as Tune saves it with the study.
 
     Returns:
         The study summary (also in ``run_dir/tune/study.json``).
@@ -187,7 +215,11 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
     import ray  # lazy: Ray/Optuna take seconds to import
     from ray import tune  # lazy: Ray/Optuna take seconds to import
 
+    from lampseg.tune.console import StudyConsole  # lazy: a Ray Tune callback
+
     validate(cfg)
+    cfg = cfg.copy()  # one spelling of the metric for every logger (``val_dice_enhancing tumour`` too)
+    OmegaConf.update(cfg, "tune.metric", metric_key(cfg.tune.metric), merge=False)
     space = check_space(cfg)
     base, stages = study_config(cfg, log)
     if cfg.tune.address:
@@ -215,6 +247,9 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
                                     tune.PlacementGroupFactory([bundle]))
     param_space = to_ray(space)
     limit = (cfg.tune.max_concurrent or None) if cfg.tune.search == "optuna" else None  # else: _search
+    verbose = cfg.tune.verbose
+    console = StudyConsole(trials, cfg.tune.metric, cfg.tune.mode, cfg.trainer.max_epochs,
+                           describe, verbose, log)
     # PBT restores a trial from another trial's checkpoint of some epochs ago: keep them all
     keep = None if cfg.tune.scheduler == "pbt" else cfg.tune.keep_checkpoints
     if exists:
@@ -232,10 +267,12 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None) -> dict:
                 trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
                 reuse_actors=True),  # the next trial runs in a warm worker: no second torch/MONAI import
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(run_dir), verbose=1,
+                name="tune", storage_path=str(run_dir), verbose=1 if verbose >= 2 else 0,
+                callbacks=[console],
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))
-    grid = tuner.fit()
+    with _quiet_ray(verbose):
+        grid = tuner.fit()
     wall_s = time.perf_counter() - started
     summary = write_results(grid, cfg, base, study_dir, log)
     summary.update(wall_s=round(wall_s, 2), ray_start_s=round(ray_s, 2), resources_per_trial=bundle,

@@ -36,6 +36,20 @@ def trial_config(base: dict, params: dict[str, Any], run_dir: str | Path) -> Dic
     return cfg
 
 
+class TrialLog:
+    """A trial's output: appended to its ``log.txt`` (the console shows it only with ``tune.verbose=2``)
+    and printed (Ray forwards it to the driver then)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        with open(self.path, "a") as f:  # appended and closed per line: a killed trial keeps its lines
+            f.write(line + "\n")
+
+
 class _Reporter:
     """Reports every epoch to Tune; epochs without validation repeat the last validated metrics (Tune
     needs the study's metric in every result), with ``validated`` saying which epochs measured them."""
@@ -84,7 +98,7 @@ def train_trial(params: dict[str, Any], base: dict, held_out: str | None = None)
         OmegaConf.update(cfg, "trainer.resume", "auto", merge=False)
     else:  # nothing reported yet: start over, even if an earlier attempt left a latest.pt behind
         OmegaConf.update(cfg, "trainer.resume", "never", merge=False)
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    log = TrialLog(run_dir / "log.txt")
     summary = run(cfg, reporter=_Reporter(), log=log)
     if held_out is not None and summary["status"] == "completed":
         evaluate = cfg.copy()
