@@ -9,6 +9,7 @@
     python -m lampseg validate data.root=/data/Task01_BrainTumour   # every problem in a dataset at once
     python -m lampseg tune tune=berral_grid                    # Ray Tune study (experiment parallelism)
     python -m lampseg bench overhead
+    python -m lampseg doctor --json doctor.json                # will it work here, and how to split?
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ SUBCOMMANDS = {
     "validate": "check every file of a dataset and list every problem at once (data.root=PATH)",
     "visualize": "a case's modalities, label/prediction overlays, error map (case=, ckpt=|prediction=)",
     "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel|experiment_parallel",
+    "doctor": "versions, devices, a check of every parallel mode, the planner's layout here [--json PATH]",
 }
 # subcommand -> (module, function, whether it takes the command line's overrides besides the config)
 RUNNERS = {
@@ -46,6 +48,7 @@ RUNNERS = {
     "validate": ("lampseg.commands.validate", "run_validate", False),
     "visualize": ("lampseg.commands.visualize", "run_visualize", True),
     "bench": ("lampseg.bench.cli", "run_bench", True),
+    "doctor": ("lampseg.doctor.report", "run_doctor", False),
 }
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
@@ -107,6 +110,23 @@ def _override(argv: list[str], key: str) -> str | None:
     return values[-1] if values else None
 
 
+def _json_flag(argv: list[str]) -> list[str]:
+    """``doctor --json PATH`` (or ``--json=PATH``) as the override ``doctor.json=PATH``."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg == "--json":
+            path = next(args, None)
+            if path is None:
+                print("usage: python -m lampseg doctor [--json PATH] [overrides]", file=sys.stderr)
+                sys.exit(2)
+            out.append(f"doctor.json={Path(path).resolve()}")
+        elif arg.startswith("--json="):
+            out.append(f"doctor.json={Path(arg.split('=', 1)[1]).resolve()}")
+        else:
+            out.append(arg)
+    return out
+
+
 def _torchrun_argv(argv: list[str]) -> list[str]:
     """Under torchrun: join the job (``parallel.backend`` and ``parallel.timeout_s`` are read from the
     command line here, before Hydra composes the config), give every rank rank 0's run directory (each
@@ -143,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr)
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]
+    if subcommand == "doctor":
+        argv = _json_flag(argv)
 
     # lazy: see above
     import hydra

@@ -29,9 +29,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lampseg.bench.workers import free_port
 from lampseg.config import ConfigError, enum_value, validate
 from lampseg.io import atomic_write_bytes, write_json
+from lampseg.parallel.distributed import free_port
 from lampseg.plots import figure_png, pyplot
 
 DROP = ("run_dir=", "bench.", "optim.lr=", "trainer.num_threads=", "data.batch_size=", "parallel", "tune")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import Config
 from lampseg.model.losses import Targets
 from lampseg.parallel import distributed
+from lampseg.parallel.distributed import free_port
 from lampseg.runtime.device import resolve_device
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float,

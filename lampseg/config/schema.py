@@ -260,6 +260,15 @@ class BenchConfig:
 
 
 @dataclass
+class DoctorConfig:
+    """``python -m lampseg doctor``: which checks to run and where else to write the report."""
+
+    checks: list[str] = field(default_factory=lambda: ["single", "ddp", "pipeline", "spatial", "inference"])
+    json: str | None = None  # also write the report here (``--json PATH``); it is always in run_dir
+    timeout_s: float = 60.0  # the two-process checks' torchrun job, start-up included
+
+
+@dataclass
 class TuneResources:
     cpu: float = 1.0  # per pipeline stage (a trial with parallel.pp=K reserves K x cpu and K x gpu)
     gpu: float = 0.0
@@ -328,6 +337,7 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     loo: LooConfig = field(default_factory=LooConfig)
     # Subcommand arguments (evaluate/predict/synth); ignored by train.
