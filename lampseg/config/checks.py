@@ -214,7 +214,10 @@ def validate(cfg: DictConfig) -> None:
     """
     d, m, t, p = cfg.data, cfg.model, cfg.trainer, cfg.parallel
     patch = patch_size_of(cfg)
-    _at_least([("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
+    workers = d.num_workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        _fail("data.num_workers", "auto or an integer >= 0", workers)
+    _at_least([("data.batch_size", d.batch_size, 1),
                ("data.samples_per_epoch", d.samples_per_epoch, 1), ("data.folds", d.folds, 2),
                ("trainer.max_epochs", t.max_epochs, 1), ("trainer.val_every", t.val_every, 1),
                ("trainer.max_nan_steps", t.max_nan_steps, 1), ("data.synthetic.cases", d.synthetic.cases, 2),

@@ -140,7 +140,7 @@ class DataConfig:
     cache_dir: str | None = None
     patch_size: Any = field(default_factory=lambda: [64, 64, 48])
     batch_size: int = 2
-    num_workers: int = 0
+    num_workers: Any = "auto"  # loader workers per process, or auto (runtime.device.loader_workers)
     samples_per_epoch: int = 100
     modalities: list[Any] | None = None
     folds: int = 5

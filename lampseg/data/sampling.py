@@ -18,7 +18,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lampseg.data.cache import PreprocessedDataset
 
@@ -175,8 +175,11 @@ class PatchDataset(Dataset):
                 return [int(np.clip(c - n // 2, lo, hi)) for c, n, lo, hi in zip(center, size, low, high)]
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Sample ``index`` of the selected epoch, or of ``epoch`` given as ``(epoch, index)``
+        (``EpochSampler``: persistent loader workers hold a copy of the dataset made when they started)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        rng = np.random.default_rng([self.seed, epoch, index])
         name = self.cases[int(rng.integers(len(self.cases)))]
         image = self.cache.image(name)
         start, size = self._start(rng, name, image.shape[-3:]), list(self.patch_size)
@@ -196,3 +199,34 @@ class PatchDataset(Dataset):
             sample = {k: v[:, rows[0]:rows[1]] for k, v in sample.items()}
         return {"image": _as_tensor(sample["image"]).float(),
                 "label": _as_tensor(sample["label"]).to(torch.uint8)}
+
+
+class EpochSampler(Sampler):
+    """One epoch's sample indices as ``(epoch, index)`` pairs, so that workers kept alive across epochs
+    (``persistent_workers``) draw each epoch's patches: the epoch travels with the index, not in their
+    stale copy of the dataset. Replica ``rank`` of ``replicas`` takes indices ``rank, rank + replicas, ...``
+    of the first ``replicas * (length // replicas)`` (``DistributedSampler`` without shuffling, dropping
+    the remainder), so together the replicas see one process's global batch.
+    """
+
+    def __init__(self, length: int, replicas: int = 1, rank: int = 0):
+        self.length, self.replicas, self.rank, self.epoch = length, replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        end = self.length // self.replicas * self.replicas
+        return ((self.epoch, index) for index in range(self.rank, end, self.replicas))
+
+    def __len__(self) -> int:
+        return self.length // self.replicas
+
+
+def training_loader(dataset: PatchDataset, sampler: EpochSampler, batch_size: int, workers: int,
+                    pin_memory: bool = False) -> DataLoader:
+    """The training loader: ``workers`` processes kept alive from epoch to epoch (no start-up per epoch;
+    set the epoch on ``sampler``), batches of ``batch_size`` (a last partial batch dropped), pinned host
+    memory for CUDA."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0)

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lampseg.config import to_container
 from lampseg.data.prepare import phase_at, training_dataset
-from lampseg.data.sampling import Slab
+from lampseg.data.sampling import EpochSampler, Slab, training_loader
 from lampseg.engine.checkpoint import merge_optimizer_states, optimizer_state_by_name, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.logs import RunLogger
@@ -25,11 +25,12 @@ from lampseg.engine.setup import Run, setup
 from lampseg.engine.steps import EpochResult, GlobalStep, Progress, local_step, pipelined_step, train_epoch
 from lampseg.io import atomic_write_text, portable, write_json
 from lampseg.model.unet import size_divisor
-from lampseg.runtime.device import rng_state
+from lampseg.runtime.device import loader_workers, rng_state
 from lampseg.runtime.memory import peak_memory_mb
 from lampseg.viz import validation_overlay
 
 Reporter = Callable[[dict, Path], None]
+DATA_WAIT_NOTE = 0.05  # an epoch line names the data wait above this fraction of the epoch
 
 
 class Trainer:
@@ -55,6 +56,9 @@ class Trainer:
         if cfg.trainer.stop_after_epochs is not None:
             self.stop_at = min(self.stop_at, run.state.epoch + cfg.trainer.stop_after_epochs)
         self.phase = None
+        self.sampler = EpochSampler(len(self.dataset), run.dims.dp, run.dims.dp_rank)
+        self.workers = loader_workers(cfg.data.num_workers)
+        self._loader: DataLoader | None = None
 
     def train(self) -> dict:
         """Train until ``trainer.max_epochs`` (or ``trainer.stop_after_epochs``); returns the summary."""
@@ -84,25 +88,25 @@ class Trainer:
             raise
         finally:
             self.logger.close()
+            self._loader = None  # its workers stop with it
 
     def loader(self, epoch: int) -> DataLoader:
         """The epoch's loader: its curriculum phase's input size, replica ``r`` taking samples ``r, r + dp,
-        ...`` (together, the global batch of one process)."""
+        ...`` (together, the global batch of one process). Its workers live from epoch to epoch and are
+        started again only when a curriculum phase changes the input size."""
         run = self.run
         phase = phase_at(run.phases, epoch)
-        if phase != self.phase and len(run.phases) > 1:
-            kind = "whole volumes" if phase[2] else "patches"
-            run.log(f"curriculum: from epoch {epoch}, {kind} {phase[1]}")
-        self.phase = phase
-        _, self.dataset.patch_size, self.dataset.whole_volume = phase
+        if phase != self.phase:
+            if len(run.phases) > 1:
+                kind = "whole volumes" if phase[2] else "patches"
+                run.log(f"curriculum: from epoch {epoch}, {kind} {phase[1]}")
+            self.phase = phase
+            _, self.dataset.patch_size, self.dataset.whole_volume = phase
+            self._loader = training_loader(self.dataset, self.sampler, run.cfg.data.batch_size, self.workers,
+                                           pin_memory=run.device.type == "cuda")
         self.dataset.set_epoch(epoch)
-        sampler = None
-        if run.dims.dp_enabled:
-            sampler = DistributedSampler(self.dataset, num_replicas=run.dims.dp, rank=run.dims.dp_rank,
-                                         shuffle=False, drop_last=True)
-        return DataLoader(self.dataset, batch_size=run.cfg.data.batch_size, shuffle=False, drop_last=True,
-                          sampler=sampler, num_workers=run.cfg.data.num_workers,
-                          pin_memory=run.device.type == "cuda", persistent_workers=False)
+        self.sampler.set_epoch(epoch)
+        return self._loader
 
     def record(self, epoch: int, result: EpochResult, lr: float) -> dict:
         """Count the epoch in the state; its ``metrics.csv`` row (validation not yet filled in)."""
@@ -222,9 +226,12 @@ class Trainer:
                          for n in self.run.bundle.targets.names)
         val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
         skip = f" (skipped {skipped} step(s): non-finite loss or gradients)" if skipped else ""
+        wait = ""
+        if row["data_wait_frac"] > DATA_WAIT_NOTE:  # the loader is the bottleneck: say so, and the knob
+            wait = f" data wait {row['data_wait_frac']:.0%} (data.num_workers={self.workers})"
         self.run.log(f"epoch {row['epoch']}/{self.run.cfg.trainer.max_epochs} step {row['step']} "
                      f"loss={row['train_loss']:.4f} lr={row['lr']:.2e} {row['epoch_s']:.1f}s "
-                     f"{row['samples_per_s']:.1f} samples/s{val}{skip}")
+                     f"{row['samples_per_s']:.1f} samples/s{wait}{val}{skip}")
 
 
 def drill_failure(fail_at_epoch: int | None, epoch: int, run_dir: Path) -> None:

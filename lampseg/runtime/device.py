@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -17,6 +18,21 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+MAX_LOADER_WORKERS = 8  # beyond this a 3D patch loader rarely gains (nnU-Net's default is 12 per GPU)
+
+
+def loader_workers(setting: int | str, processes: int | None = None) -> int:
+    """``data.num_workers``: a number, or ``auto``: the cores this process may use, shared by the
+    ``processes`` training processes on this node (default ``$LOCAL_WORLD_SIZE``, else 1), less one core
+    each for the training loop itself; at most ``MAX_LOADER_WORKERS``. A 2-core machine gets 1; a 16-core
+    node with one GPU 8; with 8 GPUs 1 per process."""
+    if setting != "auto":
+        return int(setting)
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(cores // max(processes, 1) - 1, MAX_LOADER_WORKERS))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
