@@ -43,6 +43,9 @@ def test_shipped_configs_validate(overrides):
     ("tune.scheduler=hyperband", "tune.scheduler"),
     ("tune.num_samples=0", "tune.num_samples"),
     ("tune.resources.cpu=-1", "tune.resources"),
+    ("tune.verbose=3", "tune.verbose"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.num_workers=many", "data.num_workers"),
 ])
 def test_validate_names_the_key(override, key):
     cfg = compose("+exp=smoke", *override.split())
@@ -70,3 +73,20 @@ def test_choices_read_and_print_as_their_values():
     assert cfg.parallel.name == "pipeline" and cfg.split == "train"
     assert f"{cfg.parallel.name} {cfg.split} {cfg.parallel.checkpoint}" == "pipeline train block"
     assert {"train": 1}[cfg.split] == 1
+
+
+def test_auto_loader_workers_leave_a_core_to_each_training_process(monkeypatch):
+    import os
+
+    from lampseg.runtime.device import MAX_LOADER_WORKERS, loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(3) == 3 and loader_workers("auto") == MAX_LOADER_WORKERS == 8  # 16 cores, 1 process
+    assert loader_workers("auto", 8) == 1 and loader_workers("auto", 16) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes on this node share its cores
+    assert loader_workers("auto") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loader_workers("auto") == 1  # this 2-core machine: one worker, one core for training
+    validate(compose("data.num_workers=auto"))

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from lampseg.data.sampling import (
+    EpochSampler,
     PatchDataset,
     Slab,
     build_augment,
     read_block,
     split_rows,
+    training_loader,
     whole_volume_shape,
 )
 from lampseg.data.splits import kfold_splits
@@ -88,6 +90,38 @@ def test_patch_dataset_is_a_function_of_seed_epoch_index():
         assert torch.equal(a[i]["image"], x["image"])  # repeatable, not stateful
     b.set_epoch(4)
     assert not all(torch.equal(a[i]["image"], b[i]["image"]) for i in range(len(a)))
+
+
+def test_persistent_loader_workers_draw_each_epochs_patches():
+    """Workers kept from epoch to epoch hold the dataset as it was when they started; the sampler carries
+    the epoch to them, so epoch 2 is epoch 2's patches (not epoch 1's again), exactly as without workers."""
+    ds = _patches(samples_per_epoch=4)
+    sampler = EpochSampler(len(ds))
+    loader = training_loader(ds, sampler, batch_size=2, workers=1)
+    assert loader.persistent_workers
+    seen = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        batches = list(loader)
+        alone = _patches(samples_per_epoch=4)
+        alone.set_epoch(epoch)
+        expected = torch.stack([alone[i]["image"] for i in range(4)])
+        assert torch.equal(torch.cat([b["image"] for b in batches]), expected)
+        seen.append(expected)
+    assert not torch.equal(seen[0], seen[1])
+    assert not training_loader(ds, sampler, batch_size=2, workers=0).persistent_workers
+
+
+@pytest.mark.parametrize("length, replicas", [(12, 1), (12, 2), (13, 2), (12, 3)])
+def test_epoch_sampler_splits_like_distributed_sampler(length, replicas):
+    from torch.utils.data import DistributedSampler
+
+    for rank in range(replicas):
+        sampler = EpochSampler(length, replicas, rank)
+        sampler.set_epoch(5)
+        want = list(DistributedSampler(range(length), replicas, rank, shuffle=False, drop_last=True)) \
+            if replicas > 1 else list(range(length))
+        assert list(sampler) == [(5, i) for i in want] and len(sampler) == len(want)
 
 
 def test_foreground_ratio_one_always_hits_foreground():

@@ -76,3 +76,15 @@ def test_a_step_with_non_finite_gradients_is_skipped_not_applied(clip):
     assert math.isfinite(step(image, target))
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_epoch_line_names_the_data_wait_only_when_it_costs():
+    from lampseg.engine.train import DATA_WAIT_NOTE, epoch_line
+
+    row = {"epoch": 3, "step": 150, "train_loss": 0.5, "lr": 1e-3, "epoch_s": 4.0, "samples_per_s": 25.0,
+           "data_wait_frac": DATA_WAIT_NOTE / 2, "val_dice": 0.8, "val_dice_non-enhancing_tumor": 0.7}
+    line = epoch_line(row, 20, ["non-enhancing tumor"], workers=1)
+    assert "data wait" not in line and "val_dice=0.8000 (non-enhancing tumor=0.700)" in line
+    line = epoch_line({**row, "data_wait_frac": 0.12, "val_dice": math.nan}, 20, ["a"], workers=1)
+    assert line == ("epoch 3/20 step 150 loss=0.5000 lr=1.00e-03 4.0s 25.0 samples/s data wait 12% "
+                    "(data.num_workers=1)")

@@ -190,6 +190,19 @@ def test_presets_are_valid_studies(preset):
         assert set(space) == {"optim.lr", "model.norm", "optim.beta2", "optim.amsgrad"}
 
 
+def test_trials_get_loader_workers_from_their_own_cpus():
+    """``data.num_workers=auto`` in a study: each trial's reserved CPUs less one (trials share the machine),
+    not the whole machine's cores; a number is kept."""
+    from lampseg.tune.search import study_config
+
+    assert study_config(compose("data.num_workers=auto"), log=lambda _: None)[0]["data"]["num_workers"] == 0
+    four = compose("data.num_workers=auto", "tune.resources.cpu=4")
+    assert study_config(four, log=lambda _: None)[0]["data"]["num_workers"] == 3
+    staged = compose("data.num_workers=auto", "tune.resources.cpu=2", "parallel=pipeline", "parallel.pp=2")
+    assert study_config(staged, log=lambda _: None)[0]["data"]["num_workers"] == 3
+    assert study_config(compose("data.num_workers=2"), log=lambda _: None)[0]["data"]["num_workers"] == 2
+
+
 def test_reap_orphans_stops_processes_of_an_earlier_session(tmp_path):
     """What a killed study leaves behind (processes naming its Ray temp dir) is stopped before a new start;
     other processes are left alone."""

@@ -57,6 +57,7 @@ from lampseg.runtime.device import autocast, loader_workers, resolve_device, see
 MAX_OVERHEAD = 0.03  # issue 19's targets, medians
 MAX_DATA_WAIT = 0.02
 WARMUP_EPOCH_OFFSET = 1000  # warm-up phases draw other patches than the timed phases (epochs 1..repeats)
+PROFILE_EPOCH = 2000  # the profiled phases' patches (the same for both loops)
 
 
 def _dataset(cfg: DictConfig, bundle: DataBundle, steps: int) -> PatchDataset:
@@ -119,6 +120,31 @@ def _plain_phase(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return epoch_loss / max(steps, 1), steps, seconds, wait
+
+
+def _profile(phases: dict, loaders: dict, bundle: DataBundle, cfg: DictConfig, device: torch.device,
+             top: int = 12) -> dict:
+    """``bench.profile``: one more phase of each loop under ``torch.profiler`` (same patches for both).
+    Per loop: wall and operator (self CPU) milliseconds per step, the rest being Python and waiting; and
+    the operators whose time per step differs most between the loops."""
+    per_op, totals = {}, {}
+    for name, (phase, model, opt, loss_fn, scaler) in phases.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            out = phase(model, opt, loss_fn, scaler, loaders[name], PROFILE_EPOCH, bundle, cfg, device)
+            wall = time.perf_counter() - start
+        steps = out[1]
+        # self time of the main thread's operators: loader workers run in other processes
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        per_op[name] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in events}
+        ops = sum(per_op[name].values())
+        totals[name] = {"wall_ms": wall * 1e3 / steps, "operators_ms": ops,
+                        "outside_operators_ms": wall * 1e3 / steps - ops, "wait_ms": out[3] * 1e3 / steps}
+    keys = set(per_op["lampseg"]) | set(per_op["plain"])
+    diff = sorted(((k, per_op["lampseg"].get(k, 0.0), per_op["plain"].get(k, 0.0)) for k in keys),
+                  key=lambda row: -abs(row[1] - row[2]))[:top]
+    return {"per_step": totals, "largest_differences_ms": [
+        {"op": k, "lampseg": a, "plain": b, "difference": a - b} for k, a, b in diff]}
 
 
 def _loop_stats(rows: list[tuple[float, int, float, float]], batch_size: int) -> dict:
@@ -240,6 +266,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         a, p = rows["lampseg"][-1], rows["plain"][-1]
         log(f"  repeat {r + 1}/{b.repeats}: lampseg {a[2] / a[1] * 1e3:.1f} ms/step (data wait "
             f"{a[3] / a[2]:.1%}), plain {p[2] / p[1] * 1e3:.1f} ms/step (data wait {p[3] / p[2]:.1%})")
+    profiled = _profile(phases, timed, bundle, cfg, device) if b.profile else None
     lamp, plain = _loop_stats(rows["lampseg"], bs), _loop_stats(rows["plain"], bs)
     overhead = lamp["step_s_median"] / plain["step_s_median"] - 1
     paired = statistics.median(x / y for x, y in zip(lamp["step_s"], plain["step_s"])) - 1
@@ -271,6 +298,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
                    "python": platform.python_version(),
                    "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "wall_s": round(time.perf_counter() - start, 2),
+        "profile": profiled,
     }
     json_path, png_path = run_dir / "bench_overhead.json", run_dir / "bench_overhead.png"
     write_json(json_path, result)
@@ -281,5 +309,11 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     log(f"overhead {overhead:+.1%} (target <= {MAX_OVERHEAD:.0%}: {verdict[result['pass']['overhead']]}; "
         f"paired median {paired:+.1%}, fastest rounds {fastest:+.1%}, without data wait {compute:+.1%}); "
         f"data wait {wait:.1%} (target <= {MAX_DATA_WAIT:.0%}: {verdict[result['pass']['data_wait']]})")
+    if profiled:
+        for name, t in profiled["per_step"].items():
+            log(f"profile {name}: {t['wall_ms']:.1f} ms/step = operators {t['operators_ms']:.1f} + outside "
+                f"operators {t['outside_operators_ms']:.1f} (of which data wait {t['wait_ms']:.1f})")
+        for row in profiled["largest_differences_ms"][:6]:
+            log(f"  {row['op']:<40} lampseg {row['lampseg']:7.2f}  plain {row['plain']:7.2f}  ms/step")
     log(f"wrote {json_path} and {png_path}")
     return result

@@ -257,6 +257,7 @@ class BenchConfig:
     trials: int = 4  # bench experiment_parallel: N trials (learning rates)
     workers: int = 2  # bench experiment_parallel: W trials at a time in the Tune study
     sp: list[int] = field(default_factory=lambda: [1, 2])  # bench spatial: slabs per volume (processes)
+    profile: bool = False  # bench overhead: also profile one phase of each loop (torch.profiler, per op)
 
 
 @dataclass

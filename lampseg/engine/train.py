@@ -222,16 +222,21 @@ class Trainer:
             for r in rows))
 
     def log_epoch(self, row: dict, skipped: int) -> None:
-        names = " ".join(f"{n}={row.get(f'val_dice_{metric_key(n)}', math.nan):.3f}"
-                         for n in self.run.bundle.targets.names)
-        val = f" val_dice={row['val_dice']:.4f} ({names})" if not math.isnan(row["val_dice"]) else ""
-        skip = f" (skipped {skipped} step(s): non-finite loss or gradients)" if skipped else ""
-        wait = ""
-        if row["data_wait_frac"] > DATA_WAIT_NOTE:  # the loader is the bottleneck: say so, and the knob
-            wait = f" data wait {row['data_wait_frac']:.0%} (data.num_workers={self.workers})"
-        self.run.log(f"epoch {row['epoch']}/{self.run.cfg.trainer.max_epochs} step {row['step']} "
-                     f"loss={row['train_loss']:.4f} lr={row['lr']:.2e} {row['epoch_s']:.1f}s "
-                     f"{row['samples_per_s']:.1f} samples/s{wait}{val}{skip}")
+        self.run.log(epoch_line(row, self.run.cfg.trainer.max_epochs, self.run.bundle.targets.names,
+                                self.workers, skipped))
+
+
+def epoch_line(row: dict, max_epochs: int, names: list[str], workers: int, skipped: int = 0) -> str:
+    """The console line of one epoch's ``metrics.csv`` row: loss, learning rate, time, throughput; the data
+    wait when above ``DATA_WAIT_NOTE`` (the loader is the bottleneck: it names the knob); validation."""
+    dice = " ".join(f"{n}={row.get(f'val_dice_{metric_key(n)}', math.nan):.3f}" for n in names)
+    val = f" val_dice={row['val_dice']:.4f} ({dice})" if not math.isnan(row["val_dice"]) else ""
+    skip = f" (skipped {skipped} step(s): non-finite loss or gradients)" if skipped else ""
+    wait = ""
+    if row["data_wait_frac"] > DATA_WAIT_NOTE:
+        wait = f" data wait {row['data_wait_frac']:.0%} (data.num_workers={workers})"
+    return (f"epoch {row['epoch']}/{max_epochs} step {row['step']} loss={row['train_loss']:.4f} "
+            f"lr={row['lr']:.2e} {row['epoch_s']:.1f}s {row['samples_per_s']:.1f} samples/s{wait}{val}{skip}")
 
 
 def drill_failure(fail_at_epoch: int | None, epoch: int, run_dir: Path) -> None:

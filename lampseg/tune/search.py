@@ -66,6 +66,8 @@ def study_config(cfg: DictConfig, log=print) -> tuple[dict, int]:
             base["data"][key] = str(Path(base["data"][key]).expanduser().resolve())
     if base["trainer"]["num_threads"] is None:  # one intra-op team per stage, as many threads as its CPUs
         base["trainer"]["num_threads"] = max(1, int(cfg.tune.resources.cpu))
+    if base["data"]["num_workers"] == "auto":  # the trial's CPUs, not the machine's: trials share it
+        base["data"]["num_workers"] = max(0, int(cfg.tune.resources.cpu * stages) - 1)
     base["trainer"]["progress"] = "line"
     return base, stages
 
