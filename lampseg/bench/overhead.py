@@ -143,7 +143,10 @@ def _profile(phases: dict, loaders: dict, bundle: DataBundle, cfg: DictConfig, d
     keys = set(per_op["lampseg"]) | set(per_op["plain"])
     diff = sorted(((k, per_op["lampseg"].get(k, 0.0), per_op["plain"].get(k, 0.0)) for k in keys),
                   key=lambda row: -abs(row[1] - row[2]))[:top]
-    return {"per_step": totals, "largest_differences_ms": [
+    pairs = (("lampseg", "plain"), ("plain", "lampseg"))
+    only = {name: {k: round(v, 3) for k, v in per_op[name].items() if k not in per_op[other]}
+            for name, other in pairs}
+    return {"per_step": totals, "only_in": only, "largest_differences_ms": [
         {"op": k, "lampseg": a, "plain": b, "difference": a - b} for k, a, b in diff]}
 
 
@@ -313,7 +316,11 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
         for name, t in profiled["per_step"].items():
             log(f"profile {name}: {t['wall_ms']:.1f} ms/step = operators {t['operators_ms']:.1f} + outside "
                 f"operators {t['outside_operators_ms']:.1f} (of which data wait {t['wait_ms']:.1f})")
-        for row in profiled["largest_differences_ms"][:6]:
+        for name, ops in profiled["only_in"].items():  # what one loop does and the other does not
+            ranked = sorted(ops.items(), key=lambda kv: -kv[1])
+            log(f"  operators only in {name}: " + (", ".join(f"{k} {v:.2f} ms/step" for k, v in ranked)
+                                                   or "none"))
+        for row in profiled["largest_differences_ms"][:6]:  # same operators: mostly the machine's noise
             log(f"  {row['op']:<40} lampseg {row['lampseg']:7.2f}  plain {row['plain']:7.2f}  ms/step")
     log(f"wrote {json_path} and {png_path}")
     return result

@@ -62,6 +62,8 @@ class Targets:
 
     def class_index(self, label: torch.Tensor) -> torch.Tensor:
         """Map label values (any integers) to contiguous class indices 0..K-1."""
+        if self.label_values == tuple(range(len(self.label_values))):  # already indices: no lookup per step
+            return label.long()
         lut = torch.zeros(max(self.label_values) + 1, dtype=torch.long, device=label.device)
         lut[torch.tensor(self.label_values, device=label.device)] = torch.arange(len(self.label_values),
                                                                                  device=label.device)
