@@ -22,6 +22,8 @@ waiting for the DataLoader. Targets: overhead <= 3 %, data wait <= 2 %. Noise-ro
 reported beside it (not judged): the median of the per-round ratios (``overhead_paired_median``), the
 ratio of the fastest rounds (``overhead_min``; noise only ever adds time) and the overhead of the step
 time without the data wait (``overhead_compute``: the loops' own code, forward to optimiser step).
+``bench.profile=true`` adds one phase of each loop under ``torch.profiler``: operator and non-operator
+milliseconds per step, and the operators only one loop runs (``profile`` in the JSON).
 """
 from __future__ import annotations
 
