@@ -10,7 +10,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-SLOW = {"03_modality_study.ipynb"}  # a leave-one-modality-out study: extended (the LOO CLI test is too)
+# extended: a leave-one-modality-out study (the LOO CLI test is too); the planner's notebook (its functions
+# are tested in test_plan.py, and 01 keeps a kernel in the default run)
+SLOW = {"03_modality_study.ipynb", "02_model_parallel_plan.ipynb"}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.extended) if p.name in SLOW else p
