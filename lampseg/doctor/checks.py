@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import enum_value
-from lampseg.doctor.probe import BATCH, SHAPE, probe_config, probe_problem
+from lampseg.doctor.probe import BATCH, SHAPE, failure_line, probe_config, probe_problem
 from lampseg.engine.inference import infer
 from lampseg.engine.inference_memory import inference_memory
 from lampseg.engine.optim import build_optimizer
@@ -35,7 +35,6 @@ from lampseg.model.unet import size_divisor
 from lampseg.parallel.distributed import free_port
 from lampseg.runtime.device import resolve_device
 
-LOCAL = ("single", "inference")
 DISTRIBUTED = ("ddp", "pipeline", "spatial")
 CHECKS = ("single", "ddp", "pipeline", "spatial", "inference")
 VOLUME = [64, 64, 48]
@@ -43,10 +42,6 @@ VOLUME = [64, 64, 48]
 
 def _result(ok: bool, started: float, detail: str) -> dict:
     return {"ok": ok, "seconds": round(time.perf_counter() - started, 2), "detail": detail}
-
-
-def _failure(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def check_single(cfg: DictConfig) -> str:
@@ -161,7 +156,7 @@ def run_checks(cfg: DictConfig, log=print) -> dict[str, dict]:
             try:
                 batch = {name: _result(True, started, local[name](cfg))}
             except Exception as error:  # noqa: BLE001 - a check's failure is its result
-                batch = {name: _result(False, started, _failure(error))}
+                batch = {name: _result(False, started, failure_line(error))}
         for key, result in batch.items():
             results[key] = result
             verdict = "PASS" if result["ok"] else "FAIL"

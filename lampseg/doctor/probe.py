@@ -73,6 +73,11 @@ def max_grad_error(model: nn.Module, reference: nn.Module) -> float:
     return max(float((p.grad - q.grad).abs().max()) for p, q in pairs) / max(scale, 1e-12)
 
 
+def failure_line(error: BaseException) -> str:
+    """A failed check's detail: the exception's type and the first line of its message."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
 def agree(name: str, errors: dict[str, float]) -> str:
     """``errors`` as one line, or AssertionError when one exceeds ``TOLERANCE``."""
     text = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())

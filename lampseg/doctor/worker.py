@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lampseg.doctor.probe import (
     SHAPE,
     agree,
+    failure_line,
     max_grad_error,
     probe_config,
     probe_problem,
@@ -91,7 +92,7 @@ def main(spec_path: str, out_path: str) -> None:
         try:
             outcome = (True, CHECKS[name](device, world))
         except Exception as error:  # noqa: BLE001 - a check's failure is its result
-            outcome = (False, f"{type(error).__name__}: {error}".splitlines()[0][:300])
+            outcome = (False, failure_line(error))
         outcomes = [None] * world
         dist.all_gather_object(outcomes, outcome)
         failed = [(r, text) for r, (ok, text) in enumerate(outcomes) if not ok]

@@ -104,7 +104,6 @@ class Trainer:
             _, self.dataset.patch_size, self.dataset.whole_volume = phase
             self._loader = training_loader(self.dataset, self.sampler, run.cfg.data.batch_size, self.workers,
                                            pin_memory=run.device.type == "cuda")
-        self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         return self._loader
 
