@@ -78,3 +78,15 @@ def test_console_of_a_resumed_study_reads_finished_trials_and_pickles(monkeypatc
     assert restored.total == 2 and restored.log is print and restored.best
     restored.setup()  # Tune calls it when the resumed study starts: its clock and bests start there
     assert restored.best == {} and restored.finished_here == 0
+
+
+def test_verbose_zero_keeps_the_study_line_and_failures_only():
+    lines: list[str] = []
+    console = StudyConsole(2, "val_dice", "max", 3, verbose=0, log=lines.append)
+    trials = [_trial(0, {"optim.lr": 0.1}, "RUNNING"), _trial(1, {"optim.lr": 0.2}, "RUNNING")]
+    console.on_trial_start(0, trials, trials[0])
+    console.on_trial_result(0, trials, trials[0], {"epoch": 1, "val_dice": 0.5, "validated": True})
+    console.on_trial_complete(0, trials, trials[0])
+    console.on_trial_error(0, trials, trials[1])
+    assert [line.split()[0] for line in lines] == ["study:", "[2/2]", "study:"], lines
+    assert "FAILED" in lines[1]

@@ -86,7 +86,8 @@ class StudyConsole(Callback):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["log"] = print  # the caller's function need not pickle; a resumed study passes its own
+        # the caller's function need not pickle; a resumed study (Tuner.restore takes no callbacks) prints
+        state["log"] = print
         return state
 
     # ---------------------------------------------------------------------------------------- naming
@@ -143,7 +144,8 @@ class StudyConsole(Callback):
             parts.append(f"held-out Dice {json.loads(held_out.read_text())['mean']['dice']:.4f}")
         if trial.trial_id in self.trial_started:
             parts.append(duration(now - self.trial_started[trial.trial_id]))
-        self.log(f"{self.number(trial)} finished  {self.name(trial)}: {', '.join(parts)}")
+        if self.verbose >= 1:  # verbose 0: the study line and failures only
+            self.log(f"{self.number(trial)} finished  {self.name(trial)}: {', '.join(parts)}")
         self.progress(trials, trial, FINISHED, now)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
