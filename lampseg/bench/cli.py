@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import ConfigError
+from lampseg.runtime.device import planned_precision
 
 # name -> whether its run() also takes the command line's overrides (it keeps a checkpoint's config but them)
 BENCHMARKS = {"overhead": False, "pipeline": False, "inference": True, "context": False,
@@ -35,6 +36,11 @@ def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if name not in BENCHMARKS:
         raise ConfigError(f"config key 'bench.name': expected one of {', '.join(sorted(BENCHMARKS))}, "
                           f"got {name!r}")
+    # trainer.precision=auto resolved once, as train resolves it, so that every arm and worker runs (and the
+    # JSON records) the same precision.
+    precision = planned_precision(cfg)
+    OmegaConf.update(cfg, "trainer.precision", precision.name, merge=False)
+    print(f"bench {name}: {precision.line()}")
     # Imported by name: each benchmark pulls in what only it needs (Ray, torchrun workers).
     run = importlib.import_module(f"lampseg.bench.{name}").run
     return run(cfg, list(overrides or [])) if BENCHMARKS[name] else run(cfg)

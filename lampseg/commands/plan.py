@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -42,7 +42,7 @@ from lampseg.parallel.plan import (
     profile_for,
     skip_routing,
 )
-from lampseg.runtime.device import resolve_device
+from lampseg.runtime.device import planned_precision, resolve_device
 
 
 def run_plan(cfg, log=print) -> Plan | SpatialPlan:
@@ -68,8 +68,13 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
     opt_states, budget = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), cfg.parallel.memory_gb
     costs = profile_for(cfg, len(channels), targets.out_channels, input_shape,
                         resolve_device(cfg.trainer.device), targets)
+    precision = planned_precision(cfg)  # the planner assumes it: set trainer.precision for another device
+    if enum_value(cfg.trainer.precision) == "auto":
+        precision = replace(precision, reason=f"{precision.reason}, on this machine's "
+                            f"{resolve_device(cfg.trainer.device).type}; set trainer.precision to plan for "
+                            "another device")
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
-        f"input {input_shape} x batch {batch}, {enum_value(cfg.trainer.precision)}")
+        f"input {input_shape} x batch {batch}, {precision.line()}")
     capacity = capacity_table(costs, batch, budget, input_shape, p.schedule, opt_states, divisor,
                               skips=skip_routing(p)) \
         if budget is not None else None
@@ -112,6 +117,7 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
     write_json(out, {"plan": plan.to_dict() if plan else None, "largest_cube": cube,
                      "blocks": [asdict(c) for c in costs],
                      "model": to_container(cfg.model), "patch_size_auto": decision,
+                     "precision": precision.name, "precision_reason": precision.reason,
                      "spatial": spatial.to_dict() if spatial else None,
                      "capacity": [asdict(r) for r in capacity] if capacity else None})
     log(f"wrote {out}")

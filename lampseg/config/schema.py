@@ -71,6 +71,7 @@ class Split(Choice):
 
 
 class Precision(str, Enum):
+    auto = "auto"  # bf16 where native, fp16 + gradient scaler on CUDA without bf16, else fp32
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -187,7 +188,7 @@ class TrainerConfig:
     max_epochs: int = 20
     val_every: int = 2
     resume: str = "auto"
-    precision: Precision = Precision.bf16
+    precision: Precision = Precision.auto  # runtime.device.resolve_precision
     device: str = "auto"
     channels_last: bool = True
     cache_cpu_memory: bool = True  # CPU: keep freed large blocks (runtime.memory.keep_freed_cpu_memory)

@@ -22,7 +22,7 @@ from lampseg.data.sampling import whole_volume_shape
 from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel.plan import planned_stages
 from lampseg.parallel.profile import profile_blocks
-from lampseg.runtime.device import DTYPES
+from lampseg.runtime.device import DTYPES, resolve_precision
 from lampseg.runtime.memory import GB, free_memory_gb
 
 
@@ -181,5 +181,6 @@ def inference_memory(cfg, in_channels: int, out_channels: int,
     if devices is None:
         devices = torch.cuda.device_count() if device.type == "cuda" else 1
     slabs = int(cfg.parallel.sp) if cfg.parallel.name == "spatial" else 1
-    return InferenceMemory.from_config(cfg.model, in_channels, out_channels, cfg.trainer.precision, stages,
+    precision = resolve_precision(cfg.trainer.precision, device).name
+    return InferenceMemory.from_config(cfg.model, in_channels, out_channels, precision, stages,
                                        budget, devices, slabs)

@@ -39,7 +39,13 @@ from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.parallel.patch import auto_patch_size
 from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, plan_for, profile_for
-from lampseg.runtime.device import resolve_device, seed_everything, set_rng_state
+from lampseg.runtime.device import (
+    PrecisionChoice,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_rng_state,
+)
 from lampseg.runtime.memory import free_memory_gb, keep_freed_cpu_memory
 
 Phase = tuple[int, list[int], bool]  # (first epoch, patch size, whole volume)
@@ -167,6 +173,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loss_fn: nn.Module
     scaler: torch.amp.GradScaler
+    precision: PrecisionChoice
     state: TrainState
     started: float  # perf_counter at which this run's wall clock started (resumed runs: minus wall_s)
 
@@ -182,7 +189,7 @@ class Run:
 
 def make_grad_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
     """Loss scaling for fp16 on CUDA (bf16 and fp32 need none; a disabled scaler is a no-op)."""
-    fp16 = enum_value(cfg.trainer.precision) == "fp16"
+    fp16 = resolve_precision(cfg.trainer.precision, device).name == "fp16"
     return torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
 
 
@@ -192,10 +199,24 @@ def _check_samples(cfg, dims: ParallelDims) -> None:
                           f"no step of data.batch_size {cfg.data.batch_size} on each of {dims.dp} replicas")
 
 
-def _check_precision(cfg, dims: ParallelDims, device: torch.device) -> None:
-    if dims.staged and enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda":
-        raise ConfigError("config key 'trainer.precision': fp16 loss scaling is not coordinated across "
-                          "pipeline stages; use bf16 or fp32 with parallel.engine=pipelining")
+def resolve_run_precision(cfg, dims: ParallelDims, device: torch.device) -> PrecisionChoice:
+    """``trainer.precision`` for this run (``runtime.device.resolve_precision``), the same on every rank
+    (rank 0's choice: pipeline stages must agree on the dtype they send), written into ``cfg`` so that every
+    later reader sees the resolved value.
+
+    Raises:
+        ConfigError: fp16 set explicitly with one pipeline stage per process on CUDA (``auto`` takes fp32
+            there instead).
+    """
+    choice = distributed.broadcast_object(resolve_precision(cfg.trainer.precision, device))
+    if dims.staged and choice.name == "fp16" and device.type == "cuda":
+        why = "fp16 loss scaling is not coordinated across pipeline stages"
+        if enum_value(cfg.trainer.precision) != "auto":
+            raise ConfigError(f"config key 'trainer.precision': {why}; use bf16 or fp32 with "
+                              "parallel.engine=pipelining")
+        choice = PrecisionChoice("fp32", f"{choice.reason}; but {why}, so fp32")
+    OmegaConf.update(cfg, "trainer.precision", choice.name, merge=False)
+    return choice
 
 
 def _build_model(cfg, bundle: DataBundle, device: torch.device) -> nn.Module:
@@ -246,7 +267,8 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     device = select_device(cfg)
-    _check_precision(cfg, dims, device)
+    precision = resolve_run_precision(cfg, dims, device)
+    log(f"device {device}, {precision.line()}")
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     with distributed.main_first():  # rank 0 builds the cache and splits.json, the others read them
         preflight_plan(cfg, log)
@@ -264,7 +286,7 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
     run = Run(cfg, run_dir, log, main, dims, device, bundle, phases, model, net, infer_net, plan,
               count_parameters(model), scale, optimizer, scheduler,
               parallel_loss(build_loss(cfg.optim, bundle.targets), dims), make_grad_scaler(cfg, device),
-              TrainState(), 0.0)
+              precision, TrainState(), 0.0)
     _describe(run)
     _resume(cfg, run)
     if dims.dp_rank > 0:  # replicas start identical (DDP broadcasts rank 0's weights), then draw their own
@@ -278,7 +300,7 @@ def _describe(run: Run) -> None:
     cfg, dims, bundle = run.cfg, run.dims, run.bundle
     run.log(f"model {cfg.model.name}: {run.params:,} parameters; {len(bundle.channels)} input channels "
             f"({', '.join(bundle.modality_names)}) -> {bundle.targets.out_channels} outputs "
-            f"({', '.join(bundle.targets.names)}); device {run.device}")
+            f"({', '.join(bundle.targets.names)})")
     if dims.world > 1:
         layout = f"dp={dims.dp} x pp={dims.stage_processes}" + (f" x sp={dims.sp}" if dims.spatial else "")
         run.log(f"{dims.world} processes: {layout}; global batch {dims.dp * cfg.data.batch_size} "

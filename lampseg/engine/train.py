@@ -202,7 +202,8 @@ class Trainer:
                 "plan": run.plan.to_dict() if run.plan is not None else None,
                 "stage_memory": self.stage_memory,
                 "patch_size_auto": run.bundle.patch_decision,
-                "model": cfg.model.name, "device": str(run.device), "dataset": str(run.bundle.dataset.root),
+                "model": cfg.model.name, "device": str(run.device), "precision": run.precision.name,
+                "precision_reason": run.precision.reason, "dataset": str(run.bundle.dataset.root),
                 "modalities": run.bundle.modality_names, "fold": cfg.data.fold,
                 **run.dims.to_dict(), "global_batch_size": run.dims.dp * cfg.data.batch_size,
                 "lr_scale": run.lr_scale, "engine": run.engine}

@@ -23,7 +23,7 @@ from lampseg.parallel.plan import (
     skip_routing,
 )
 from lampseg.parallel.profile import profile_blocks
-from lampseg.runtime.device import DTYPES
+from lampseg.runtime.device import DTYPES, planned_precision
 
 
 def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, budget_gb: float,
@@ -63,7 +63,7 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
     with torch.device("meta"):
         probe = build_model(cfg.model, in_channels, targets.out_channels)
     costs = profile_blocks(probe, [in_channels, *cap], "estimate", "meta",
-                           dtype=DTYPES[enum_value(cfg.trainer.precision)],
+                           dtype=DTYPES[planned_precision(cfg).name],
                            loss_fn=build_loss(cfg.optim, targets), target_fn=targets.loss_target)
 
     def peak_gb(shape: list[int]) -> float | None:

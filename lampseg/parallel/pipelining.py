@@ -21,10 +21,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from lampseg.config import ConfigError, enum_value
+from lampseg.config import ConfigError
 from lampseg.parallel.blocks import BlockSequence, unet_blocks
 from lampseg.parallel.plan import Plan
-from lampseg.runtime.device import DTYPES, autocast
+from lampseg.runtime.device import DTYPES, autocast, resolve_precision
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -55,7 +55,7 @@ class StageModule(BlockSequence):
 def wire_dtype(precision: str, device: torch.device, param_dtype: torch.dtype = torch.float32) -> torch.dtype:
     """dtype of the tensors sent between stages: the autocast dtype (halves traffic), or without autocast
     the weights' dtype (fp32)."""
-    precision = enum_value(precision)
+    precision = resolve_precision(precision, device).name
     if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return param_dtype
     return DTYPES[precision]

@@ -22,7 +22,7 @@ from lampseg.config import ConfigError, enum_value
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel.profile import BlockCost, profile_blocks
-from lampseg.runtime.device import DTYPES
+from lampseg.runtime.device import DTYPES, planned_precision
 from lampseg.runtime.memory import GB
 
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # fp32 tensors of optimiser state per parameter
@@ -332,7 +332,7 @@ def profile_for(cfg, in_channels: int, out_channels: int, input_shape: list[int]
     if targets is not None:
         loss_fn, target_fn = build_loss(cfg.optim, targets), targets.loss_target
     return profile_blocks(probe, input_shape, source, where, p.device_tflops,
-                          DTYPES[enum_value(cfg.trainer.precision)], loss_fn=loss_fn, target_fn=target_fn)
+                          DTYPES[planned_precision(cfg).name], loss_fn=loss_fn, target_fn=target_fn)
 
 
 def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],

@@ -1,0 +1,97 @@
+"""``trainer.precision=auto`` (the default): bf16 where it is native, fp16 with a scaler on CUDA without bf16,
+fp32 elsewhere; an explicit value always wins; the run prints and records what it resolved to."""
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import compose, train_here
+
+import lampseg.engine.setup as engine_setup
+from lampseg.config import ConfigError
+from lampseg.runtime import device as device_module
+from lampseg.runtime.device import PrecisionChoice, autocast, precision_dtype, resolve_precision
+
+
+@pytest.fixture
+def cpu_flags(monkeypatch):
+    """Pretend this CPU has the given flags (x86)."""
+    def pretend(*flags: str) -> None:
+        monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(device_module.platform, "machine", lambda: "x86_64")
+    return pretend
+
+
+@pytest.mark.parametrize("flags, expected", [(("avx2", "amx_bf16"), "bf16"),
+                                             (("avx2", "avx512_bf16"), "bf16"),
+                                             (("avx2", "avx512f"), "fp32"), ((), "fp32")])
+def test_auto_on_the_cpu_follows_native_bf16(cpu_flags, flags, expected):
+    cpu_flags(*flags)
+    choice = resolve_precision("auto", "cpu")
+    assert choice.name == expected and choice.reason.startswith("auto: ")
+    assert precision_dtype("auto", "cpu") == {"bf16": torch.bfloat16, "fp32": torch.float32}[expected]
+    if expected == "fp32":  # no autocast at all where bf16 would be emulated
+        assert isinstance(autocast(torch.device("cpu"), "auto"), contextlib.nullcontext)
+        assert "AMX" in choice.reason
+
+
+def test_aarch64_reads_its_bf16_feature(monkeypatch):
+    monkeypatch.setattr(device_module.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))
+    assert resolve_precision("auto", "cpu").name == "bf16"
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"fp", "asimd"}))
+    assert resolve_precision("auto", "cpu").name == "fp32"
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_takes_fp16_without_bf16(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    choice = resolve_precision("auto", torch.device("cuda", 0))
+    assert choice.name == expected and "Tesla T4" in choice.reason
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16", "fp16"])
+def test_an_explicit_precision_always_wins(cpu_flags, setting):
+    cpu_flags("amx_bf16")
+    assert resolve_precision(setting, "cpu") == PrecisionChoice(setting, "trainer.precision")
+    cpu_flags()
+    assert resolve_precision(setting, "cpu").name == setting
+
+
+def test_the_default_config_is_auto():
+    assert str(compose().trainer.precision.value) == "auto"
+
+
+def test_staged_pipeline_takes_fp32_for_auto_and_refuses_explicit_fp16(monkeypatch):
+    """One stage per process cannot coordinate fp16 loss scaling: ``auto`` falls back to fp32 there."""
+    fp16 = PrecisionChoice("fp16", "auto: Tesla T4 has no native bf16")
+    monkeypatch.setattr(engine_setup, "resolve_precision", lambda *_: fp16)
+    staged, cuda = SimpleNamespace(staged=True), torch.device("cuda", 0)
+    cfg = compose("trainer.precision=auto")
+    choice = engine_setup.resolve_run_precision(cfg, staged, cuda)
+    assert choice.name == "fp32" and "pipeline stages" in choice.reason
+    assert str(cfg.trainer.precision.value) == "fp32"  # every later reader sees the resolved value
+    explicit = PrecisionChoice("fp16", "trainer.precision")
+    monkeypatch.setattr(engine_setup, "resolve_precision", lambda *_: explicit)
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        engine_setup.resolve_run_precision(compose("trainer.precision=fp16"), staged, cuda)
+    unstaged = SimpleNamespace(staged=False)
+    auto = compose("trainer.precision=auto")
+    assert engine_setup.resolve_run_precision(auto, unstaged, cuda).name == "fp16"
+
+
+@pytest.mark.slow
+def test_a_run_prints_and_records_its_resolved_precision(tmp_path, cpu_flags):
+    """The run's first line says what ``auto`` became and why; ``summary.json`` keeps both."""
+    cpu_flags("avx2")  # an AVX2-only CPU: auto must not pick the emulated bf16
+    lines: list[str] = []
+    summary = train_here(tmp_path / "run", "+exp=smoke", "trainer.precision=auto", "trainer.max_epochs=1",
+                         "data.samples_per_epoch=4", log=lines.append)
+    assert lines[0].startswith("device cpu, precision fp32 (auto: this CPU has no AMX"), lines[:2]
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["precision"] == saved["precision"] == "fp32"
+    assert saved["precision_reason"].startswith("auto: ")
