@@ -5,14 +5,11 @@ the synthetic dataset and its preprocessing cache are generated once per session
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CHECK_RUN_DIR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_run_dir.py"
 CLI_TIMEOUT_S = 300
 
 
@@ -86,45 +82,57 @@ def is_loopback(ip: str) -> bool:
 
 def launch_command(nproc: int, *target: str | Path) -> list[str]:
     """``python -m lampseg.launch`` (torchrun, loopback-bound) with ``nproc`` processes on 127.0.0.1 and a
-    free port, running ``target`` (``-m lampseg ARGS`` or a script)."""
-    return [sys.executable, "-m", "lampseg.launch", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *map(str, target)]
+    free port, running ``target`` (``-m lampseg ARGS`` or a script): lampseg's own ``job_command``, for
+    tests that drive the process themselves (``--master_port`` is its sixth word)."""
+    from lampseg.runtime.launcher import job_command  # lazy: it imports torchrun, seconds for every test
+
+    return job_command(target, nproc)
+
+
+def _run_job(nproc: int, target: list, timeout: float, what: str):
+    """``target`` as a job of ``nproc`` processes through lampseg's launcher (``runtime.launcher.run_job``:
+    torchrun on loopback, one thread per process, every process ended when it outlives ``timeout``), the
+    listening sockets of its whole process tree sampled while it runs (``.listening``); any not on loopback,
+    or a timeout, fails the test."""
+    # lazy: the launcher imports torchrun, seconds that every test would pay
+    from lampseg.runtime.launcher import JobError, run_job
+
+    listening: set[tuple[str, int]] = set()
+    try:
+        job = run_job(target, nproc, timeout_s=timeout, name=what, env={"OMP_NUM_THREADS": "1"}, cwd=REPO,
+                      check=False, watch=lambda pid: listening.update(listening_addresses(pid)))
+    except JobError as error:
+        pytest.fail(str(error))
+    job.listening = listening
+    exposed = sorted(a for a in listening if not is_loopback(a[0]))
+    if exposed:
+        pytest.fail(f"{what} listened beyond loopback: {exposed}")
+    return job
 
 
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT_S
              ) -> subprocess.CompletedProcess:
     """``python -m lampseg.launch --nproc_per_node NPROC -m lampseg ARGS`` (torchrun, loopback-bound) on
-    127.0.0.1, one thread per process. While it runs, the listening sockets of the whole process tree are
-    sampled (``proc.listening``); any not on loopback fails the test."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = launch_command(nproc, "-m", "lampseg", *args)
-    listening: set[tuple[str, int]] = set()
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env) as popen:
-        reader = ThreadPoolExecutor(1).submit(popen.communicate, timeout=timeout)
-        while not reader.done():
-            listening |= listening_addresses(popen.pid)
-            time.sleep(0.5)
-        stdout, stderr = reader.result()
-    proc = subprocess.CompletedProcess(command, popen.returncode, stdout, stderr)
-    proc.listening = listening
-    exposed = sorted(a for a in listening if not is_loopback(a[0]))
-    if exposed:
-        pytest.fail(f"torchrun x{nproc} listened beyond loopback: {exposed}")
+    127.0.0.1 through lampseg's launcher, one thread per process. While it runs, the listening sockets of the
+    whole process tree are sampled (``proc.listening``); any not on loopback fails the test, and so does
+    outliving ``timeout`` (after every process of the job has ended)."""
+    what = f"torchrun x{nproc} lampseg {' '.join(map(str, args))}"
+    job = _run_job(nproc, ["-m", "lampseg", *args], timeout, what)
+    proc = subprocess.CompletedProcess(job.args, job.returncode, job.stdout, job.stderr)
+    proc.listening = job.listening
     if check and proc.returncode != 0:
-        pytest.fail(f"torchrun x{nproc} lampseg {' '.join(map(str, args))} exited {proc.returncode}\n"
+        pytest.fail(f"{what} exited {proc.returncode}\n"
                     f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
 
 
 def worker_rows(nproc: int, script: Path, timeout: float = 300) -> list[dict]:
-    """Run a test worker ``script`` under torchrun (``lampseg.launch``, 127.0.0.1, one thread per process)
-    and return the JSON lines it printed (failing the test, with its error output, when it fails)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(launch_command(nproc, script), capture_output=True, text=True, timeout=timeout,
-                          env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    """Run a test worker ``script`` under torchrun (lampseg's launcher, 127.0.0.1, one thread per process,
+    loopback only as ``torchrun`` checks) and return the JSON lines it printed (failing the test, with its
+    error output, when it fails)."""
+    job = _run_job(nproc, [script], timeout, f"torchrun x{nproc} {script}")
+    assert job.returncode == 0, job.stderr[-3000:]
+    return [json.loads(line) for line in job.stdout.splitlines() if line.startswith("{")]
 
 
 def compose(*overrides: str) -> DictConfig:
@@ -170,13 +178,11 @@ def restore_torch_globals():
 
 
 def load_check_run_dir():
-    """The shared ``check_run_dir`` tool as a module (skips the test when the tool is absent)."""
-    if not CHECK_RUN_DIR.is_file():
-        pytest.skip(f"{CHECK_RUN_DIR} not found")
-    spec = importlib.util.spec_from_file_location("check_run_dir", CHECK_RUN_DIR)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The run-directory contract checker (``tests/run_dir_contract.py``) as a module whose ``check(path)``
+    is ``check_run_dir`` (for callers written before it; new code imports ``check_run_dir`` from there)."""
+    import run_dir_contract
+
+    return run_dir_contract
 
 
 @pytest.fixture(scope="session")

@@ -36,15 +36,57 @@ def test_doctor_checks_every_parallel_mode_and_writes_its_report(tmp_path):
 
 
 def test_doctor_exits_nonzero_when_a_check_fails_and_leaves_no_process(tmp_path):
-    """The two-process job cannot finish in 2 s (its imports alone take longer): it is killed, its checks
-    fail with that reason, the command exits 1 naming them, and no worker is left running."""
-    proc = lampseg("doctor", "doctor.checks=[ddp,spatial]", "doctor.timeout_s=2", f"run_dir={tmp_path}",
-                   check=False, timeout=180)
-    assert proc.returncode == 1, proc.stderr
-    assert "FAIL  ddp" in proc.stdout and "FAIL  spatial" in proc.stdout
-    assert "check(s) failed: ddp, spatial" in proc.stderr
+    """The two-process job's workers start (each in a session of its own, as torchrun starts them) and hang
+    (the test stops them with SIGSTOP as they appear): after doctor.timeout_s every process of the job is
+    ended, its checks fail with that reason and the command exits 1 naming them."""
+    import sys
+    import time
+
+    import psutil
+    from conftest import REPO
+
+    timeout_s = 20  # the workers appear within ~6 s of the job's start on 2 busy cores
+    command = [sys.executable, "-m", "lampseg", "doctor", "doctor.checks=[ddp,spatial]",
+               f"doctor.timeout_s={timeout_s}", f"run_dir={tmp_path}"]
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        doctor = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
+    seen, stopped = {}, []
+    try:
+        deadline = time.monotonic() + 180
+        while doctor.poll() is None and time.monotonic() < deadline:
+            try:
+                tree = psutil.Process(doctor.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for process in tree:
+                try:
+                    seen.setdefault(process.pid, process.create_time())
+                    words = process.cmdline()
+                    if "lampseg.doctor.worker" in words and "lampseg.launch" not in words and \
+                            process.pid not in stopped:
+                        process.suspend()  # a hung worker: only the launcher's timeout can end the job
+                        stopped.append(process.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.1)
+    finally:
+        if doctor.poll() is None:
+            doctor.kill()
+        doctor.wait()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert len(stopped) == 2, f"the workers did not start before the timeout: {stopped}\n{stdout}\n{stderr}"
+    assert doctor.returncode == 1, stderr
+    assert "FAIL  ddp" in stdout and "FAIL  spatial" in stdout
+    assert "check(s) failed: ddp, spatial" in stderr
     report = json.loads((tmp_path / "doctor.json").read_text())
     assert not report["ok"] and report["failed"] == list(report["checks"]) == ["ddp", "spatial"]
-    assert "did not finish in doctor.timeout_s=2 s" in report["checks"]["ddp"]["detail"]
-    left = subprocess.run(["pgrep", "-f", "lampseg.doctor.worker"], capture_output=True, text=True).stdout
-    assert not left.split(), f"doctor workers left running: {left}"
+    assert f"did not finish in doctor.timeout_s={timeout_s} s" in report["checks"]["ddp"]["detail"]
+    left = []
+    for pid, created in seen.items():  # the launcher, both workers and anything they started
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid} {' '.join(process.cmdline())[:100]}")
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"processes of the doctor's job left running: {left}"

@@ -203,20 +203,78 @@ def test_trials_get_loader_workers_from_their_own_cpus():
     assert study_config(compose("data.num_workers=2"), log=lambda _: None)[0]["data"]["num_workers"] == 2
 
 
-def test_reap_orphans_stops_processes_of_an_earlier_session(tmp_path):
-    """What a killed study leaves behind (processes naming its Ray temp dir) is stopped before a new start;
-    other processes are left alone."""
-    from lampseg.tune.search import reap_orphans
+SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 
-    temp = tmp_path / "ray"
-    temp.mkdir()
-    other = tmp_path / "other"
-    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={temp}"])
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={other}"])
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="processes are recorded from /proc")
+def test_reap_orphans_stops_only_the_recorded_session(tmp_path):
+    """What a killed study's driver recorded (a Ray process, and the child it started since, as the raylet
+    starts workers) is stopped before a new start. Decoys survive: a `tail -f` of a log in the temp dir, a
+    process naming the temp dir that was not recorded, a `tail -f` under a sibling dir sharing its prefix,
+    and a recorded pid whose start time is not the recorded one (a reused pid). While the driver that
+    recorded the session still runs, nothing is touched."""
+    import time
+
+    from lampseg.runtime.processes import start_time
+    from lampseg.tune.search import reap_orphans, record_session
+
+    temp, sibling = tmp_path / "ray", tmp_path / "ray2"
+    for folder in (temp, sibling):
+        folder.mkdir()
+        (folder / "session.log").write_text("started\n")
+    spawn = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(120)']); time.sleep(120)")
+    session = subprocess.Popen([sys.executable, "-c", spawn, f"--temp-dir={temp}"])
+    decoys = [subprocess.Popen(["tail", "-f", str(temp / "session.log")]),
+              subprocess.Popen([*SLEEP, f"--temp-dir={temp}"]),
+              subprocess.Popen(["tail", "-f", str(sibling / "session.log")]),
+              subprocess.Popen([*SLEEP, f"--temp-dir={temp}"])]
+    killed_driver = subprocess.Popen(SLEEP)
     try:
-        assert reap_orphans(temp, log=lambda _: None) == [left.pid]
-        assert left.wait(timeout=10) == -signal.SIGKILL and bystander.poll() is None
+        children = []
+        for _ in range(100):
+            children = psutil.Process(session.pid).children()
+            if children:
+                break
+            time.sleep(0.1)
+        assert children, "the session process started no child"
+        dead = (killed_driver.pid, start_time(killed_driver.pid))
+        killed_driver.kill()
+        killed_driver.wait()
+        reused = decoys[-1].pid
+        record = [(session.pid, start_time(session.pid)), (reused, start_time(reused) + 1)]
+        live = decoys[0].pid
+        record_session(temp, record, driver=(live, start_time(live)))  # its study still runs
+        assert reap_orphans(temp, log=lambda _: None) == [] and session.poll() is None
+        logs = []
+        record_session(temp, record, driver=dead)
+        assert reap_orphans(temp, log=logs.append) == sorted([session.pid, children[0].pid])
+        assert session.wait(timeout=10) == -signal.SIGKILL
+        gone, _ = psutil.wait_procs(children, timeout=10)
+        assert gone or children[0].status() == psutil.STATUS_ZOMBIE
+        assert [d.poll() for d in decoys] == [None] * len(decoys)
+        assert logs == [f"tune: stopped 2 process(es) an earlier Ray session in {temp} left running"]
     finally:
-        for p in (left, bystander):
+        for p in (session, *decoys):
             p.kill()
-            p.wait()
+        for child in children:
+            if child.is_running():
+                child.kill()
+        session.wait()
+        for d in decoys:
+            d.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="processes are recorded from /proc")
+def test_reap_orphans_spares_itself_and_its_ancestors(tmp_path, monkeypatch):
+    """A record that names the reaping process and its parent stops neither (the signals are caught here,
+    so a mistake cannot stop the test run)."""
+    import os
+
+    from lampseg.runtime.processes import start_time
+    from lampseg.tune import search
+
+    signalled = []
+    monkeypatch.setattr(search, "signal_all", lambda processes, sig: signalled.extend(dict(processes)))
+    search.record_session(tmp_path, [(pid, start_time(pid)) for pid in (os.getpid(), os.getppid())])
+    assert search.reap_orphans(tmp_path, log=lambda _: None) == [] and signalled == []

@@ -6,8 +6,9 @@ The N trials are ``lampseg train`` runs of the configured model and data that di
 (``optim.lr / 2**k``, k < ``bench.trials``). Each round times, with every command a real CLI process:
 
 - **(a) sequential, all cores**: ``lampseg train`` N times, one after another, with every core as a thread;
-- **(b) data-parallel, sequential**: ``torchrun --nproc_per_node 2 ... train parallel=ddp`` N times (1 thread
-  per process, ``data.batch_size / 2`` per replica: the same global batch and samples as (a));
+- **(b) data-parallel, sequential**: ``python -m lampseg.launch --nproc_per_node 2 ... train parallel=ddp`` N
+  times (torchrun on loopback; 1 thread per process, ``data.batch_size / 2`` per replica: the same global
+  batch and samples as (a));
 - **(c) experiment-parallel**: one ``lampseg tune`` study of the N trials, ``bench.workers`` (W) at a time
   with one core each (``tune.resources.cpu=1``), Ray started and stopped by the command;
 - **t1**: one trial alone with (c)'s per-trial resources: ``lampseg train`` with 1 thread, pinned with its
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,8 +31,8 @@ from pathlib import Path
 
 from lampseg.config import ConfigError, enum_value, validate
 from lampseg.io import atomic_write_bytes, write_json
-from lampseg.parallel.distributed import free_port
 from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.launcher import job_command, run_command
 
 DROP = ("run_dir=", "bench.", "optim.lr=", "trainer.num_threads=", "data.batch_size=", "parallel", "tune")
 
@@ -44,19 +44,17 @@ def _user_overrides(overrides: list[str]) -> list[str]:
 
 def _timed(command: list[str], threads: int, timeout: float, cores: int | None = None) -> float:
     """Run a command with ``threads`` OpenMP threads (and, with ``cores``, pinned with its children, such as
-    data-loader workers, to that many CPUs); its wall time (raises with its output if it fails)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    pin = None
-    if cores is not None and hasattr(os, "sched_setaffinity"):
-        allowed = sorted(os.sched_getaffinity(0))[:cores]
-        pin = lambda: os.sched_setaffinity(0, allowed)  # noqa: E731 (runs in the child before exec)
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=pin)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench experiment_parallel: {' '.join(command[:8])} ... failed "
-                           f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return wall
+    data-loader workers, to that many CPUs); its wall time. Every process of it ends on a timeout.
+
+    Raises:
+        JobError: it failed or outlived ``bench.timeout_s`` (with the end of its output).
+    """
+    pinned = cores is not None and hasattr(os, "sched_getaffinity")
+    name = f"bench experiment_parallel: {' '.join(command[:8])} ..."
+    result = run_command(command, timeout_s=timeout, name=name, timeout_key="bench.timeout_s",
+                         env={"OMP_NUM_THREADS": str(threads)},
+                         cpus=sorted(os.sched_getaffinity(0))[:cores] if pinned else None)
+    return result.seconds
 
 
 def _summary(run_dir: Path) -> dict:
@@ -74,11 +72,9 @@ def _round(k: int, cfg, base: list[str], lrs: list[float], out: Path, log) -> di
     row["a_dice"] = [_summary(rd)["best_val_dice"] for rd in runs]
     if cfg.data.batch_size % 2 == 0:
         runs = [out / f"b{k}_{i}" for i in range(len(lrs))]
-        row["b_s"] = sum(_timed([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lampseg",
-                                 "train", *base, "parallel=ddp",
-                                 f"data.batch_size={cfg.data.batch_size // 2}", f"optim.lr={lr}",
-                                 "trainer.num_threads=1", f"run_dir={rd}"], 1, b.timeout_s)
+        row["b_s"] = sum(_timed(job_command(["-m", "lampseg", "train", *base, "parallel=ddp",  # loopback only
+                                             f"data.batch_size={cfg.data.batch_size // 2}", f"optim.lr={lr}",
+                                             "trainer.num_threads=1", f"run_dir={rd}"], 2), 1, b.timeout_s)
                          for lr, rd in zip(lrs, runs))
         row["b_dice"] = [_summary(rd)["best_val_dice"] for rd in runs]
     study = out / f"c{k}"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,27 +14,23 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import Config
 from lampseg.model.losses import Targets
 from lampseg.parallel import distributed
-from lampseg.parallel.distributed import free_port
 from lampseg.runtime.device import resolve_device
+from lampseg.runtime.launcher import run_job
 
 
 def launch_workers(module: str, nproc: int, spec_path: Path, out_path: Path, timeout_s: float,
                    threads: int | None = None) -> list[dict]:
-    """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 with ``threads`` per process
-    (default ``$OMP_NUM_THREADS``, else 1); returns the JSON list the job's rank 0 wrote to ``out_path``.
+    """``torchrun --nproc_per_node NPROC -m MODULE SPEC OUT`` on 127.0.0.1 (``runtime.launcher.run_job``:
+    loopback only, every process ended on a timeout) with ``threads`` per process (default
+    ``$OMP_NUM_THREADS``, else 1); returns the JSON list the job's rank 0 wrote to ``out_path``.
 
     Raises:
-        RuntimeError: the job failed (with the end of its error output).
+        JobError: the job failed, or outlived ``timeout_s`` (``bench.timeout_s``), with the end of its output.
     """
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", module, str(spec_path),
-               str(out_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench: the {nproc}-process job of {module} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
+    threads = str(threads or os.environ.get("OMP_NUM_THREADS", "1"))
+    run_job(["-m", module, spec_path, out_path], nproc, timeout_s=timeout_s,
+            name=f"bench: the {nproc}-process job of {module}", timeout_key="bench.timeout_s",
+            env={"OMP_NUM_THREADS": threads})
     return json.loads(Path(out_path).read_text())
 
 

@@ -3,8 +3,9 @@
 * ``single``: three optimiser steps of the probe U-Net in this process (``engine.steps.local_step``, the
   step ``lampseg train`` runs) at ``trainer.precision`` on ``trainer.device``: finite losses, weights moved.
 * ``ddp``, ``pipeline``, ``spatial``: one torchrun job of two processes on 127.0.0.1
-  (``lampseg.doctor.worker``): NCCL on two or more GPUs, else gloo on the CPU. Its process group is killed
-  whole after ``doctor.timeout_s``, so nothing is left behind.
+  (``lampseg.doctor.worker``, started by ``runtime.launcher.run_job``): NCCL on two or more GPUs, else gloo on
+  the CPU. After ``doctor.timeout_s`` every process of the job is ended (torchrun and its workers, each in
+  a session of its own), so nothing is left behind.
 * ``inference``: ``inference.mode=auto`` on a whole 64x64x48 volume with this device's free memory as the
   budget (its choice and estimate), then with a budget too small for the whole volume (it must fall back
   to sliding windows); both outputs are finite and the volume's size.
@@ -13,10 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,8 +29,8 @@ from lampseg.engine.inference_memory import inference_memory
 from lampseg.engine.optim import build_optimizer
 from lampseg.engine.steps import local_step
 from lampseg.model.unet import size_divisor
-from lampseg.parallel.distributed import free_port
-from lampseg.runtime.device import resolve_device
+from lampseg.runtime.device import resolve_device, resolve_precision
+from lampseg.runtime.launcher import JobError, run_job
 
 DISTRIBUTED = ("ddp", "pipeline", "spatial")
 CHECKS = ("single", "ddp", "pipeline", "spatial", "inference")
@@ -51,7 +48,8 @@ def check_single(cfg: DictConfig) -> str:
     probe.trainer.precision = cfg.trainer.precision
     model, _, loss_fn, _, image, target = probe_problem(probe, device)
     before = [p.detach().clone() for p in model.parameters()]
-    scaler = torch.amp.GradScaler(device.type, enabled=enum_value(probe.trainer.precision) == "fp16")
+    precision = resolve_precision(probe.trainer.precision, device).name
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     step = local_step(model, build_optimizer(model, probe.optim), loss_fn, probe, device, scaler)
     started = time.perf_counter()
     losses = [step(image, target) for _ in range(3)]
@@ -60,7 +58,7 @@ def check_single(cfg: DictConfig) -> str:
         raise AssertionError(f"non-finite loss in 3 steps: {losses}")
     if all(torch.equal(a, b) for a, b in zip(before, model.parameters())):
         raise AssertionError("the optimiser step left every weight unchanged")
-    return (f"3 training steps on {device} at {enum_value(probe.trainer.precision)}, batch {BATCH} x "
+    return (f"3 training steps on {device} at {precision}, batch {BATCH} x "
             f"{SHAPE}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {seconds * 1000:.0f} ms/step")
 
 
@@ -112,20 +110,13 @@ def run_distributed(cfg: DictConfig, checks: list[str]) -> dict[str, dict]:
         timeout = float(cfg.doctor.timeout_s)
         spec.write_text(json.dumps({"checks": checks, "device": device, "backend": backend,
                                     "timeout_s": max(timeout / 2, 5.0)}))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lampseg.doctor.worker",
-                   str(spec), str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        # its own session: on a timeout the whole group (torchrun and both workers) is killed
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
         try:
-            _, stderr = proc.communicate(timeout=timeout)
-            problem = None if proc.returncode == 0 else \
-                f"the 2-process job exited {proc.returncode}: {_last_error(stderr)}"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            job = run_job(["-m", "lampseg.doctor.worker", spec, out], 2, timeout_s=timeout,
+                          name="the 2-process job", timeout_key="doctor.timeout_s",
+                          env={"OMP_NUM_THREADS": "1"}, check=False)
+            problem = None if job.returncode == 0 else \
+                f"the 2-process job exited {job.returncode}: {_last_error(job.stderr)}"
+        except JobError:  # every process of it has ended
             problem = f"the 2-process job did not finish in doctor.timeout_s={timeout:g} s (killed)"
         results = json.loads(out.read_text()) if out.is_file() else {}
     for name in checks:

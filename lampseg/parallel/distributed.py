@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lampseg.config import ConfigError
+from lampseg.runtime.processes import free_port  # noqa: F401 (kept here for its callers)
 
 
 def launched_by_torchrun() -> bool:
@@ -94,13 +94,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a torchrun rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -17,6 +17,7 @@ experiment state and one directory per trial (a lampseg run directory), then ``r
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -33,13 +34,15 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import load_data
-from lampseg.io import write_json
+from lampseg.io import atomic_write_text, write_json
+from lampseg.runtime.processes import Process, alive, ancestors, descendants, signal_all, start_time
 from lampseg.tune.loopback import local_ray_on_loopback
 from lampseg.tune.results import write_results
 from lampseg.tune.space import check_space, grid_size, pbt_mutations, to_ray
 from lampseg.tune.trial import train_trial, trial_dirname
 
 RAY_TEMP_MAX = 60  # Ray's socket paths under its temp dir must stay below the OS limit (107 bytes)
+SESSION_RECORD = "lampseg-session.json"  # in the Ray temp dir: the Ray processes this study's driver started
 
 
 def study_config(cfg: DictConfig, log=print) -> tuple[dict, int]:
@@ -72,33 +75,53 @@ def study_config(cfg: DictConfig, log=print) -> tuple[dict, int]:
     return base, stages
 
 
+def record_session(temp: Path, processes: list[Process], driver: Process | None = None) -> None:
+    """Write down, in the Ray temp dir, the Ray processes a study's driver started (``(pid, start time)``
+    pairs) and the driver itself (default this process): what ``reap_orphans`` may stop later. Atomic, so a
+    driver killed while writing leaves the earlier record or this one, never half of one."""
+    driver = driver or (os.getpid(), start_time(os.getpid()))
+    temp.mkdir(parents=True, exist_ok=True)  # Ray makes it, unless it failed first
+    atomic_write_text(temp / SESSION_RECORD, json.dumps({"driver": list(driver),
+                                                         "processes": [list(p) for p in processes]}))
+
+
+def _recorded(temp: Path) -> tuple[Process, list[Process]] | None:
+    """The driver and processes ``record_session`` wrote in ``temp``, or None (no record, or not one)."""
+    try:
+        record = json.loads((temp / SESSION_RECORD).read_text())
+        driver = (int(record["driver"][0]), int(record["driver"][1] or 0))
+        return driver, [(int(pid), int(started)) for pid, started in record["processes"]]
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return None
+
+
 def reap_orphans(temp: Path, log=print) -> list[int]:
     """Stop processes left behind by an earlier Ray session in this run dir: a study whose driver was
-    killed (SIGKILL) leaves some of Ray's agents running. They are the processes whose command line names
-    this Ray temp dir or that hold files open under it (Ray renames its processes, ``ray::DashboardAgent``,
-    but they keep their session's logs open); a new study here starts only when the earlier one is gone.
-    Linux (/proc) only.
+    killed (SIGKILL) leaves some of Ray's processes running. Only that session's processes are touched:
+    those its driver recorded when it started Ray (``record_session``) that still are the same processes
+    (the pid and its start time match, so a reused pid is spared), and the processes now below them (Ray's
+    workers are the raylet's children); never this process or its ancestors, and nothing while the driver
+    that recorded them still runs (its study is not over). Linux (/proc) only.
 
     Returns:
         The process ids that were killed (SIGKILL: they belong to a dead session).
     """
-    proc = Path("/proc")
-    if not proc.is_dir():
+    record = _recorded(temp)
+    if record is None:
         return []
-    needle, killed = str(temp.resolve()).encode(), []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes() or any(
-                    os.readlink(fd).encode().startswith(needle) for fd in (entry / "fd").iterdir()):
-                os.kill(int(entry.name), signal.SIGKILL)  # stale: nothing of theirs is kept
-                killed.append(int(entry.name))
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    if killed:
-        log(f"tune: stopped {len(killed)} process(es) an earlier Ray session in {temp} left running")
-    return killed
+    driver, processes = record
+    if driver[0] != os.getpid() and alive(driver):
+        log(f"tune: the Ray session in {temp} belongs to a study that still runs (pid {driver[0]}); "
+            "left alone")
+        return []
+    spared = ancestors()
+    targets = dict(p for p in processes if alive(p) and p[0] not in spared)
+    targets.update(descendants(targets))
+    targets = {pid: started for pid, started in targets.items() if pid not in spared}
+    signal_all(targets.items(), signal.SIGKILL)  # stale: nothing of theirs is kept
+    if targets:
+        log(f"tune: stopped {len(targets)} process(es) an earlier Ray session in {temp} left running")
+    return sorted(targets)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -145,9 +168,13 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
     local_ray_on_loopback()
     if t.verbose < 2:  # Ray turns token authentication on for a new local cluster and says so each start
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=t.dashboard,
-             dashboard_host="127.0.0.1", _temp_dir=str(temp), configure_logging=False,
-             log_to_driver=t.verbose >= 2)  # below 2 the trials' output is in their log.txt
+    before = {pid for pid, _ in descendants([os.getpid()])}
+    try:
+        ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=t.dashboard,
+                 dashboard_host="127.0.0.1", _temp_dir=str(temp), configure_logging=False,
+                 log_to_driver=t.verbose >= 2)  # below 2 the trials' output is in their log.txt
+    finally:  # what Ray started, even if it failed half-way, is this study's to stop
+        record_session(temp, [p for p in descendants([os.getpid()]) if p[0] not in before])
 
 
 @contextmanager
