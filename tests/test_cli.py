@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import compose, lampseg, load_check_run_dir
+from conftest import compose, lampseg
+from run_dir_contract import check_run_dir
 
 SMOKE_FAST = ["+exp=smoke", "trainer.max_epochs=1", "data.samples_per_epoch=2", "trainer.hd95=false",
               "trainer.num_threads=1"]
@@ -51,7 +52,7 @@ def test_unknown_subcommand_fails():
 
 
 def test_train_smoke_run_dir(trained_run):
-    problems = load_check_run_dir().check(trained_run)
+    problems = check_run_dir(trained_run)
     assert problems == [], problems
     summary = _summary(trained_run)
     assert summary["status"] == "completed"
@@ -71,12 +72,94 @@ def test_train_smoke_run_dir(trained_run):
     assert str(trained_run) in config  # run_dir resolved to the real directory
 
 
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _replace_text(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _rename_metrics_column(run: Path, old: str, new: str) -> None:
+    lines = (run / "metrics.csv").read_text().splitlines(keepends=True)
+    (run / "metrics.csv").write_text(lines[0].replace(old, new, 1) + "".join(lines[1:]))
+
+
+def _drop_last_metrics_row(run: Path) -> None:
+    lines = (run / "metrics.csv").read_text().splitlines(keepends=True)
+    (run / "metrics.csv").write_text("".join(lines[:-1]))
+
+
+def _ddp_names(run: Path) -> None:
+    """final.pt saved as a DistributedDataParallel wrapper would name it (``module.`` prefixes)."""
+    path = run / "checkpoints" / "final.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.pop("checksum", None)
+    ckpt["model"] = {f"module.{k}": v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, path)
+
+
+def _edit_checkpoint_epoch(path: Path) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["epoch"] += 1  # the checksum saved with it no longer matches
+    torch.save(ckpt, path)
+
+
+BREAKAGES = {  # what is broken -> the problem check_run_dir must report
+    "summary-key": (lambda r: _edit_json(r / "summary.json", lambda s: s.pop("best_val_dice")),
+                    "summary.json lacks 'best_val_dice'"),
+    "summary-type": (lambda r: _edit_json(r / "summary.json", lambda s: s.update(params="37k")),
+                     "summary.json 'params' is '37k'"),
+    "status": (lambda r: _edit_json(r / "summary.json", lambda s: s.update(status="done")),
+               "summary.json 'status' is 'done'"),
+    "precision": (lambda r: _edit_json(r / "summary.json", lambda s: s.update(precision="auto")),
+                  "summary.json 'precision' is 'auto'"),
+    "metrics-column": (lambda r: _rename_metrics_column(r, "train_loss", "loss"),
+                       "metrics.csv lacks column 'train_loss'"),
+    "metrics-name": (lambda r: _rename_metrics_column(r, "val_dice_edema", "val_dice_oedema"),
+                     "val_dice_<name> columns"),
+    "metrics-rows": (_drop_last_metrics_row, "metrics.csv has 1 rows, summary.json says 2 epochs"),
+    "config": (lambda r: _replace_text(r / ".hydra/config.yaml", "seed: 0", "seed: ${oops}"), "unresolved"),
+    "progress": (lambda r: (r / "progress.png").unlink(), "missing progress.png"),
+    "tb": (lambda r: shutil.rmtree(r / "tb"), "missing TensorBoard events under tb/"),
+    "checkpoint-pickle": (lambda r: torch.save({"model": {}, "epoch": Path("x")}, r / "checkpoints/best.pt"),
+                          "best.pt does not load with weights_only=True"),  # a Path is not a weight
+    "checkpoint-names": (_ddp_names, "final.pt parameter names/shapes are not the unpartitioned model's"),
+    "checkpoint-corrupt": (lambda r: _edit_checkpoint_epoch(r / "checkpoints" / "latest.pt"),
+                           "latest.pt does not match its checksum"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_run_dir_contract_finds_what_is_broken(tmp_path, trained_run, breakage):
+    """The checker of the run-directory contract is not vacuous: on a copy of a good run directory with one
+    thing broken it reports that thing."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = run / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace(str(trained_run), str(run)))  # the config names its run dir
+    assert check_run_dir(run) == []
+    breaker, problem = BREAKAGES[breakage]
+    breaker(run)
+    problems = check_run_dir(run)
+    assert any(problem in p for p in problems), problems
+
+
 def _assert_config_error(tmp_path, override: str, key: str, *also: str) -> str:
+    """``lampseg train OVERRIDE`` is a config error: exit 2, one ``lampseg train: config error: ...`` line
+    naming ``'key'`` (and ``also``), no traceback, nothing written."""
     run_dir = tmp_path / "run"
     proc = lampseg("train", "+exp=smoke", override, f"run_dir={run_dir}", check=False)
-    assert proc.returncode != 0, proc.stdout
     message = proc.stdout + proc.stderr
-    assert key in message, message
+    assert proc.returncode == 2, message
+    assert "Traceback" not in message, message
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lampseg train: config error: ")]
+    assert len(lines) == 1, message
+    assert f"'{key}'" in lines[0], message
     for text in also:
         assert text in message, message
     # The error came before any training: no checkpoints, no summary.
@@ -252,7 +335,7 @@ def test_brats_regions_train_and_predict(tmp_path, trained_run):
             "data.synthetic.cases=6", "data.synthetic.shape=[32,32,32]", "data.patch_size=[32,32,32]",
             "data.samples_per_epoch=4", "data.num_workers=1", "data.folds=3", "trainer.max_epochs=2",
             "trainer.val_every=1", "trainer.num_threads=1", f"run_dir={run_dir}")
-    assert load_check_run_dir().check(run_dir) == []
+    assert check_run_dir(run_dir) == []
     summary = _summary(run_dir)
     assert list(summary["val_dice"]) == ["WT", "TC", "ET"]
     columns, rows = _metrics(run_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray  # a required dependency; read at import, the loopback setting is re-applied before ray.init
 from conftest import compose, is_loopback, lampseg
 from omegaconf import OmegaConf
 
@@ -29,7 +30,6 @@ def ray_session(lampseg_home):
     from lampseg.tune.loopback import local_ray_on_loopback
 
     local_ray_on_loopback()
-    ray = pytest.importorskip("ray")
     temp = tempfile.mkdtemp(prefix="lampseg-ray-test-")  # short: Ray's socket paths live under it
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False,
              log_to_driver=False)
