@@ -22,6 +22,14 @@ random batch of ``data.patch_size`` (a whole volume), and measures:
   caches, or a shared host, it is below ``sp``). Whole volumes, not slabs: PyTorch's kernel choice
   depends on the tensor's size, so an unsplit model on a thin slab would measure another kernel.
 
+Every arm computes alike: the one-process baseline and the contended run put the unsplit model's
+convolutions on the kernels the split model's slabs take (``kernels.steer_convolutions``: oneDNN for fp32 on
+a CPU whatever the size, where PyTorch's own choice would take its im2col kernel for thin batch-1 layers),
+and all three use ``train``'s memory layout (``trainer.channels_last``: model and input in
+``channels_last_3d``) and its precision (``trainer.precision``, ``auto`` resolved as ``train`` does). The
+JSON records each arm's kernels and layout (``kernels``, ``memory_format``; ``contended_kernels``,
+``contended_memory_format``).
+
 Speed-ups are medians over rounds of ``t(sp=1) / t(sp)``; with one core or GPU per process they show what
 the split buys in time, on one core they would show only its overhead. Writes ``bench_spatial.json`` and
 ``bench_spatial.png`` in ``run_dir``.
@@ -38,12 +46,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch import nn
 
 from lampseg.bench.workers import launch_workers, random_batch, start_worker, timed_steps
 from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.engine.optim import build_optimizer
+from lampseg.engine.setup import make_grad_scaler
 from lampseg.engine.steps import local_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
 from lampseg.model.losses import Targets, build_loss
@@ -51,20 +61,67 @@ from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel import distributed, slabs, spatial
 from lampseg.parallel.capacity import spatial_plan_for
 from lampseg.parallel.dims import ParallelDims
+from lampseg.parallel.kernels import kernel_choice, steer_convolutions
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.plots import figure_png, pyplot
-from lampseg.runtime.device import autocast, resolve_device
+from lampseg.runtime.device import DTYPES, autocast, resolve_device, resolve_precision
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
+
+
+def ceiling_speedup(sp: int, alone_s: float, contended_s: float) -> float:
+    """The most ``sp`` processes could gain by splitting the work on this machine: ``sp`` x the time of one
+    process alone over the time of each of ``sp`` processes running the same work at once.
+
+    Args:
+        sp: processes (slabs per volume).
+        alone_s: one process's time for the whole volume, alone on the machine (the ``sp=1`` job).
+        contended_s: the same work's time when ``sp`` processes run it at once, without communication.
+
+    Returns:
+        ``sp * alone_s / contended_s`` (``sp`` when running at once costs nothing, below it otherwise).
+    """
+    return sp * alone_s / contended_s
+
+
+def _arm(cfg, model: nn.Module, unsplit: bool) -> nn.Module:
+    """``model`` as every arm of the benchmark computes: in ``train``'s memory layout
+    (``trainer.channels_last``, as ``engine.setup`` builds it) and, when it stays ``unsplit``, with its
+    convolutions on the kernels of a split model's slabs (``kernels.steer_convolutions``; ``parallelize``
+    converts a split model's own). Call it before ``parallelize``."""
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    if unsplit:
+        steer_convolutions(model)
+    return model
+
+
+def _layout(cfg, x: torch.Tensor) -> torch.Tensor:
+    """An input as ``train`` gives it to the model (``engine.steps.train_epoch``): ``channels_last_3d``
+    under ``trainer.channels_last``."""
+    return x.contiguous(memory_format=torch.channels_last_3d if cfg.trainer.channels_last
+                        else torch.contiguous_format)
+
+
+def _computes(model: nn.Module, device: torch.device, precision: str, prefix: str = "") -> dict:
+    """An arm's record: its convolutions' kernels (``kernels.kernel_choice``) and the memory layout of its
+    weights (``channels_last_3d`` or ``contiguous``, read from its largest convolution weight: a 1x1x1 one
+    is both)."""
+    dtype = DTYPES[resolve_precision(precision, device).name]
+    weight = max((m.weight for m in model.modules() if isinstance(m, nn.Conv3d)), key=lambda w: w.numel())
+    layout = "channels_last_3d" if weight.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not weight.is_contiguous() else "contiguous"
+    return {f"{prefix}kernels": kernel_choice(model, device, dtype), f"{prefix}memory_format": layout}
 
 
 def _contended_times(cfg, in_ch: int, targets: Targets, whole: tuple[torch.Tensor, torch.Tensor],
                      device: torch.device) -> dict:
     """The ceiling of the split on this machine (module docstring): every rank trains and infers the
-    unsplit model on the whole volume at the same time as the others, with no communication."""
-    model = build_model(cfg.model, in_ch, targets.out_channels).to(device)
+    unsplit model on the whole volume at the same time as the others, with no communication, on the
+    kernels and in the layout of the other arms."""
+    model = _arm(cfg, build_model(cfg.model, in_ch, targets.out_channels).to(device), unsplit=True)
     optimizer = build_optimizer(model, cfg.optim)
     step = local_step(model, optimizer, build_loss(cfg.optim, targets), cfg, device,
-                      torch.amp.GradScaler(device.type, enabled=False))
+                      make_grad_scaler(cfg, device))
     step(*whole)
     dist.barrier()  # all ranks at once
     train_s = timed_steps(lambda: step(*whole), cfg.bench.steps, device)
@@ -77,7 +134,8 @@ def _contended_times(cfg, in_ch: int, targets: Targets, whole: tuple[torch.Tenso
     forward()
     dist.barrier()
     return {"contended_train_s": statistics.median(train_s),
-            "contended_infer_s": statistics.median(timed_steps(forward, cfg.bench.steps, device))}
+            "contended_infer_s": statistics.median(timed_steps(forward, cfg.bench.steps, device)),
+            **_computes(model, device, cfg.trainer.precision, "contended_")}
 
 
 def _worker(config_path: str, out_path: str) -> None:
@@ -90,16 +148,17 @@ def _worker(config_path: str, out_path: str) -> None:
     targets, image, target = random_batch(spec, cfg, batch)
     divisor = size_divisor(cfg.model)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, in_ch, targets.out_channels).to(device)
+    model = _arm(cfg, build_model(cfg.model, in_ch, targets.out_channels).to(device), unsplit=sp == 1)
     net, _ = parallelize(model, dims, cfg, [in_ch, *patch], device, targets)
     plan = spatial_plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)  # sp=1 too
     group = dims.sp_group
     mine = (slabs.slab(image, group, divisor), slabs.slab(target, group, divisor)) if sp > 1 \
         else (image, target)
-    mine = tuple(t.to(device).contiguous() for t in mine)  # as the data loader gives them
+    # as the data loader gives them, the image in train's layout
+    mine = (_layout(cfg, mine[0].to(device)), mine[1].to(device).contiguous())
     optimizer = build_optimizer(model, cfg.optim)
     step = local_step(net, optimizer, parallel_loss(build_loss(cfg.optim, targets), dims), cfg, device,
-                      torch.amp.GradScaler(device.type, enabled=False))
+                      make_grad_scaler(cfg, device))
     first_loss = step(*mine)
     for _ in range(cfg.bench.warmup - 1):
         step(*mine)
@@ -117,7 +176,7 @@ def _worker(config_path: str, out_path: str) -> None:
     with PeakMemory(device) as peak:
         step(*mine)
     infer = inference_module(model, net, dims, divisor).eval()
-    whole = image.to(device)
+    whole = _layout(cfg, image.to(device))
 
     def forward() -> None:
         with torch.no_grad(), autocast(device, cfg.trainer.precision):
@@ -130,7 +189,8 @@ def _worker(config_path: str, out_path: str) -> None:
            "infer_s": statistics.median(infer_s), "first_loss": first_loss,
            "measured_gb": (held + peak.bytes) / GB,
            "planned_gb": plan.stage.memory_gb, "checkpoint": plan.checkpoint,
-           "halo_s": comm.get("halo", 0.0), "allreduce_s": comm.get("allreduce", 0.0), **ceiling}
+           "halo_s": comm.get("halo", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
+           **_computes(model, device, cfg.trainer.precision), **ceiling}
     parts = [None] * sp if rank == 0 else None
     dist.gather_object(row, parts, dst=0)
     if rank == 0:
@@ -138,8 +198,17 @@ def _worker(config_path: str, out_path: str) -> None:
     distributed.shutdown()
 
 
-def _summary(jobs: list[dict]) -> dict:
-    """Medians per sp over rounds, speed-ups against sp=1 within each round, memory against the plan."""
+def summarise(jobs: list[dict]) -> dict:
+    """Medians per sp over rounds, speed-ups against sp=1 within each round, memory against the plan.
+
+    Args:
+        jobs: ``{"round", "sp", "ranks"}`` per torchrun job, ``ranks`` the rows its ranks measured.
+
+    Returns:
+        Per ``sp`` (as a string): median times, speed-ups, memory, communication, the first loss, the
+        ceiling (``ceiling_speedup`` of the ``sp=1`` job's time over the contended time, paired by round)
+        and the kernels and memory layout each arm computed with.
+    """
     by_sp: dict[int, list[list[dict]]] = {}
     for job in jobs:
         by_sp.setdefault(job["sp"], []).append(job["ranks"])
@@ -151,8 +220,8 @@ def _summary(jobs: list[dict]) -> dict:
         paired = [(base[j["round"]], j["ranks"][0]) for j in rounds if j["round"] in base]
         train_up = [one["train_s"] / split["train_s"] for one, split in paired]
         infer_up = [one["infer_s"] / split["infer_s"] for one, split in paired]
-        ceiling = [(sp * one["train_s"] / split["contended_train_s"],
-                    sp * one["infer_s"] / split["contended_infer_s"])
+        ceiling = [(ceiling_speedup(sp, one["train_s"], split["contended_train_s"]),
+                    ceiling_speedup(sp, one["infer_s"], split["contended_infer_s"]))
                    for one, split in paired if "contended_train_s" in split]
         planned = [r for r in ranks if r["planned_gb"]]
         out[str(sp)] = {
@@ -167,6 +236,9 @@ def _summary(jobs: list[dict]) -> dict:
             "halo_s": statistics.median(r["halo_s"] for r in ranks),
             "allreduce_s": statistics.median(r["allreduce_s"] for r in ranks),
             "first_loss": runs[0][0]["first_loss"],
+            "kernels": runs[0][0]["kernels"], "memory_format": runs[0][0]["memory_format"],
+            "contended_kernels": runs[0][0].get("contended_kernels"),
+            "contended_memory_format": runs[0][0].get("contended_memory_format"),
             "ceiling_train_speedup": statistics.median(c[0] for c in ceiling) if ceiling else None,
             "ceiling_infer_speedup": statistics.median(c[1] for c in ceiling) if ceiling else None}
     return out
@@ -201,12 +273,16 @@ def run(cfg) -> dict:
                           "to split), e.g. data.patch_size=[128,128,128]")
     dataset = load_dataset(dataset_root(cfg.data))
     channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
+    precision = resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
+    OmegaConf.update(cfg, "trainer.precision", precision.name, merge=False)  # every rank computes alike
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"config": to_container(cfg), "in_channels": len(channels), "patch": list(patch),
             "labels": {str(v): n for v, n in zip(targets.label_values, targets.label_names)}}
     spec_path = run_dir / "bench_spatial_spec.json"
     atomic_write_text(spec_path, json.dumps(spec))
+    print(f"bench spatial: {precision.line()}; channels_last {bool(cfg.trainer.channels_last)}; every arm's "
+          f"convolutions on the split model's kernels", flush=True)
     jobs = []
     for round_ in range(cfg.bench.repeats):
         for sp in cfg.bench.sp:
@@ -216,12 +292,13 @@ def run(cfg) -> dict:
             print(f"round {round_ + 1}/{cfg.bench.repeats} sp={sp}: train {ranks[0]['train_s']:.3f}s "
                   f"infer {ranks[0]['infer_s']:.3f}s, peak {max(r['measured_gb'] for r in ranks):.3f} "
                   f"GB/rank", flush=True)
-    summary = _summary(jobs)
+    summary = summarise(jobs)
     device = str(resolve_device(cfg.trainer.device))
     result = {"benchmark": "spatial", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "config": {"model": cfg.model.name, "channels": list(cfg.model.channels),
                          "patch_size": list(patch), "batch_size": cfg.data.batch_size,
-                         "precision": enum_value(cfg.trainer.precision),
+                         "precision": precision.name, "precision_reason": precision.reason,
+                         "channels_last": bool(cfg.trainer.channels_last),
                          "device": device, "sp": list(cfg.bench.sp), "steps": cfg.bench.steps,
                          "warmup": cfg.bench.warmup, "repeats": cfg.bench.repeats,
                          "torch": torch.__version__},
@@ -240,7 +317,8 @@ def run(cfg) -> dict:
         plan = f" (plan {s['planned_gb']:.3f})" if s["planned_gb"] else ""
         print(f"sp={sp}: train {s['train_s']:.3f}s infer {s['infer_s']:.3f}s{up}; peak "
               f"{s['measured_gb_max']:.3f} GB/rank{plan}; halo {s['halo_s']:.3f}s all-reduce "
-              f"{s['allreduce_s']:.3f}s per step; first loss {s['first_loss']:.6f}")
+              f"{s['allreduce_s']:.3f}s per step; first loss {s['first_loss']:.6f}; kernels {s['kernels']}, "
+              f"{s['memory_format']}")
     print(f"wrote {json_path} and {png_path}")
     return result
 

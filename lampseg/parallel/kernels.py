@@ -2,12 +2,15 @@
 
 ``spatial._HaloConv`` convolves every haloed slab with ``conv3d`` and differentiates it with
 ``conv3d_backward``; on other devices and dtypes they are PyTorch's own ``conv3d`` and
-``convolution_backward``.
+``convolution_backward``. ``steer_convolutions`` puts an unsplit model's ``nn.Conv3d`` layers on the same
+kernels (``bench spatial`` compares the split with one process on like kernels), and ``kernel_choice``
+says which kernels a model's convolutions take.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _im2col(x: torch.Tensor) -> bool:
@@ -52,3 +55,79 @@ def conv3d_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h
         grad.permute(_LAST), x.permute(_LAST), weight.permute(_LAST), bias_sizes, list(stride)[::-1],
         list(padding)[::-1], list(dilation)[::-1], False, [0, 0, 0], groups, mask)
     return grad_x.permute(_LAST), grad_weight.permute(_LAST), grad_bias
+
+
+class _Conv3d(torch.autograd.Function):
+    """A 3D convolution on ``conv3d`` and ``conv3d_backward``: an unsplit layer on the kernels a slab's
+    ``spatial._HaloConv`` takes (its forward and backward without the halo)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
+        return conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = conv3d_backward(grad, x, weight, ctx.has_bias, *ctx.conv)
+        grad_weight = torch.empty_like(weight).copy_(grad_weight)  # the weight's layout, as DDP expects
+        return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
+
+
+class SteeredConv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose convolutions take the kernels of a split model's slabs (``conv3d``,
+    ``conv3d_backward``): oneDNN for fp32 on a CPU whatever the input's size, PyTorch's choice otherwise.
+    Under autocast it computes in autocast's dtype, as ``spatial.SpatialConv3d`` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return _Conv3d.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def steer_convolutions(model: nn.Module) -> int:
+    """Convert ``model``'s plain ``nn.Conv3d`` layers in place to ``SteeredConv3d`` (parameters, names and
+    state dict unchanged), so that an unsplit model computes on the kernels its split copy would.
+
+    Args:
+        model: any module; layers already converted (``spatial.SpatialConv3d``, ``SteeredConv3d``) and
+            subclasses of ``nn.Conv3d`` are left as they are.
+
+    Returns:
+        How many layers were converted.
+    """
+    converted = 0
+    for module in model.modules():
+        if type(module) is nn.Conv3d:
+            module.__class__ = SteeredConv3d
+            converted += 1
+    return converted
+
+
+def kernel_choice(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    """What ``model``'s 3D convolutions run on for ``dtype`` inputs on ``device``, for a benchmark's record.
+
+    Args:
+        model: any module.
+        device: where it runs.
+        dtype: the convolutions' input dtype (autocast's, or fp32).
+
+    Returns:
+        ``"onednn"``: every one is steered to oneDNN (``SteeredConv3d`` or a split model's
+        ``spatial.SpatialConv3d``, for fp32 on a CPU); ``"pytorch"``: PyTorch's own choice by size (on a CPU
+        in fp32 its im2col kernel for thin batch-1 inputs, oneDNN otherwise; on other devices and dtypes
+        steered and plain layers alike), also for a model without 3D convolutions; ``"mixed"``: some are
+        steered and some are not.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    steered = [type(m) is not nn.Conv3d for m in convs]
+    if not any(steered) or not _onednn(torch.empty(0, device=device, dtype=dtype)):
+        return "pytorch"
+    return "onednn" if all(steered) else "mixed"
