@@ -36,7 +36,8 @@ def init_from_env(timeout_s: float | None = None, alone: bool = False, backend: 
     Args:
         timeout_s: collective timeout; default ``$LAMPSEG_DIST_TIMEOUT`` or 600 s.
         alone: also join a job of one process (``torchrun --nproc_per_node 1``).
-        backend: ``auto`` (gloo for CPU tensors, plus NCCL for CUDA tensors when there is a GPU), ``gloo``,
+        backend: ``auto`` (gloo for CPU tensors, plus NCCL for CUDA tensors when every process on this node
+            has a GPU of its own; else gloo), ``gloo``,
             ``nccl`` or ``cpu:gloo,cuda:nccl``; default ``$LAMPSEG_DIST_BACKEND`` or ``auto``.
 
     Returns:
@@ -49,9 +50,9 @@ def init_from_env(timeout_s: float | None = None, alone: bool = False, backend: 
     timeout = timedelta(seconds=float(timeout_s or os.environ.get("LAMPSEG_DIST_TIMEOUT", 600)))
     backend = backend or os.environ.get("LAMPSEG_DIST_BACKEND", "auto")
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_gpu())
     if backend == "auto":  # objects and CPU tensors over gloo, CUDA tensors over NCCL
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not gpus_shared() else "gloo"
     if "nccl" in backend and not (dist.is_nccl_available() and torch.cuda.is_available()):
         raise ConfigError(f"config key 'parallel.backend': {backend!r} needs NCCL and a CUDA GPU, which this "
                           f"process does not have; use parallel.backend=gloo or auto")
@@ -97,10 +98,22 @@ def broadcast_object(obj, src: int = 0):
 
 
 def local_device(device: torch.device) -> torch.device:
-    """This process's device: ``cuda:LOCAL_RANK`` for CUDA runs under torchrun, else ``device``."""
+    """This process's device: its GPU (``local_gpu``) for CUDA runs under torchrun, else ``device``."""
     if device.type == "cuda" and device.index is None and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_gpu())
     return device
+
+
+def local_gpu() -> int:
+    """This process's GPU index: ``LOCAL_RANK``, wrapped around the visible GPUs when the node runs more
+    processes than it has GPUs (several processes share one GPU, as ``doctor`` and the GPU check do)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)
+
+
+def gpus_shared() -> bool:
+    """Whether this node runs more processes than it has GPUs: NCCL refuses two ranks on one GPU, so
+    ``parallel.backend=auto`` takes gloo (which also moves CUDA tensors, for broadcasts and all-reduces)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > max(torch.cuda.device_count(), 1)
 
 
 def _store():
