@@ -94,6 +94,46 @@ def test_windows_to_try_shrink_by_the_divisor_within_the_padded_volume():
     assert windows_to_try(volume, 4, below=12) == [[8, 8, 8]]
 
 
+def _predict_here(*overrides: str) -> list[str]:
+    """``run_predict`` in this process, as ``python -m lampseg predict OVERRIDES`` calls it; its lines."""
+    from lampseg.commands.predict import run_predict
+    from lampseg.config import validate
+
+    cfg = compose(*overrides)
+    validate(cfg)
+    lines: list[str] = []
+    run_predict(cfg, list(overrides), log=lines.append)
+    return lines
+
+
+def test_interrupted_predict_resumes_without_redoing_the_finished_input(tmp_path, trained_run):
+    """The default suite's size of the test below: two inputs, in process. A run stopped after the first
+    input (its prediction present, the second's absent) resumes: the first is skipped and kept as it is,
+    the second is predicted; ``overwrite=true`` redoes both."""
+    root = Path(json.loads((trained_run / "summary.json").read_text())["dataset"])
+    meta = json.loads((root / "dataset.json").read_text())
+    inputs, out = tmp_path / "inputs", tmp_path / "preds"
+    inputs.mkdir()
+    images = [root / meta["test"][0], root / meta["training"][0]["image"]]
+    for p in images:
+        shutil.copy(p, inputs)
+    predict = [f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", f"input={inputs}", f"output={out}",
+               f"run_dir={tmp_path / 'r'}"]
+    first = _predict_here(*predict)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in images)
+    assert not any("skipped" in line for line in first)
+    finished, interrupted = images
+    kept = (out / finished.name).stat().st_mtime_ns
+    (out / interrupted.name).unlink()  # stopped before the second input's (atomic) write
+    again = _predict_here(*predict)
+    assert any("skipped 1 input(s)" in line for line in again), again
+    assert (out / finished.name).stat().st_mtime_ns == kept  # not redone
+    assert (out / interrupted.name).exists() and any(line.startswith(interrupted.name) for line in again)
+    assert not any(line.startswith(finished.name) for line in again)
+    redo = _predict_here(*predict, "overwrite=true")
+    assert not any("skipped" in line for line in redo) and (out / finished.name).stat().st_mtime_ns != kept
+
+
 @pytest.mark.extended
 def test_interrupted_predict_over_a_folder_resumes_without_redoing_finished_cases(tmp_path, trained_run):
     root = Path(json.loads((trained_run / "summary.json").read_text())["dataset"])
@@ -118,6 +158,53 @@ def test_interrupted_predict_over_a_folder_resumes_without_redoing_finished_case
     redo = lampseg(*predict, "overwrite=true")
     assert "skipped" not in redo.stdout
     assert all((out / n).stat().st_mtime_ns != t for n, t in done.items())
+
+
+def _plan_here(run_dir: Path, *overrides: str) -> tuple[dict, list[str]]:
+    """``run_plan`` in this process, as ``python -m lampseg plan +exp=smoke data.patch_size=auto OVERRIDES``
+    calls it: plan.json's ``patch_size_auto`` decision and the printed lines."""
+    from omegaconf import OmegaConf
+
+    from lampseg.commands.plan import run_plan
+    from lampseg.config import validate
+
+    cfg = compose("+exp=smoke", "data.patch_size=auto", *overrides)
+    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
+    validate(cfg)
+    lines: list[str] = []
+    run_plan(cfg, log=lines.append)
+    decision = json.loads((run_dir / "plan.json").read_text())["patch_size_auto"]
+    assert any(line.startswith(f"data.patch_size=auto: {decision['patch_size']}") for line in lines), lines
+    return decision, lines
+
+
+def test_patch_size_auto_fits_the_budget_per_stage_and_train_takes_the_planned_patch(tmp_path):
+    """The default suite's size of the test below, on the smoke data (32^3 cases), in process: under an
+    ample budget the whole (padded median) volume; under 90% of its estimate a smaller patch that fits;
+    two stages (``plan``'s what-if) fit a larger one than a single device; ``train`` (one short epoch)
+    chooses and records the patch ``plan`` showed, and its checkpoint keeps it."""
+    from conftest import train_here
+
+    ample, _ = _plan_here(tmp_path / "ample", "parallel.memory_gb=64")
+    assert ample["patch_size"] == ample["largest_candidate"] and not ample["candidates_too_large"]
+    assert all(p % 4 == 0 and p >= m for p, m in zip(ample["patch_size"], ample["median_shape"]))
+    assert (ample["pp"], ample["budget_gb"]) == (1, 64) and 0 < ample["estimate_gb"] <= 64
+    budget = 0.9 * ample["estimate_gb"]  # the whole volume no longer fits on one device
+    one, _ = _plan_here(tmp_path / "pp1", f"parallel.memory_gb={budget}")
+    two, _ = _plan_here(tmp_path / "pp2", f"parallel.memory_gb={budget}", "parallel.pp=2")
+    assert one["candidates_too_large"][0] == ample["patch_size"] and one["estimate_gb"] <= budget
+    assert all(p % 4 == 0 for p in one["patch_size"])
+    assert math.prod(one["patch_size"]) < math.prod(ample["patch_size"])
+    assert two["pp"] == 2 and two["estimate_gb"] <= budget
+    assert math.prod(two["patch_size"]) > math.prod(one["patch_size"])
+    run_dir = tmp_path / "train"
+    summary = train_here(run_dir, "+exp=smoke", "data.patch_size=auto", f"parallel.memory_gb={budget}",
+                         "trainer.max_epochs=1", "data.samples_per_epoch=2", "trainer.hd95=false",
+                         "trainer.num_threads=1")
+    assert summary["status"] == "completed"
+    assert summary["patch_size_auto"]["patch_size"] == one["patch_size"]  # plan showed train's decision
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "final.pt")
+    assert list(ckpt["data"]["patch_size"]) == one["patch_size"]
 
 
 def _auto_plan(tmp_path: Path, name: str, pp: int, budget: float) -> dict:

@@ -54,6 +54,8 @@ def test_summary_ranks_by_paired_drop_and_checks_cases():
         summarise(table)
 
 
+# The default suite's leave-one-out study end to end is tests/test_tune.py's
+# test_tiny_loo_study_writes_its_tables_from_every_held_out_case (in its shared Ray session).
 @pytest.mark.extended
 def test_loo_ranks_modalities_in_their_known_order_and_resumes(tmp_path):
     """``lampseg loo`` on the known dataset: 4 conditions x 2 folds as one Tune study; every case is held

@@ -122,7 +122,7 @@ def test_train_refuses_stages_outside_parallel_pipeline(tmp_path):
     assert bad.returncode == 2 and "parallel.pp" in bad.stderr
 
 
-@pytest.mark.extended
+@pytest.mark.extended  # default suite: test_inference_memory.py's in-process data.patch_size=auto test
 def test_plan_auto_patch_is_chosen_for_the_stages_it_prints(tmp_path):
     """One source of truth for the layout: ``plan parallel.pp=2`` without ``parallel=pipeline`` chooses the
     automatic patch for the two stages its table shows, as ``parallel=pipeline parallel.pp=2`` does (it

@@ -113,34 +113,110 @@ def test_asha_stops_the_bad_trial_early(tmp_path, ray_session):
     assert rows["1e-09"]["status"] == "stopped" and int(rows["1e-09"]["epochs"]) < 4
 
 
-@pytest.mark.extended
 def test_failed_trial_retries_from_its_checkpoint(tmp_path, ray_session):
     """A trial that raises after epoch 1 is restarted by Tune from its epoch-1 checkpoint and finishes:
-    epochs are reported 1, 2, 3 (a restart from scratch would report epoch 1 twice)."""
+    epochs are reported 1, 2 (a restart from scratch would report epoch 1 twice). Two short epochs: the
+    default suite's size (one more epoch would prove nothing more)."""
     lines: list[str] = []
-    _study(tmp_path, "trainer.max_epochs=3", "trainer.fail_at_epoch=1", "tune.max_failures=1",
+    _study(tmp_path, "trainer.max_epochs=2", "trainer.fail_at_epoch=1", "tune.max_failures=1",
+           "data.samples_per_epoch=2", "trainer.val_overlays=0",
            "tune.space=[{key:optim.lr,grid:[0.003]}]", log=lines.append)
     assert any("failed    lr=0.003: RuntimeError: trainer.fail_at_epoch=1" in line
                and "retrying from its last checkpoint" in line for line in lines), lines
     (row,) = _results(tmp_path)
     trial = Path(row["trial_dir"])
     assert row["status"] == "completed" and (trial / ".failed_at_epoch").is_file()
-    assert _progress_epochs(trial) == [1, 2, 3]
+    assert _progress_epochs(trial) == [1, 2]
     with open(trial / "metrics.csv", newline="") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
-@pytest.mark.extended
 def test_pipelined_trial_runs_two_stages_in_one_bundle(tmp_path, ray_session):
     """parallel=pipeline parallel.pp=2: the trial reserves 2 CPUs as one bundle and trains two stages
-    in its own process (torchgpipe over ['cpu', 'cpu'])."""
-    summary = _study(tmp_path, "parallel=pipeline", "parallel.pp=2",
+    in its own process (torchgpipe over ['cpu', 'cpu']); one short epoch, the default suite's size."""
+    summary = _study(tmp_path, "parallel=pipeline", "parallel.pp=2", "trainer.max_epochs=1",
+                     "data.samples_per_epoch=2", "trainer.val_overlays=0",
                      "tune.space=[{key:optim.lr,grid:[0.003]}]")
     assert summary["resources_per_trial"] == {"CPU": 2.0}
     (row,) = _results(tmp_path)
     trained = json.loads((Path(row["trial_dir"]) / "summary.json").read_text())
-    assert row["status"] == "completed" and trained["engine"] == "gpipe"
+    assert row["status"] == "completed" and trained["engine"] == "gpipe" and trained["epochs"] == 1
     assert len(trained["plan"]["stages"]) == 2
+
+
+def test_unfinished_study_resumes_without_retraining_finished_trials(tmp_path, ray_session):
+    """``tune.resume=true`` continues a study that its first command left unfinished (the default suite's
+    in-process stand-in for tests/test_tune_cli.py's Ctrl-C test): of a 2-trial grid of 2 epochs, one trial
+    completes and the other stops after epoch 1 (``trainer.fail_at_epoch=1``, no retry allowed; the other's
+    drill is set past its last epoch); the first command says how to continue, and the same study with
+    tune.resume=true continues that trial from its epoch-1 checkpoint (epochs 1, 2 reported, none twice)
+    and leaves the finished trial alone."""
+    study = ["tune.max_failures=0", "data.samples_per_epoch=2", "trainer.val_overlays=0",
+             "tune.space=[{key:trainer.fail_at_epoch,grid:[3,1]}]"]
+    lines: list[str] = []
+    _study(tmp_path, *study, log=lines.append)
+    hint = "continue the study with the same command plus tune.resume=true"
+    assert any(hint in line for line in lines), lines
+    first = {r["trainer.fail_at_epoch"]: r for r in _results(tmp_path)}
+    assert (first["3"]["status"], first["1"]["status"]) == ("completed", "error"), first
+    done = Path(first["3"]["trial_dir"]) / "summary.json"
+    kept = done.stat().st_mtime_ns
+
+    lines.clear()
+    _study(tmp_path, *study, "tune.resume=true", log=lines.append)
+    assert any(line.startswith("tune: resuming the study") for line in lines), lines
+    rows = {r["trainer.fail_at_epoch"]: r for r in _results(tmp_path)}
+    assert {k: r["status"] for k, r in rows.items()} == {"3": "completed", "1": "completed"}
+    assert done.stat().st_mtime_ns == kept  # not retrained
+    resumed = Path(rows["1"]["trial_dir"])
+    assert resumed == Path(first["1"]["trial_dir"]) and int(rows["1"]["epochs"]) == 2
+    assert _progress_epochs(resumed) == [1, 2]
+    with open(resumed / "metrics.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_tiny_loo_study_writes_its_tables_from_every_held_out_case(tmp_path, ray_session):
+    """``loo`` end to end at the default suite's size (tests/test_loo.py has the larger studies), in process
+    (``run_loo``, what ``python -m lampseg loo`` calls; here to share this module's Ray session): 2 modalities
+    of the smoke data, so 3 conditions (all, without FLAIR, without t1gd) x 2 folds = 6 one-epoch trials in
+    one Tune study; every case is held out once per condition, summary.csv ranks the two modalities from
+    the paired per-case Dice, summary.md and the plots are written."""
+    from statistics import fmean
+
+    from lampseg.tune.loo import run_loo
+
+    cfg = compose("+exp=smoke", "data.modalities=[FLAIR,t1gd]", "data.patch_size=[16,16,16]",
+                  "trainer.hd95=false", "trainer.max_epochs=1", "data.samples_per_epoch=2", "loo.folds=2",
+                  "trainer.val_overlays=0")
+    run_dir = tmp_path / "study"
+    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
+    lines: list[str] = []
+    result = run_loo(cfg, log=lines.append)
+    assert "loo: 3 conditions (none, FLAIR, t1gd) x 2 folds = 6 trials" in lines
+    out = run_dir / "loo"
+    with open(out / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert [r["left_out"] for r in summary][0] == "none" and {r["left_out"] for r in summary} == {
+        "none", "FLAIR", "t1gd"}
+    assert sorted(r["rank"] for r in summary) == ["", "1", "2"] and summary[0]["rank"] == ""
+    assert result["folds"] == 2 and sorted(result["ranking"]) == ["FLAIR", "t1gd"]
+    with open(out / "results.csv", newline="") as f:
+        results = list(csv.DictReader(f))
+    cases = sorted({r["case"] for r in results})
+    assert len(cases) == result["cases"] == 6 and {r["fold"] for r in results} == {"0", "1"}
+    for row in summary:
+        rows = [r for r in results if r["left_out"] == row["left_out"]]
+        assert sorted(r["case"] for r in rows) == cases  # each case held out once per condition
+        dice = [float(r["dice"]) for r in rows]
+        assert all(0 <= d <= 1 for d in dice) and float(row["mean_dice"]) == pytest.approx(fmean(dice))
+        assert int(row["cases"]) == 6
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith("# Leave-one-modality-out study (2 folds, 6 held-out cases)")
+    assert f"Importance (largest Dice drop when left out first): {' > '.join(result['ranking'])}." in markdown
+    for name in ("importance.png", "per_case.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    trials = sorted((run_dir / "tune").glob("trial_*"))
+    assert len(trials) == 6 and all((t / "eval.json").is_file() for t in trials)
 
 
 @pytest.mark.extended

@@ -42,6 +42,9 @@ def _tree_commands(pid: int) -> set[str]:
         return set()
 
 
+# Extended: two CLI studies, each starting its own Ray, take ~50 s even at 2 trials of 2 tiny epochs; the
+# default suite resumes a study in process (tests/test_tune.py,
+# test_unfinished_study_resumes_without_retraining_finished_trials), without the Ctrl-C and Ray's clean-up.
 @pytest.mark.extended
 def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path):
     """Ctrl-C (SIGINT) after the first trial finished; the same command with tune.resume=true runs the
