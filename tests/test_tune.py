@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -354,3 +355,32 @@ def test_reap_orphans_spares_itself_and_its_ancestors(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "signal_all", lambda processes, sig: signalled.extend(dict(processes)))
     search.record_session(tmp_path, [(pid, start_time(pid)) for pid in (os.getpid(), os.getppid())])
     assert search.reap_orphans(tmp_path, log=lambda _: None) == [] and signalled == []
+
+
+def test_ray_temp_dir_is_short_enough_for_ray_sockets(tmp_path):
+    """Ray adds ~62 characters below its temp dir (session name, sockets/plasma_store) and AF_UNIX paths end
+    at 107 bytes: a run dir whose ``ray`` folder is longer than ``RAY_TEMP_MAX`` gets a short linked dir."""
+    from lampseg.tune.search import RAY_TEMP_MAX, ray_temp_dir
+
+    longest_socket = "/session_2026-12-07_03-59-00_899829_26497/sockets/plasma_store"
+    deep = tmp_path / ("d" * max(1, 60 - len(str(tmp_path))))  # RUN/ray of ~62 characters: too long
+    temp = ray_temp_dir(deep)
+    assert len(str(temp)) <= RAY_TEMP_MAX and len(str(temp) + longest_socket) < 107
+    assert (deep / "ray").is_symlink() and (deep / "ray").resolve() == temp.resolve()
+    assert ray_temp_dir(deep).resolve() == temp.resolve()  # the link is followed next time
+    shutil.rmtree(temp)
+
+
+def test_trial_status_counts_the_trials_own_max_epochs():
+    """A study that searches ``trainer.max_epochs`` finishes a 1-epoch trial: completed, not stopped."""
+    from types import SimpleNamespace
+
+    from lampseg.tune.results import trial_rows
+
+    cfg = compose("+exp=smoke", "trainer.max_epochs=2",
+                  "tune.space=[{key: trainer.max_epochs, grid: [1, 3]}]")
+    grid = [SimpleNamespace(metrics_dataframe=None, metrics={"epoch": epochs, "val_dice": 0.5, "trial_id": t},
+                            config={"trainer.max_epochs": wanted}, error=None, path=f"/nowhere/trial_{t}")
+            for t, epochs, wanted in (("a", 1, 1), ("b", 2, 3))]
+    status = {row["trial_id"]: row["status"] for row in trial_rows(grid, cfg)}
+    assert status == {"a": "completed", "b": "stopped"}

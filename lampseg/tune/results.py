@@ -58,7 +58,8 @@ def trial_rows(grid, cfg: DictConfig) -> list[dict]:
         if math.isnan(best):
             best, best_epoch = _best_from_summary(Path(str(result.path)), metric)
         epochs = int(last.get("epoch", 0) or 0)
-        status = "error" if result.error else "completed" if epochs >= max_epochs else "stopped"
+        trial_epochs = int(config.get("trainer.max_epochs", max_epochs))  # searched: the trial's own
+        status = "error" if result.error else "completed" if epochs >= trial_epochs else "stopped"
         rows.append({"trial_id": last.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_"),
                      "status": status, **{k: config.get(k) for k in keys},
                      f"best_{metric}": best, "best_epoch": best_epoch, "epochs": epochs,

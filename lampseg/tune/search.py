@@ -41,7 +41,9 @@ from lampseg.tune.results import write_results
 from lampseg.tune.space import check_space, grid_size, pbt_mutations, to_ray
 from lampseg.tune.trial import train_trial, trial_dirname
 
-RAY_TEMP_MAX = 60  # Ray's socket paths under its temp dir must stay below the OS limit (107 bytes)
+# Ray's socket paths under its temp dir must stay below the OS limit (107 bytes): it adds up to ~62 characters
+# (session_YYYY-MM-DD_HH-MM-SS_micros_pid/sockets/plasma_store), so a longer temp dir moves to a short one.
+RAY_TEMP_MAX = 40
 SESSION_RECORD = "lampseg-session.json"  # in the Ray temp dir: the Ray processes this study's driver started
 
 
@@ -124,6 +126,22 @@ def reap_orphans(temp: Path, log=print) -> list[int]:
     return sorted(targets)
 
 
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Where a local Ray keeps its session: ``RUN/ray``, or, when that path is too long for Ray's socket
+    names (``RAY_TEMP_MAX``), a short temp dir that ``RUN/ray`` links to (an earlier study's link is
+    followed, so a resumed study finds its session)."""
+    temp = run_dir / "ray"
+    if temp.is_symlink():  # an earlier session's short dir (a killed study leaves its link behind)
+        temp = temp.resolve()
+        temp.mkdir(parents=True, exist_ok=True)
+    elif len(str(temp.resolve())) > RAY_TEMP_MAX:  # too long for Ray's sockets: a short dir, linked here
+        short = Path(tempfile.mkdtemp(prefix="lampseg-ray-"))
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        temp.symlink_to(short, target_is_directory=True)
+        temp = short
+    return temp
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast when nothing listens at ``tune.address`` (Ray itself retries for minutes)."""
     if address == "auto":
@@ -155,15 +173,7 @@ def _ray_init(cfg: DictConfig, run_dir: Path, log) -> None:
                               "with `ray start --head` (docs/CLUSTER.md)") from e
         log(f"tune: joined the Ray cluster at {t.address}")
         return
-    temp = run_dir / "ray"
-    if temp.is_symlink():  # an earlier session's short dir (a killed study leaves its link behind)
-        temp = temp.resolve()
-        temp.mkdir(parents=True, exist_ok=True)
-    elif len(str(temp.resolve())) > RAY_TEMP_MAX:  # too long for Ray's sockets: a short dir, linked here
-        short = Path(tempfile.mkdtemp(prefix="lampseg-ray-"))
-        temp.parent.mkdir(parents=True, exist_ok=True)
-        temp.symlink_to(short, target_is_directory=True)
-        temp = short
+    temp = ray_temp_dir(run_dir)
     reap_orphans(temp, log)
     local_ray_on_loopback()
     if t.verbose < 2:  # Ray turns token authentication on for a new local cluster and says so each start
