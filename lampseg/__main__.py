@@ -22,7 +22,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 SUBCOMMANDS = {
     "train": "train a model (writes metrics.csv, summary.json, checkpoints/, progress.png, tb/)",
@@ -127,16 +127,34 @@ def _json_flag(argv: list[str]) -> list[str]:
     return out
 
 
-def _torchrun_argv(argv: list[str]) -> list[str]:
-    """Under torchrun: join the job (``parallel.backend`` and ``parallel.timeout_s`` are read from the
-    command line here, before Hydra composes the config), give every rank rank 0's run directory (each
-    would otherwise stamp its own time) and let only rank 0 write Hydra's files and log."""
+def _checked(argv: list[str]) -> DictConfig | None:
+    """The command line's config, composed and checked before any work (``lampseg.config.load``: the same
+    composition as Hydra's, every failure a ``ConfigError`` naming the key); None when a Hydra flag (``-m``,
+    ``--cfg``, ``--help``, ...) asks Hydra to compose it its own way (each multirun job is checked by
+    ``_dispatch``)."""
+    from lampseg.config import load  # lazy: see above
+
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    return load(argv, config_dir())
+
+
+def _torchrun_argv(argv: list[str], cfg: DictConfig | None = None) -> list[str]:
+    """Under torchrun: join the job with the composed config's ``parallel.backend`` and
+    ``parallel.timeout_s`` (from YAML files, ``+exp`` files or the command line alike; without a composed
+    config, under a Hydra flag, from the command line), give every rank rank 0's run directory (each would
+    otherwise stamp its own time) and let only rank 0 write Hydra's files and log."""
     from lampseg.parallel import distributed  # lazy: see above
 
-    timeout = _override(argv, "parallel.timeout_s")
-    if timeout is not None:
-        os.environ["LAMPSEG_DIST_TIMEOUT"] = timeout
-    distributed.init_from_env(backend=_override(argv, "parallel.backend"))
+    if cfg is not None:
+        backend, timeout = str(cfg.parallel.backend), float(cfg.parallel.timeout_s)
+        os.environ["LAMPSEG_DIST_TIMEOUT"] = f"{timeout:g}"  # failure_message names it
+        distributed.init_from_env(timeout_s=timeout, backend=backend)
+    else:
+        timeout = _override(argv, "parallel.timeout_s")
+        if timeout is not None:
+            os.environ["LAMPSEG_DIST_TIMEOUT"] = timeout
+        distributed.init_from_env(backend=_override(argv, "parallel.backend"))
     if _override(argv, "run_dir") is None:
         argv = argv + [f"run_dir={distributed.broadcast_object(time.strftime('outputs/%Y-%m-%d/%H-%M-%S'))}"]
     if distributed.rank() > 0:
@@ -206,12 +224,13 @@ def main(argv: list[str] | None = None) -> None:
         from lampseg.tune.loopback import LOOPBACK_ENV  # lazy: see above
 
         os.environ.setdefault(LOOPBACK_ENV, "0")  # a Ray started here (tune, hydra/launcher=ray): loopback
-    if distributed.launched_by_torchrun():
-        try:
-            argv = _torchrun_argv(argv)
-        except ConfigError as e:
-            print(f"lampseg {subcommand}: config error: {e}", file=sys.stderr)
-            sys.exit(2)
+    try:
+        cfg = _checked(argv)  # before any work: a config error is one line, exit 2
+        if distributed.launched_by_torchrun():
+            argv = _torchrun_argv(argv, cfg)
+    except ConfigError as e:
+        print(f"lampseg {subcommand}: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [f"lampseg-{subcommand}"] + argv
     failed = True
     try:

@@ -1,10 +1,12 @@
 """Config checks (``config/checks.py``): shipped configs validate, every bad value names its key."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from conftest import compose
 
-from lampseg.config import ConfigError, validate
+from lampseg.config import BENCH_NAMES, DOCTOR_CHECKS, ConfigError, load, validate
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -46,12 +48,195 @@ def test_shipped_configs_validate(overrides):
     ("tune.verbose=3", "tune.verbose"),
     ("data.num_workers=-1", "data.num_workers"),
     ("data.num_workers=many", "data.num_workers"),
+    ("data.augment.flip_prob=1.5", "data.augment.flip_prob"),
+    ("data.augment.rotate_degrees=nan", "data.augment.rotate_degrees"),
+    ("data.modalities=[]", "data.modalities"),
+    ("data.modalities=[0,0]", "data.modalities"),
+    ("data.synthetic.seed=-1", "data.synthetic.seed"),
+    ("seed=4294967296", "seed"),
+    ("model.kernel_size=4", "model.kernel_size"),
+    ("model.num_res_units=-1", "model.num_res_units"),
+    ("optim.lr=nan", "optim.lr"),
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.momentum=1.0", "optim.momentum"),
+    ("optim.poly_power=-1", "optim.poly_power"),
+    ("optim.focal_weight=-0.5", "optim.focal_weight"),
+    ("optim.grad_clip=nan", "optim.grad_clip"),
+    ("trainer.num_threads=0", "trainer.num_threads"),
+    ("trainer.stop_after_epochs=0", "trainer.stop_after_epochs"),
+    ("trainer.fail_at_epoch=-1", "trainer.fail_at_epoch"),
+    ("trainer.val_max_cases=0", "trainer.val_max_cases"),
+    ("trainer.device=cuda:x", "trainer.device"),
+    ("inference.patch_size=[30,32,32]", "inference.patch_size"),  # not a multiple of the divisor (4)
+    ("inference.patch_size=[4,4,4]", "inference.patch_size"),  # a 1x1x1 bottleneck under instance norm
+    ("inference.memory_gb=nan", "inference.memory_gb"),
+    ("parallel.microbatches=0", "parallel.microbatches"),  # was a ZeroDivisionError in validate
+    ("parallel.timeout_s=inf", "parallel.timeout_s"),
+    ("parallel.timeout_s=0", "parallel.timeout_s"),
+    ("parallel.devices=0", "parallel.devices"),
+    ("parallel.device_tflops=0", "parallel.device_tflops"),
+    ("bench.name=nosuch", "bench.name"),
+    ("bench.steps=0", "bench.steps"),
+    ("bench.warmup=-1", "bench.warmup"),
+    ("bench.repeats=0", "bench.repeats"),
+    ("bench.pp=[0]", "bench.pp"),
+    ("bench.microbatches=[]", "bench.microbatches"),
+    ("bench.memory_gb=0", "bench.memory_gb"),
+    ("bench.timeout_s=-1", "bench.timeout_s"),
+    ("bench.windows=[0]", "bench.windows"),
+    ("bench.overlaps=[1.0]", "bench.overlaps"),
+    ("bench.cases=-1", "bench.cases"),
+    ("bench.auto_budgets_gb=[0]", "bench.auto_budgets_gb"),
+    ("bench.patch_sizes=[big]", "bench.patch_sizes"),
+    ("bench.widths=[0]", "bench.widths"),
+    ("bench.processes=[]", "bench.processes"),
+    ("bench.trials=0", "bench.trials"),
+    ("bench.workers=0", "bench.workers"),
+    ("bench.sp=[0]", "bench.sp"),
+    ("bench.name=pipeline bench.pp=[9]", "bench.pp"),  # the smoke U-Net has 5 blocks
+    ("bench.name=spatial bench.sp=[1,16]", "bench.sp"),  # 32 rows do not make 16 slabs of 4
+    ("bench.name=context bench.patch_sizes=[4,whole]", "bench.patch_sizes"),
+    ("doctor.checks=[]", "doctor.checks"),
+    ("doctor.checks=[singel]", "doctor.checks"),
+    ("doctor.timeout_s=0", "doctor.timeout_s"),
+    ("tune.time_budget_s=0", "tune.time_budget_s"),
+    ("tune.num_cpus=0", "tune.num_cpus"),
+    ("tune.asha.reduction_factor=1", "tune.asha.reduction_factor"),
+    ("tune.pbt.quantile_fraction=0.75", "tune.pbt.quantile_fraction"),
 ])
 def test_validate_names_the_key(override, key):
     cfg = compose("+exp=smoke", *override.split())
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert f"'{key}" in str(info.value), str(info.value)
+
+
+def test_optim_sgd_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match="'optim.momentum'"):
+        validate(compose("+exp=smoke", "optim=sgd", "optim.momentum=0"))
+    validate(compose("+exp=smoke", "optim=sgd", "optim.momentum=0", "optim.nesterov=false"))
+
+
+def test_spatial_windows_hold_a_divisor_per_slab():
+    """Under parallel.sp=S every sliding window is split into S slabs, each a multiple of the model's size
+    divisor (``split_rows``): the window's first size needs S divisors; other axes only one."""
+    base = ("+exp=smoke", "parallel=spatial", "parallel.sp=2")  # divisor 4: first size >= 8
+    validate(compose(*base, "inference.patch_size=[8,4,12]"))
+    with pytest.raises(ConfigError, match="'inference.patch_size'.*at least 8"):
+        validate(compose(*base, "inference.patch_size=[4,8,8]"))
+    validate(compose("+exp=smoke", "ckpt=x.pt", "inference.patch_size=[6,6,6]"))  # the checkpoint's model
+
+
+def test_tool_names_are_the_tools_own():
+    """The config's lists of benchmarks and doctor checks are the ones bench/cli.py and doctor run."""
+    from lampseg.bench.cli import BENCHMARKS
+    from lampseg.doctor.checks import CHECKS
+
+    assert set(BENCH_NAMES) == set(BENCHMARKS)
+    assert tuple(DOCTOR_CHECKS) == tuple(CHECKS)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["+exp=smoke", "+exp=brats"], "exp"),  # a second +exp
+    (["trainer.max_epoch=3"], "trainer.max_epoch"),  # a typo
+    (["+trainer.max_epoch=3"], "trainer.max_epoch"),  # added with +: used to be silently ignored
+    (["trainer.max_epochs=abc"], "trainer.max_epochs"),  # a wrong type
+    (["trainer.precision=fp64"], "trainer.precision"),  # not a choice
+    (["model=unet3"], "model"),  # no such group option
+    (["exp=brats"], "exp"),  # an +exp file without the +
+    (["optim.lr=[1,"], "optim.lr"),  # Hydra cannot parse it
+    (["optim.lr=1e-3,3e-4"], "optim.lr"),  # a sweep without -m
+    (["optim.lr=${nosuch}"], "optim.lr"),  # an interpolation that does not resolve
+    (["optim.lr=???"], "optim.lr"),  # a missing value
+    (["~data.fold"], "data.fold"),  # deleted
+    (["data.regions={WT:[1]}"], "data.regions"),  # merged into null: an AttributeError in OmegaConf
+    (["data.regions.WT=[1]"], "data.regions.WT"),  # below null: an AssertionError in OmegaConf
+    (["~model.channels.0"], "model.channels.0"),  # a list item deleted: a TypeError in OmegaConf
+])
+def test_load_names_the_key(overrides, key):
+    from lampseg.__main__ import config_dir
+
+    with pytest.raises(ConfigError) as info:
+        load(overrides, config_dir())
+    message = str(info.value)
+    assert message.startswith(f"config key '{key}'") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("overrides", [[], ["+exp=smoke"], ["+exp=brats"], ["data=msd", "data.root=/data"],
+                                       ["data=brats", "+data.regions.X=[1]"], ["hydra.run.dir=/tmp/x"],
+                                       ["run_dir=${hydra:runtime.cwd}/x"]])
+def test_load_accepts_the_shipped_configs(overrides):
+    from lampseg.__main__ import config_dir
+
+    assert load(overrides, config_dir()).model.kernel_size == 3
+
+
+class _Joined(Exception):
+    """Stands for the process group a torchrun worker would join."""
+
+
+def _conf_with(tmp_path, files: dict[str, str]) -> str:
+    """A copy of conf/ with these files written in it (relative path -> YAML)."""
+    from lampseg.__main__ import config_dir
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config_dir(), conf)
+    for name, text in files.items():
+        (conf / name).write_text(text)
+    return str(conf)
+
+
+def _torchrun_main(monkeypatch, conf: str, *argv: str) -> dict:
+    """``lampseg.__main__.main(argv)`` as a torchrun worker would run it, up to joining the job: returns the
+    arguments ``init_from_env`` got (raises SystemExit when the config is refused before that)."""
+    import lampseg.__main__ as cli
+    from lampseg.parallel import distributed
+    from lampseg.tune.loopback import LOOPBACK_ENV
+
+    joined: dict = {}
+
+    def join(**kwargs) -> None:
+        joined.update(kwargs)
+        raise _Joined
+
+    monkeypatch.setattr(cli, "config_dir", lambda: conf)
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "init_from_env", join)
+    monkeypatch.setenv(LOOPBACK_ENV, "0")
+    monkeypatch.delenv("LAMPSEG_DIST_TIMEOUT", raising=False)
+    with pytest.raises(_Joined):
+        cli.main(list(argv))
+    return joined
+
+
+EXP = "# @package _global_\nparallel:\n  backend: gloo\n  timeout_s: 42\n"
+
+
+def test_torchrun_joins_with_backend_and_timeout_from_config_files(monkeypatch, tmp_path):
+    """``parallel.backend`` / ``parallel.timeout_s`` set in an +exp file or a parallel group file reach
+    ``init_from_env`` (they used to be read from the command line only), the command line still wins."""
+    import os
+
+    conf = _conf_with(tmp_path, {"exp/slow_net.yaml": EXP,
+                                 "parallel/ddp.yaml": "name: ddp\ndp: null\ntimeout_s: 77\n"})
+    assert _torchrun_main(monkeypatch, conf, "train", "+exp=slow_net") == \
+        {"timeout_s": 42.0, "backend": "gloo"}
+    assert os.environ["LAMPSEG_DIST_TIMEOUT"] == "42"  # failure_message names it
+    assert _torchrun_main(monkeypatch, conf, "train", "parallel=ddp") == \
+        {"timeout_s": 77.0, "backend": "auto"}
+    assert _torchrun_main(monkeypatch, conf, "train", "+exp=slow_net", "parallel.timeout_s=9") == \
+        {"timeout_s": 9.0, "backend": "gloo"}
+
+
+def test_torchrun_refuses_a_bad_config_file_before_joining(monkeypatch, tmp_path, capsys):
+    conf = _conf_with(tmp_path, {"exp/bad_net.yaml": EXP.replace("42", "-5")})
+    with pytest.raises(SystemExit) as info:
+        _torchrun_main(monkeypatch, conf, "train", "+exp=bad_net")
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("lampseg train: config error: config key 'parallel.timeout_s'"), lines
 
 
 @pytest.mark.parametrize("override,key", [

@@ -1,6 +1,9 @@
-"""The config: the typed schema Hydra checks every group and override against (``schema``), and the rules
-types cannot express (``checks.validate``). Everything a caller needs is importable from here."""
+"""The config: the typed schema Hydra checks every group and override against (``schema``), the rules
+types cannot express (``checks.validate``), and ``load``: a command line's config composed and checked as
+the CLI does, every failure a ``ConfigError`` naming the key. Everything a caller needs is importable from
+here."""
 from lampseg.config.checks import is_auto_patch, patch_size_of, validate
+from lampseg.config.loading import load
 from lampseg.config.schema import (
     Config,
     ConfigError,
@@ -8,6 +11,7 @@ from lampseg.config.schema import (
     register_schema,
     to_container,
 )
+from lampseg.config.studies import BENCH_NAMES, DOCTOR_CHECKS
 
-__all__ = ["Config", "ConfigError", "enum_value", "is_auto_patch", "patch_size_of", "register_schema",
-           "to_container", "validate"]
+__all__ = ["BENCH_NAMES", "DOCTOR_CHECKS", "Config", "ConfigError", "enum_value", "is_auto_patch", "load",
+           "patch_size_of", "register_schema", "to_container", "validate"]
