@@ -275,3 +275,16 @@ def test_auto_loader_workers_leave_a_core_to_each_training_process(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loader_workers("auto") == 1  # this 2-core machine: one worker, one core for training
     validate(compose("data.num_workers=auto"))
+
+
+def test_msd_data_without_a_root_is_a_config_error():
+    """``data=msd`` leaves ``data.root`` to the user (``???``); without it lampseg must not quietly train on
+    the synthetic dataset (OmegaConf keeps the schema's None when it merges ``???``)."""
+    from lampseg.__main__ import config_dir
+    from lampseg.config import ConfigError
+    from lampseg.config.loading import load
+
+    with pytest.raises(ConfigError, match="config key 'data.root': data=msd expected an MSD dataset folder"):
+        load(["data=msd"], config_dir())
+    given = load(["data=msd", "data.root=/data/Task04_Hippocampus"], config_dir())
+    assert given.data.root.endswith("Hippocampus")

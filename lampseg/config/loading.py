@@ -33,6 +33,9 @@ from omegaconf.errors import OmegaConfBaseException
 from lampseg.config.checks import validate
 from lampseg.config.schema import Config, ConfigError, register_schema
 
+# A group option whose YAML leaves a key to the user (``???``): OmegaConf keeps the schema's default when it
+# merges ``???`` onto it, so ``data=msd`` without ``data.root`` would train on the synthetic data instead.
+REQUIRED = {("data", "msd"): ("data.root", "an MSD dataset folder (dataset.json, imagesTr/, labelsTr/)")}
 CACHED_GROUP_SETS = 128  # compositions kept (one per combination of group overrides)
 _composed: dict[tuple[str, tuple[str, ...]], bytes | ConfigError] = {}  # pickled: 5x faster than deepcopy
 _PARSER = OverridesParser.create()
@@ -258,6 +261,17 @@ def compose_config(overrides: Sequence[str], config_dir: str) -> DictConfig:
     return cfg
 
 
+def _check_required(overrides: Sequence[str], cfg: DictConfig) -> None:
+    """The keys a chosen group option leaves to the user (``REQUIRED``) are set."""
+    for line in overrides:
+        group, _, option = line.lstrip("+~").partition("=")
+        if (group, option) in REQUIRED:
+            key, what = REQUIRED[(group, option)]
+            if OmegaConf.select(cfg, key) is None:
+                raise ConfigError(f"config key '{key}': {group}={option} expected {what}: {key}=PATH, got "
+                                  f"None (the default {group} generates a synthetic dataset instead)")
+
+
 def load(overrides: Sequence[str], config_dir: str) -> DictConfig:
     """The config of ``python -m lampseg SUBCOMMAND OVERRIDES``, composed and checked as the CLI does.
 
@@ -274,6 +288,7 @@ def load(overrides: Sequence[str], config_dir: str) -> DictConfig:
             resolve, or a value ``validate`` refuses.
     """
     cfg = compose_config(overrides, config_dir)
+    _check_required(overrides, cfg)
     raw = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
     _check_resolves(cfg, raw)
     _check_keys(raw, Config)
