@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lampseg.config import Config, enum_value
+from lampseg.config import Config, enum_value, validate
 from lampseg.engine.inference import infer
 from lampseg.engine.inference_memory import inference_memory
 from lampseg.engine.metrics import dice_hd95, summarize
@@ -100,6 +100,9 @@ def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
         ckpt: a loaded checkpoint (holds ``config``).
         cfg: the config composed for this command.
         overrides: the command-line overrides (``key=value`` or ``group=option``).
+
+    Raises:
+        ConfigError: an override does not fit the checkpoint's config (``validate``).
     """
     merged = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
     for item in overrides:
@@ -109,6 +112,7 @@ def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     for key in ("run_dir", "ckpt", "input", "output", "split", "overwrite"):
         OmegaConf.update(merged, key, cfg[key], merge=False)
+    validate(merged)  # the overrides against the checkpoint's model (inference.patch_size vs its strides)
     return merged
 
 
