@@ -288,3 +288,14 @@ def test_msd_data_without_a_root_is_a_config_error():
         load(["data=msd"], config_dir())
     given = load(["data=msd", "data.root=/data/Task04_Hippocampus"], config_dir())
     assert given.data.root.endswith("Hippocampus")
+
+
+def test_a_misspelt_key_gets_the_closest_name():
+    from lampseg.__main__ import config_dir
+    from lampseg.config import ConfigError
+    from lampseg.config.loading import load
+
+    with pytest.raises(ConfigError, match=r"did you mean 'trainer.max_epochs'\?"):
+        load(["trainer.max_epoch=3"], config_dir())
+    with pytest.raises(ConfigError, match=r"did you mean 'seed'\?"):
+        load(["sed=3"], config_dir())

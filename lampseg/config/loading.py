@@ -13,6 +13,7 @@ milliseconds, not a composition (tests/test_config_fuzz.py checks both paths giv
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import pickle
 import typing
@@ -145,6 +146,16 @@ def describe(tp: Any) -> str:
     return words.get(tp, "a mapping" if typing.get_origin(tp) is dict else "a value")
 
 
+def _did_you_mean(key: str) -> str:
+    """``; did you mean 'trainer.max_epochs'?`` for a misspelt key whose section exists, else ``''``."""
+    section, _, name = key.rpartition(".")
+    node = _schema_type(section) if section else Config
+    if not dataclasses.is_dataclass(node):
+        return ""
+    close = difflib.get_close_matches(name, list(_fields(node)), n=1)
+    return f"; did you mean '{section + '.' if section else ''}{close[0]}'?" if close else ""
+
+
 def _apply_error(override: Override, error: Exception) -> ConfigError:
     """Hydra's (or OmegaConf's) error applying one key override, as a ``ConfigError`` naming the key."""
     key, value = override.key_or_group, override.input_line.split("=", 1)[-1]
@@ -153,8 +164,7 @@ def _apply_error(override: Override, error: Exception) -> ConfigError:
     if override.is_delete():
         return ConfigError(f"config key '{key}': cannot be deleted ({reason}); set it instead")
     if known is None:
-        return ConfigError(f"config key '{key}': no such key in the config (a typo? a key of a mapping such "
-                           f"as data.regions is added with +{override.input_line.lstrip('+')}); {reason}")
+        return ConfigError(f"config key '{key}': no such key in the config{_did_you_mean(key)} ({reason})")
     return ConfigError(f"config key '{key}': expected {describe(known)}, got {value!r} ({reason})")
 
 
