@@ -13,7 +13,7 @@ from conftest import compose, train_here
 import lampseg.engine.setup as engine_setup
 from lampseg.config import ConfigError
 from lampseg.runtime import device as device_module
-from lampseg.runtime.device import PrecisionChoice, autocast, precision_dtype, resolve_precision
+from lampseg.runtime.device import PrecisionChoice, autocast, resolve_precision
 
 
 @pytest.fixture
@@ -32,23 +32,21 @@ def test_auto_on_the_cpu_follows_native_bf16(cpu_flags, flags, expected):
     cpu_flags(*flags)
     choice = resolve_precision("auto", "cpu")
     assert choice.name == expected and choice.reason.startswith("auto: ")
-    assert precision_dtype("auto", "cpu") == {"bf16": torch.bfloat16, "fp32": torch.float32}[expected]
     if expected == "fp32":  # no autocast at all where bf16 would be emulated
         assert isinstance(autocast(torch.device("cpu"), "auto"), contextlib.nullcontext)
         assert "AMX" in choice.reason
 
 
-def test_aarch64_reads_its_bf16_feature(monkeypatch):
+def test_arm_stays_fp32_until_measured(monkeypatch):
     monkeypatch.setattr(device_module.platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"fp", "asimd", "bf16"}))
-    assert resolve_precision("auto", "cpu").name == "bf16"
-    monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset({"fp", "asimd"}))
     assert resolve_precision("auto", "cpu").name == "fp32"
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_on_cuda_takes_fp16_without_bf16(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "device", lambda *_: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     choice = resolve_precision("auto", torch.device("cuda", 0))
     assert choice.name == expected and "Tesla T4" in choice.reason
@@ -57,7 +55,7 @@ def test_auto_on_cuda_takes_fp16_without_bf16(monkeypatch, bf16, expected):
 @pytest.mark.parametrize("setting", ["fp32", "bf16", "fp16"])
 def test_an_explicit_precision_always_wins(cpu_flags, setting):
     cpu_flags("amx_bf16")
-    assert resolve_precision(setting, "cpu") == PrecisionChoice(setting, "trainer.precision")
+    assert resolve_precision(setting, "cpu") == PrecisionChoice(setting, "trainer.precision", setting)
     cpu_flags()
     assert resolve_precision(setting, "cpu").name == setting
 
@@ -75,7 +73,7 @@ def test_staged_pipeline_takes_fp32_for_auto_and_refuses_explicit_fp16(monkeypat
     choice = engine_setup.resolve_run_precision(cfg, staged, cuda)
     assert choice.name == "fp32" and "pipeline stages" in choice.reason
     assert str(cfg.trainer.precision.value) == "fp32"  # every later reader sees the resolved value
-    explicit = PrecisionChoice("fp16", "trainer.precision")
+    explicit = PrecisionChoice("fp16", "trainer.precision", "fp16")
     monkeypatch.setattr(engine_setup, "resolve_precision", lambda *_: explicit)
     with pytest.raises(ConfigError, match="trainer.precision"):
         engine_setup.resolve_run_precision(compose("trainer.precision=fp16"), staged, cuda)
@@ -95,3 +93,25 @@ def test_a_run_prints_and_records_its_resolved_precision(tmp_path, cpu_flags):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["precision"] == saved["precision"] == "fp32"
     assert saved["precision_reason"].startswith("auto: ")
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_auto_and_a_resume_elsewhere_says_what_changed(tmp_path, cpu_flags):
+    """Saved configs keep ``auto`` (an H100's bf16 must not follow a checkpoint to an AVX2 laptop), the
+    checkpoint records what ran, and resuming on a machine where ``auto`` picks otherwise says so."""
+    from omegaconf import OmegaConf
+
+    from lampseg.engine.checkpoint import load_checkpoint
+
+    cpu_flags("avx2")
+    run = tmp_path / "run"
+    common = ("+exp=smoke", "trainer.precision=auto", "data.samples_per_epoch=2")
+    train_here(run, *common, "trainer.max_epochs=1")
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert ckpt["config"]["trainer"]["precision"] == "auto" and ckpt["precision"] == "fp32"
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.precision == "auto"
+    cpu_flags("avx2", "amx_bf16")  # the same command on a CPU with native bf16
+    lines: list[str] = []
+    summary = train_here(run, *common, "trainer.max_epochs=2", log=lines.append)
+    assert any(line.startswith("resuming a fp32 run at bf16 (auto: ") for line in lines), lines
+    assert summary["precision"] == "bf16" and summary["epochs"] == 2

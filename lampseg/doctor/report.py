@@ -32,6 +32,7 @@ from lampseg.model.losses import Targets
 from lampseg.model.unet import size_divisor
 from lampseg.parallel.capacity import DEVICE_COUNTS, capacity_lines, capacity_table
 from lampseg.parallel.plan import OPTIMIZER_STATES, profile_for, skip_routing
+from lampseg.runtime.device import planned_precision
 
 PROBE_SIDE = 64  # the planner's costs are profiled at this cube and scaled (when the patch is not fixed)
 
@@ -65,6 +66,7 @@ def planner(cfg: DictConfig, machine: dict) -> dict:
     shape = [channels, *(patch or [PROBE_SIDE] * 3)]
     batch, p = cfg.data.batch_size, cfg.parallel
     costs = profile_for(cfg, channels, targets.out_channels, shape, "cpu", targets)
+    precision = planned_precision(cfg).name  # what the costs assumed: auto resolved for trainer.device
     rows = capacity_table(costs, batch, budget, shape, p.schedule, OPTIMIZER_STATES.get(enum_value(
         cfg.optim.name), 2), size_divisor(cfg.model), skips=skip_routing(p))
     row = [r for r in rows if r.devices <= count][-1]
@@ -73,10 +75,10 @@ def planner(cfg: DictConfig, machine: dict) -> dict:
     where = f"{count} GPU(s)" if gpus else "this CPU (one device: its processes share its memory)"
     suggestion = {"devices": row.devices, "layout": layout, "largest_cube": side,
                   "text": f"on {where}: {layout}, the largest whole cube {side}^3 at batch {batch}, "
-                          f"{enum_value(cfg.trainer.precision)} (`train parallel=auto` chooses the layout)"}
+                          f"{precision} (`train parallel=auto` chooses the layout)"}
     return {"model": cfg.model.name, "params": sum(c.params for c in costs), "channels": channels,
             "out_channels": targets.out_channels, "dataset": source, "batch": batch,
-            "precision": enum_value(cfg.trainer.precision), "budget_gb": round(budget, 2),
+            "precision": precision, "budget_gb": round(budget, 2),
             "device_counts": list(DEVICE_COUNTS), "capacity": [asdict(r) for r in rows],
             "suggestion": suggestion, "lines": capacity_lines(rows, budget)}
 

@@ -214,9 +214,17 @@ def resolve_run_precision(cfg, dims: ParallelDims, device: torch.device) -> Prec
         if enum_value(cfg.trainer.precision) != "auto":
             raise ConfigError(f"config key 'trainer.precision': {why}; use bf16 or fp32 with "
                               "parallel.engine=pipelining")
-        choice = PrecisionChoice("fp32", f"{choice.reason}; but {why}, so fp32")
+        choice = PrecisionChoice("fp32", f"{choice.reason}; but {why}, so fp32", choice.setting)
     OmegaConf.update(cfg, "trainer.precision", choice.name, merge=False)
     return choice
+
+
+def saved_config(cfg, precision: PrecisionChoice) -> dict:
+    """The run's config as files and checkpoints keep it: ``trainer.precision`` as it was asked for (``auto``
+    resolves anew where the checkpoint is used: an H100's bf16 would be emulated on an AVX2 laptop)."""
+    saved = to_container(cfg)
+    saved["trainer"]["precision"] = precision.setting
+    return saved
 
 
 def _build_model(cfg, bundle: DataBundle, device: torch.device) -> nn.Module:
@@ -243,7 +251,11 @@ def _resume(cfg, run: Run) -> None:
     scheduler.base_lrs = [cfg.optim.lr * run.lr_scale] * len(optimizer.param_groups)  # this launch's dp, lr
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)  # a changed trainer.max_epochs applies at once
-    run.scaler.load_state_dict(ckpt["scaler"])
+    earlier = ckpt.get("precision", run.precision.name)
+    if earlier != run.precision.name:  # trainer.precision=auto on another machine
+        run.log(f"resuming a {earlier} run at {run.precision.name} ({run.precision.reason})")
+    if ckpt["scaler"] or not run.scaler.is_enabled():  # a bf16/fp32 run saved no loss scale for fp16
+        run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])  # on CPU: RNG states must stay CPU tensors (load_checkpoint maps to CPU)
     run.state = TrainState.from_dict(ckpt["train_state"])
     run.log(f"resumed from {path} at epoch {run.state.epoch}")
@@ -274,7 +286,7 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
         preflight_plan(cfg, log)
         bundle = load_data(cfg, run_dir, log)
     if main:
-        atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(to_container(cfg)))
+        atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(saved_config(cfg, precision)))
     model = _build_model(cfg, bundle, device)
     phases = curriculum_phases(cfg, bundle)
     largest = max((patch for _, patch, _ in phases), key=math.prod)  # plan stages for the largest input

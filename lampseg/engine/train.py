@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lampseg.config import to_container
 from lampseg.data.prepare import phase_at, training_dataset
 from lampseg.data.sampling import EpochSampler, Slab, training_loader
 from lampseg.engine.checkpoint import merge_optimizer_states, optimizer_state_by_name, save_checkpoint
 from lampseg.engine.evaluate import evaluate_cases
 from lampseg.engine.logs import RunLogger
 from lampseg.engine.metrics import metric_key
-from lampseg.engine.setup import Run, setup
+from lampseg.engine.setup import Run, saved_config, setup
 from lampseg.engine.steps import EpochResult, GlobalStep, Progress, local_step, pipelined_step, train_epoch
 from lampseg.io import atomic_write_text, portable, write_json
 from lampseg.model.unet import size_divisor
@@ -151,7 +150,8 @@ class Trainer:
         bundle = run.bundle
         return {"model": weights, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
                 "scaler": run.scaler.state_dict(), "epoch": state.epoch, "rng": rng_state(),
-                "train_state": state.to_dict(), "config": portable(to_container(run.cfg)),
+                "train_state": state.to_dict(), "config": portable(saved_config(run.cfg, run.precision)),
+                "precision": run.precision.name,
                 "data": {"modalities": bundle.dataset.modalities, "channels": bundle.channels,
                          "labels": {str(k): v for k, v in bundle.dataset.labels.items()},
                          "patch_size": bundle.patch_size}}

@@ -39,14 +39,15 @@ def loader_workers(setting: int | str, processes: int | None = None) -> int:
     return max(0, min(cores // max(processes, 1) - 1, MAX_LOADER_WORKERS))
 
 
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 /proc/cpuinfo flags: bf16 in hardware
-NATIVE_BF16_FEATURES = ("bf16",)  # aarch64 /proc/cpuinfo "Features" (ARMv8.6 BF16)
+# x86 /proc/cpuinfo flags of bf16 in hardware. Arm's BF16 feature is left out until measured: whether
+# PyTorch's CPU Conv3d kernels use it there is unknown, and an emulated bf16 step costs 27x an fp32 one.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, aarch64 ``Features``); empty where
-    there is no such file (macOS, Windows)."""
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty where there
+    is no such file (macOS, Windows)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -59,11 +60,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def native_bf16_cpu_flags() -> list[str]:
-    """The flags that make bf16 native on this CPU (AMX, AVX-512 BF16, ARM BF16); empty where PyTorch
-    would emulate bf16 (measured on a 2-core AVX2 EPYC: a Conv3d step 27x slower than fp32)."""
+    """The flags that make bf16 native on this x86 CPU (AMX, AVX-512 BF16); empty where PyTorch would
+    emulate bf16 (measured on a 2-core AVX2 EPYC: a Conv3d step 27x slower than fp32) or where it is not
+    measured (Arm)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
     flags = cpu_flags()
-    wanted = NATIVE_BF16_FEATURES if platform.machine().lower() in ("aarch64", "arm64") else NATIVE_BF16_FLAGS
-    return [f for f in wanted if f in flags]
+    return [f for f in NATIVE_BF16_FLAGS if f in flags]
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class PrecisionChoice:
 
     name: str  # fp32 | bf16 | fp16
     reason: str
+    setting: str = "auto"  # what trainer.precision asked for (kept in saved configs: auto resolves anew)
 
     def line(self) -> str:
         return f"precision {self.name} ({self.reason})"
@@ -92,11 +96,13 @@ def resolve_precision(setting: str, device: torch.device | str) -> PrecisionChoi
     """
     setting = enum_value(setting)
     if setting != "auto":
-        return PrecisionChoice(setting, "trainer.precision")
+        return PrecisionChoice(setting, "trainer.precision", setting)
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        with torch.cuda.device(device):  # is_bf16_supported asks the current device
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        if native:
             return PrecisionChoice("bf16", f"auto: {name} computes bf16 natively")
         return PrecisionChoice("fp16", f"auto: {name} has no native bf16; fp16 with a gradient scaler")
     if device.type == "cpu":
@@ -106,11 +112,6 @@ def resolve_precision(setting: str, device: torch.device | str) -> PrecisionChoi
         return PrecisionChoice("fp32", "auto: this CPU has no AMX or AVX-512 BF16, where bf16 is emulated "
                                        "and slower than fp32")
     return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
-
-
-def precision_dtype(setting: str, device: torch.device | str) -> torch.dtype:
-    """The activation dtype ``trainer.precision`` gives on ``device`` (``resolve_precision``)."""
-    return DTYPES[resolve_precision(setting, device).name]
 
 
 def planned_precision(cfg) -> PrecisionChoice:
