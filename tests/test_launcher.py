@@ -5,6 +5,7 @@ a passing one returns its output; no socket of a job listens beyond loopback."""
 from __future__ import annotations
 
 import sys
+import time
 
 import psutil
 import pytest
@@ -129,3 +130,50 @@ def test_a_benchmark_job_that_times_out_is_a_lampseg_error_naming_the_key(tmp_pa
     with pytest.raises(LampsegError, match=r"^bench: the 2-process job of lampseg.bench.data_parallel did "
                                            r"not finish within bench.timeout_s=1 s"):
         launch_workers("lampseg.bench.data_parallel", 2, tmp_path / "spec.json", tmp_path / "out.json", 1)
+
+
+DETACHED_CHILD = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+                  "'import time; time.sleep(600)'], start_new_session=True); print(c.pid, flush=True); ")
+
+
+def test_a_failed_commands_detached_child_ends_too(tmp_path):
+    """A root that dies on its own (an OOM-killed torchrun agent) must not leave its workers, which sit in
+    sessions of their own, running."""
+    tree = Tree()
+    with pytest.raises(JobError, match=r"failed \(exit 3\)") as raised:
+        run_command([sys.executable, "-c", DETACHED_CHILD + "time.sleep(2); sys.exit(3)"], timeout_s=60,
+                    watch=tree)
+    child = int(raised.value.result.stdout.split()[0])
+    assert child in tree.seen and not tree.running([child])
+
+
+def test_a_job_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    """A ``doctor`` or ``bench`` killed with SIGKILL cannot clean up: the job's root gets SIGTERM from the
+    kernel (PR_SET_PDEATHSIG) and ends its tree, as torchrun ends its workers."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    pids = tmp_path / "pids"
+    root = ("import signal, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(600)']); print(c.pid, flush=True); "
+            "signal.signal(signal.SIGTERM, lambda *_: (c.kill(), sys.exit(0))); time.sleep(600)")
+    parent = ("import sys; from pathlib import Path; from lampseg.runtime.launcher import run_command; "
+              f"run_command([sys.executable, '-c', {root!r}], timeout_s=600, log_dir={str(pids)!r})")
+    starter = psutil.Popen([sys.executable, "-c", parent])
+    job: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (pids / "stdout.log").is_file() or \
+                not (pids / "stdout.log").read_text().strip():
+            time.sleep(0.2)
+        job = starter.children(recursive=True)
+        assert job, "the job did not start"
+        starter.kill()
+        starter.wait(10)
+        gone, alive = psutil.wait_procs(job, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:  # whatever the outcome, nothing of the test's may outlive it
+        for process in [starter, *job]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass

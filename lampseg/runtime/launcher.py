@@ -16,16 +16,21 @@ whole.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import ipaddress
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +39,25 @@ from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static
 from torch.distributed.run import main as torchrun
 
 from lampseg.errors import LampsegError
-from lampseg.runtime.processes import end_tree, free_port
+from lampseg.runtime.processes import alive, descendants, end_tree, free_port
 
 LOCAL_FLAGS = ("--standalone",)
 ADDRESS_FLAGS = ("--rdzv_endpoint", "--rdzv-endpoint", "--master_addr", "--master-addr")
 TAIL_LINES = 12
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _prctl():
+    """libc's ``prctl`` (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
 ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b")
 
 
@@ -222,37 +241,57 @@ def run_command(command: Sequence[str | Path], *, timeout_s: float, name: str | 
     return result
 
 
+def _child_start(parent: int, cpus: Iterable[int] | None) -> Callable[[], None]:
+    """What the child runs before ``exec``: it gets SIGTERM when this process dies (Linux; the job sits in a
+    session of its own, so a killed parent's group or terminal no longer reaches it, and torchrun ends its
+    workers on SIGTERM), and is pinned to ``cpus``."""
+    allowed = sorted(cpus) if cpus is not None and hasattr(os, "sched_setaffinity") else None
+
+    def start() -> None:
+        if _PRCTL is not None:
+            _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before prctl: nobody would end this job
+                os.kill(os.getpid(), signal.SIGTERM)
+        if allowed is not None:
+            os.sched_setaffinity(0, allowed)
+    return start
+
+
 def _run(args: list[str], timeout_s: float, folder: Path, env: dict, cwd, watch, cpus) -> JobResult:
     """Start ``args`` with its output in ``folder``, wait up to ``timeout_s``, end its tree when needed."""
-    pin = None
-    if cpus is not None and hasattr(os, "sched_setaffinity"):
-        allowed = sorted(cpus)
-        pin = lambda: os.sched_setaffinity(0, allowed)  # noqa: E731 (runs in the child before exec)
     out_path, err_path = folder / "stdout.log", folder / "stderr.log"
     started = time.perf_counter()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd,
-                                start_new_session=True, preexec_fn=pin)
+                                start_new_session=True, preexec_fn=_child_start(os.getpid(), cpus))
+    seen: dict[int, int] = {}  # every process of the tree, recorded while the root runs
     try:
-        timed_out = _wait(proc, timeout_s, watch)
+        timed_out = _wait(proc, timeout_s, watch, seen)
     except BaseException:  # Ctrl-C or an error while waiting: nothing of the job may outlive it
-        end_tree(proc.pid)
-        proc.wait()
+        with _no_interrupts():
+            if proc.returncode is None:
+                end_tree(proc.pid)
+            proc.wait()
+            _end_left(seen)
         raise
-    if timed_out:
-        end_tree(proc.pid)
-        proc.wait()
+    with _no_interrupts():
+        if timed_out:
+            end_tree(proc.pid)
+            proc.wait()
+        _end_left(seen)  # workers of a root that died (an OOM-killed torchrun agent) end too
     seconds = time.perf_counter() - started
     read = lambda path: path.read_text(errors="replace")  # noqa: E731
     return JobResult(args, proc.returncode, read(out_path), read(err_path), seconds, timed_out)
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float, watch) -> bool:
-    """Wait for ``proc`` up to ``timeout_s``, calling ``watch`` in between; whether it timed out."""
+def _wait(proc: subprocess.Popen, timeout_s: float, watch, seen: dict[int, int]) -> bool:
+    """Wait for ``proc`` up to ``timeout_s``, calling ``watch`` and recording its tree in ``seen`` in
+    between; whether it timed out."""
     deadline = time.monotonic() + timeout_s
     while True:
         if watch is not None:
             watch(proc.pid)
+        seen.update(descendants([proc.pid]))
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return proc.poll() is None
@@ -261,6 +300,27 @@ def _wait(proc: subprocess.Popen, timeout_s: float, watch) -> bool:
             return False
         except subprocess.TimeoutExpired:
             continue
+
+
+def _end_left(seen: dict[int, int]) -> None:
+    """End whatever of a finished job's recorded tree still runs (the same processes: pid and start time)."""
+    for pid, started in seen.items():
+        if alive((pid, started)):
+            end_tree(pid)
+
+
+@contextmanager
+def _no_interrupts():
+    """A second Ctrl-C must not cut the clean-up short (a worker ignoring SIGTERM would never get its
+    SIGKILL); only the main thread can hold SIGINT back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _tail(result: JobResult) -> str:
