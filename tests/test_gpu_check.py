@@ -138,3 +138,20 @@ def test_unknown_steps_are_refused(tmp_path: Path) -> None:
     assert gpu_check.main(["--environment", str(tmp_path / "env.json")]) == 0
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["versions"]["python"] and "cpu" in env and isinstance(env["gpus"], list)
+
+
+def test_a_rerun_step_starts_afresh(tmp_path):
+    """A second check reports its own figures, never a past run's (a resumed train would skip its loop and
+    report the first run's Dice)."""
+    import json
+    import sys
+
+    from lampseg.doctor.gpu_check import Step, _train_figures, run_step
+
+    run_dir = tmp_path / "runs" / "train"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "best_val_dice": 0.95}))
+    step = Step("train", [sys.executable, "-c", "pass"], 30, run_dir, _train_figures)
+    record = run_step(step, 30)
+    assert not (run_dir / "summary.json").exists() and not record["ok"]  # it wrote nothing this time
+    assert "best_val_dice" not in json.dumps(record["figures"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -235,6 +236,8 @@ def run_step(step: Step, timeout_s: float) -> dict:
         return {**record, "ok": False, "skipped": "the check's time budget is spent", "exit_code": None,
                 "timed_out": False, "wall_s": 0.0, "figures": {}}
     logs = step.run_dir.parent / f"{step.name}.logs"
+    for old in (step.run_dir, logs):  # a rerun starts afresh: no resumed train, no figures of a past run
+        shutil.rmtree(old, ignore_errors=True)
     try:
         result = run_command(step.command, timeout_s=timeout_s, name=step.name, env=step.env, log_dir=logs,
                              check=False)
