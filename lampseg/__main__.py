@@ -78,12 +78,12 @@ def _print_help() -> None:
 def _dispatch(subcommand: str, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig  # lazy: see above
 
-    from lampseg.config import validate
+    from lampseg.config.loading import check
 
     hydra_cfg = HydraConfig.get()
     OmegaConf.update(cfg, "run_dir", hydra_cfg.runtime.output_dir, merge=False)
     overrides = list(hydra_cfg.overrides.task)
-    validate(cfg)
+    check(cfg, overrides)  # again: a -m multirun's jobs were composed by Hydra alone
     if subcommand == "synth":
         print(f"synthetic dataset at {_synth_to(cfg)}")
         return
@@ -130,8 +130,8 @@ def _json_flag(argv: list[str]) -> list[str]:
 def _checked(argv: list[str]) -> DictConfig | None:
     """The command line's config, composed and checked before any work (``lampseg.config.load``: the same
     composition as Hydra's, every failure a ``ConfigError`` naming the key); None when a Hydra flag (``-m``,
-    ``--cfg``, ``--help``, ...) asks Hydra to compose it its own way (each multirun job is checked by
-    ``_dispatch``)."""
+    ``--cfg``, ``--help``, ...) asks Hydra to compose it its own way (each multirun job is then checked
+    by ``_dispatch`` with ``config.loading.check``)."""
     from lampseg.config import load  # lazy: see above
 
     if any(arg.startswith("-") for arg in argv):

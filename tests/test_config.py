@@ -299,3 +299,13 @@ def test_a_misspelt_key_gets_the_closest_name():
         load(["trainer.max_epoch=3"], config_dir())
     with pytest.raises(ConfigError, match=r"did you mean 'seed'\?"):
         load(["sed=3"], config_dir())
+
+
+def test_a_multirun_job_gets_the_same_checks(tmp_path):
+    """``-m`` lets Hydra compose each job itself; ``_dispatch`` runs ``load``'s checks on it too, so
+    ``train -m data=msd ...`` does not train on the synthetic data (nor ignore a typo)."""
+    from conftest import lampseg
+
+    proc = lampseg("train", "-m", "data=msd", "optim.lr=1e-3", f"run_dir={tmp_path}", check=False)
+    assert "config key 'data.root': data=msd expected an MSD dataset folder" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "0" / "metrics.csv").exists()

@@ -298,9 +298,20 @@ def load(overrides: Sequence[str], config_dir: str) -> DictConfig:
             resolve, or a value ``validate`` refuses.
     """
     cfg = compose_config(overrides, config_dir)
+    check(cfg, overrides)
+    return cfg
+
+
+def check(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """What ``load`` checks once the config is composed, for a config Hydra composed itself (each job of a
+    ``-m`` multirun): required keys of the chosen groups, interpolations, no added or deleted keys, and
+    ``validate``.
+
+    Raises:
+        ConfigError: naming the first key at fault.
+    """
     _check_required(overrides, cfg)
     raw = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
     _check_resolves(cfg, raw)
     _check_keys(raw, Config)
     validate(cfg)
-    return cfg
