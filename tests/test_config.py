@@ -309,3 +309,15 @@ def test_a_multirun_job_gets_the_same_checks(tmp_path):
     proc = lampseg("train", "-m", "data=msd", "optim.lr=1e-3", f"run_dir={tmp_path}", check=False)
     assert "config key 'data.root': data=msd expected an MSD dataset folder" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "0" / "metrics.csv").exists()
+
+
+def test_an_experiment_from_another_config_folder_loads(tmp_path):
+    """``hydra.searchpath`` adds config folders (a lab's own ``+exp`` files): their options are not
+    refused for missing from ``conf/``."""
+    from lampseg.__main__ import config_dir
+    from lampseg.config.loading import load
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  max_epochs: 3\n")
+    cfg = load([f"hydra.searchpath=[file://{tmp_path}]", "+exp=mine"], config_dir())
+    assert cfg.trainer.max_epochs == 3

@@ -261,8 +261,9 @@ def compose_config(overrides: Sequence[str], config_dir: str) -> DictConfig:
     """
     parsed = [_parse(line) for line in overrides]
     groups = groups_of(config_dir)
-    for override in parsed:
-        _check_choice(override, groups)
+    if not any(o.key_or_group == "hydra.searchpath" for o in parsed):  # else other folders add options
+        for override in parsed:
+            _check_choice(override, groups)
     chosen = tuple(o.input_line for o in parsed if _is_group(o, groups))
     cfg = _compose_groups(str(Path(config_dir).resolve()), chosen)
     for override in parsed:
