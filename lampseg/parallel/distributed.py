@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from lampseg.config import ConfigError
-from lampseg.runtime.processes import free_port  # noqa: F401 (kept here for its callers)
 
 
 def launched_by_torchrun() -> bool:
@@ -34,11 +33,13 @@ def init_from_env(timeout_s: float | None = None, alone: bool = False, backend: 
     """Join the torchrun job once (no-op when not launched by torchrun or already joined).
 
     Args:
-        timeout_s: collective timeout; default ``$LAMPSEG_DIST_TIMEOUT`` or 600 s.
+        timeout_s: collective timeout; default ``$LAMPSEG_DIST_TIMEOUT`` or 600 s (the CLI passes the
+            composed ``parallel.timeout_s``).
         alone: also join a job of one process (``torchrun --nproc_per_node 1``).
         backend: ``auto`` (gloo for CPU tensors, plus NCCL for CUDA tensors when every process on this node
             has a GPU of its own; else gloo), ``gloo``,
-            ``nccl`` or ``cpu:gloo,cuda:nccl``; default ``$LAMPSEG_DIST_BACKEND`` or ``auto``.
+            ``nccl`` or ``cpu:gloo,cuda:nccl``; default ``$LAMPSEG_DIST_BACKEND`` or ``auto`` (the CLI
+            passes the composed ``parallel.backend``).
 
     Returns:
         Whether a process group is active.
@@ -56,6 +57,10 @@ def init_from_env(timeout_s: float | None = None, alone: bool = False, backend: 
     if "nccl" in backend and not (dist.is_nccl_available() and torch.cuda.is_available()):
         raise ConfigError(f"config key 'parallel.backend': {backend!r} needs NCCL and a CUDA GPU, which this "
                           f"process does not have; use parallel.backend=gloo or auto")
+    if "nccl" in backend and gpus_shared():
+        raise ConfigError(f"config key 'parallel.backend': {backend!r} with {os.environ['LOCAL_WORLD_SIZE']} "
+                          f"processes on {torch.cuda.device_count()} GPU(s): NCCL refuses two ranks on one "
+                          "GPU; use parallel.backend=gloo or auto, or one process per GPU")
     dist.init_process_group(backend, timeout=timeout)
     return True
 
