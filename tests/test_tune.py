@@ -19,6 +19,7 @@ from conftest import compose, is_loopback, lampseg
 from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError
+from lampseg.errors import LampsegError
 
 pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -289,7 +290,7 @@ def test_reap_orphans_stops_only_the_recorded_session(tmp_path):
     starts workers) is stopped before a new start. Decoys survive: a `tail -f` of a log in the temp dir, a
     process naming the temp dir that was not recorded, a `tail -f` under a sibling dir sharing its prefix,
     and a recorded pid whose start time is not the recorded one (a reused pid). While the driver that
-    recorded the session still runs, nothing is touched."""
+    recorded the session still runs, nothing is touched and the new study refuses to start beside it."""
     import time
 
     from lampseg.runtime.processes import start_time
@@ -322,7 +323,10 @@ def test_reap_orphans_stops_only_the_recorded_session(tmp_path):
         record = [(session.pid, start_time(session.pid)), (reused, start_time(reused) + 1)]
         live = decoys[0].pid
         record_session(temp, record, driver=(live, start_time(live)))  # its study still runs
-        assert reap_orphans(temp, log=lambda _: None) == [] and session.poll() is None
+        still_runs = rf"another study still runs in this run directory \(pid {live}\b"
+        with pytest.raises(LampsegError, match=still_runs):
+            reap_orphans(temp, log=lambda _: None)
+        assert session.poll() is None
         logs = []
         record_session(temp, record, driver=dead)
         assert reap_orphans(temp, log=logs.append) == sorted([session.pid, children[0].pid])

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import load_data
+from lampseg.errors import LampsegError
 from lampseg.io import atomic_write_text, write_json
 from lampseg.runtime.processes import Process, alive, ancestors, descendants, signal_all, start_time
 from lampseg.tune.loopback import local_ray_on_loopback
@@ -107,15 +108,17 @@ def reap_orphans(temp: Path, log=print) -> list[int]:
 
     Returns:
         The process ids that were killed (SIGKILL: they belong to a dead session).
+
+    Raises:
+        LampsegError: the study that recorded the session still runs.
     """
     record = _recorded(temp)
     if record is None:
         return []
     driver, processes = record
-    if driver[0] != os.getpid() and alive(driver):
-        log(f"tune: the Ray session in {temp} belongs to a study that still runs (pid {driver[0]}); "
-            "left alone")
-        return []
+    if driver[0] != os.getpid() and alive(driver):  # two studies in one Ray dir would wreck each other
+        raise LampsegError(f"another study still runs in this run directory (pid {driver[0]}, its Ray "
+                           f"session in {temp}): wait for it, stop it, or give this study another run_dir")
     spared = ancestors()
     targets = dict(p for p in processes if alive(p) and p[0] not in spared)
     targets.update(descendants(targets))
