@@ -321,3 +321,12 @@ def test_an_experiment_from_another_config_folder_loads(tmp_path):
     (tmp_path / "exp" / "mine.yaml").write_text("# @package _global_\ntrainer:\n  max_epochs: 3\n")
     cfg = load([f"hydra.searchpath=[file://{tmp_path}]", "+exp=mine"], config_dir())
     assert cfg.trainer.max_epochs == 3
+
+
+def test_adding_an_existing_key_says_to_drop_the_plus():
+    from lampseg.__main__ import config_dir
+    from lampseg.config import ConfigError
+    from lampseg.config.loading import load
+
+    with pytest.raises(ConfigError, match=r"already in the config.*with trainer.max_epochs=3"):
+        load(["+trainer.max_epochs=3"], config_dir())

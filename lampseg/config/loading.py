@@ -165,6 +165,9 @@ def _apply_error(override: Override, error: Exception) -> ConfigError:
         return ConfigError(f"config key '{key}': cannot be deleted ({reason}); set it instead")
     if known is None:
         return ConfigError(f"config key '{key}': no such key in the config{_did_you_mean(key)} ({reason})")
+    if override.is_add():
+        return ConfigError(f"config key '{key}': already in the config, so '+' cannot add it: set it with "
+                           f"{key}={value} ({reason})")
     return ConfigError(f"config key '{key}': expected {describe(known)}, got {value!r} ({reason})")
 
 
