@@ -37,6 +37,7 @@ from lampseg.io import atomic_write_bytes, write_json
 from lampseg.model.unet import size_divisor
 from lampseg.parallel import distributed
 from lampseg.plots import figure_png, pyplot
+from lampseg.runtime.device import resolve_precision
 from lampseg.runtime.memory import PeakMemory
 
 SPEEDUP_TARGET = 3.0  # whole volume vs the 96^3 / overlap 0.5 sliding window
@@ -133,6 +134,9 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, _, device, _ = load_model(ckpt, cfg)
+    # a checkpoint keeps trainer.precision as asked (auto): resolved here, as train would on this device
+    OmegaConf.update(cfg, "trainer.precision", resolve_precision(cfg.trainer.precision, device).name,
+                     merge=False)
     main = distributed.is_main()
     log = log if main else (lambda *_: None)
     with distributed.main_first():
