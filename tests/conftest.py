@@ -177,6 +177,18 @@ def restore_torch_globals():
     torch.set_num_threads(threads)
 
 
+def replay_first(found: dict):
+    """A decorator for a hypothesis test: every value of ``found`` (bugs a fuzzer found, by name) as an
+    explicit example, run in the listed order before any drawn one."""
+    from hypothesis import example
+
+    def decorate(test):
+        for value in reversed(found.values()):  # example() stacks: the last applied runs first
+            test = example(value)(test)
+        return test
+    return decorate
+
+
 def load_check_run_dir():
     """The run-directory contract checker (``tests/run_dir_contract.py``) as a module whose ``check(path)``
     is ``check_run_dir`` (for callers written before it; new code imports ``check_run_dir`` from there)."""

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from conftest import REPO, replay_first
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -197,12 +197,6 @@ FOUND_BUGS: dict[str, Draw] = {
 }
 
 
-def _with_found_bugs(test: Any) -> Any:
-    for draw in reversed(FOUND_BUGS.values()):  # the first listed runs first
-        test = example(draw)(test)
-    return test
-
-
 # --------------------------------------------------------------------------------------------------
 # Properties
 # --------------------------------------------------------------------------------------------------
@@ -296,7 +290,7 @@ def test_config_loads_or_names_the_key() -> None:
     @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(overrides)
-    @_with_found_bugs
+    @replay_first(FOUND_BUGS)
     def run(draw: Draw) -> None:
         lines = [*draw[0], *draw[1]]
         tally["examples"] += 1

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import replay_first
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -494,13 +495,6 @@ FOUND_BUGS: dict[str, list[Corruption]] = {
 }
 
 
-def _with_found_bugs(test: Any) -> Any:
-    """``test`` with each bug found so far as an explicit hypothesis example (always run first)."""
-    for corruptions_ in reversed(FOUND_BUGS.values()):  # the first listed runs first
-        test = example(corruptions_)(test)
-    return test
-
-
 TALLY: dict[str, dict[str, Any]] = {}
 
 
@@ -567,7 +561,7 @@ def test_library_accepts_or_diagnoses_corrupt_datasets() -> None:
     @settings(max_examples=LIBRARY_EXAMPLES, derandomize=True, database=None, deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(corruption_lists)
-    @_with_found_bugs
+    @replay_first(FOUND_BUGS)
     def run(corruptions_: list[Corruption]) -> None:
         _count(tally, corruptions_)
         with tempfile.TemporaryDirectory(prefix="lampseg-fuzz-") as tmp:
