@@ -75,7 +75,7 @@ def _print_help() -> None:
 # they pull in torch, and `python -m lampseg --help` should answer at once.
 
 
-def _dispatch(subcommand: str, cfg) -> None:
+def _dispatch(subcommand: str, cfg, checked: bool) -> None:
     from hydra.core.hydra_config import HydraConfig  # lazy: see above
 
     from lampseg.config.loading import check
@@ -83,7 +83,8 @@ def _dispatch(subcommand: str, cfg) -> None:
     hydra_cfg = HydraConfig.get()
     OmegaConf.update(cfg, "run_dir", hydra_cfg.runtime.output_dir, merge=False)
     overrides = list(hydra_cfg.overrides.task)
-    check(cfg, overrides)  # again: a -m multirun's jobs were composed by Hydra alone
+    if not checked:  # a -m multirun's jobs (and --cfg, ...) were composed by Hydra alone
+        check(cfg, overrides)
     if subcommand == "synth":
         print(f"synthetic dataset at {_synth_to(cfg)}")
         return
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
     def app(cfg) -> None:
         try:
-            _dispatch(subcommand, cfg)
+            _dispatch(subcommand, cfg, checked)
         except (LampsegError, FileNotFoundError) as e:
             if cfg.debug:
                 raise
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(LOOPBACK_ENV, "0")  # a Ray started here (tune, hydra/launcher=ray): loopback
     try:
         cfg = _checked(argv)  # before any work: a config error is one line, exit 2
+        checked = cfg is not None  # then _dispatch need not check Hydra's copy of the same composition
         if distributed.launched_by_torchrun():
             argv = _torchrun_argv(argv, cfg)
     except ConfigError as e:

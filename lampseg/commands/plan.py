@@ -42,7 +42,7 @@ from lampseg.parallel.plan import (
     profile_for,
     skip_routing,
 )
-from lampseg.runtime.device import planned_precision, resolve_device
+from lampseg.runtime.device import resolve_device, resolve_precision
 
 
 def run_plan(cfg, log=print) -> Plan | SpatialPlan:
@@ -66,13 +66,12 @@ def run_plan(cfg, log=print) -> Plan | SpatialPlan:
     input_shape = [len(channels), *patch]
     p, batch, divisor = cfg.parallel, cfg.data.batch_size, size_divisor(cfg.model)
     opt_states, budget = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), cfg.parallel.memory_gb
-    costs = profile_for(cfg, len(channels), targets.out_channels, input_shape,
-                        resolve_device(cfg.trainer.device), targets)
-    precision = planned_precision(cfg)  # the planner assumes it: set trainer.precision for another device
-    if enum_value(cfg.trainer.precision) == "auto":
-        precision = replace(precision, reason=f"{precision.reason}, on this machine's "
-                            f"{resolve_device(cfg.trainer.device).type}; set trainer.precision to plan for "
-                            "another device")
+    device = resolve_device(cfg.trainer.device)
+    costs = profile_for(cfg, len(channels), targets.out_channels, input_shape, device, targets)
+    precision = resolve_precision(cfg.trainer.precision, device)  # what the costs assumed (planned_precision)
+    if precision.setting == "auto":
+        precision = replace(precision, reason=f"{precision.reason}, on this machine's {device.type}; set "
+                            "trainer.precision to plan for another device")
     log(f"model {cfg.model.name}: {sum(c.params for c in costs):,} parameters in {len(costs)} blocks; "
         f"input {input_shape} x batch {batch}, {precision.line()}")
     capacity = capacity_table(costs, batch, budget, input_shape, p.schedule, opt_states, divisor,
