@@ -194,6 +194,8 @@ FOUND_BUGS: dict[str, Draw] = {
     "seed beyond 2**32": ((), ["seed=4294967296"]),  # a ValueError in Optuna's and Tune's samplers
     "negative data seed": ((), ["data.synthetic.seed=-1"]),  # a ValueError in numpy's SeedSequence
     "window not a multiple": ((), ["inference.patch_size=[36,32,32]"]),  # checked only for being positive
+    "spacing resolving to a string": ((), ["data.target_spacing=${oc.env:HOME}"]),  # len(None) in validate
+    "a section resolving to a list": ((), ["bench=${data.patch_size}"]),  # ConfigAttributeError in validate
 }
 
 

@@ -17,6 +17,7 @@ from lampseg.config.rules import (
     fail,
     in_range,
     is_int,
+    is_number,
     one_of,
     positive_ints,
     seconds,
@@ -84,9 +85,9 @@ def _check_data(d: DictConfig) -> None:
             ("data.synthetic.context", d.synthetic.context, ("none", "laterality")),
             ("data.nonfinite", d.nonfinite, ("error", "zero"))])
     if d.target_spacing is not None:
-        spacing = as_list(d.target_spacing)
-        if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
-            fail("data.target_spacing", "3 positive numbers or null", spacing)
+        spacing = as_list(d.target_spacing)  # None: an interpolation that resolved to a non-list
+        if spacing is None or len(spacing) != 3 or not all(is_number(v) and v > 0 for v in spacing):
+            fail("data.target_spacing", "3 positive numbers or null", spacing or d.target_spacing)
     if d.regions is not None:
         if not d.regions:
             fail("data.regions", "a non-empty mapping name -> label values, or null", dict(d.regions))

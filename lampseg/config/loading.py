@@ -229,9 +229,13 @@ def _check_resolves(cfg: DictConfig, raw: dict) -> None:
                               f"(a missing value)")
         if isinstance(value, str) and "${" in value and "${hydra:" not in value:  # hydra: under @hydra.main
             try:
-                OmegaConf.select(cfg, key, throw_on_resolution_failure=True, throw_on_missing=True)
+                resolved = OmegaConf.select(cfg, key, throw_on_resolution_failure=True, throw_on_missing=True)
             except OmegaConfBaseException as e:
                 raise ConfigError(f"config key '{key}': {value!r} does not resolve ({_first_line(e)})") from e
+            tp = _schema_type(key)
+            if dataclasses.is_dataclass(tp) and not isinstance(resolved, DictConfig):  # a whole section
+                raise ConfigError(f"config key '{key}': expected {describe(tp)}, got {value!r} (resolves to "
+                                  f"{resolved!r})")
 
 
 def _check_keys(raw: dict, schema: Any, path: str = "") -> None:
