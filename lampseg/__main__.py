@@ -145,7 +145,7 @@ def _torchrun_argv(argv: list[str], cfg: DictConfig | None = None) -> list[str]:
     ``parallel.timeout_s`` (from YAML files, ``+exp`` files or the command line alike; without a composed
     config, under a Hydra flag, from the command line), give every rank rank 0's run directory (each would
     otherwise stamp its own time) and let only rank 0 write Hydra's files and log."""
-    from lampseg.parallel import distributed  # lazy: see above
+    from lampseg.runtime import distributed  # lazy: see above
 
     if cfg is not None:
         backend, timeout = str(cfg.parallel.backend), float(cfg.parallel.timeout_s)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lampseg.config import ConfigError, register_schema
     from lampseg.errors import LampsegError
-    from lampseg.parallel import distributed
+    from lampseg.runtime import distributed
 
     # conf/hydra/launcher/ray.yaml sets lampseg's defaults for hydra-ray-launcher and is deliberately checked
     # against the plugin's schema of the same name; Hydra calls that pattern deprecated on every run.

@@ -191,7 +191,7 @@ def _torchrun_main(monkeypatch, conf: str, *argv: str) -> dict:
     """``lampseg.__main__.main(argv)`` as a torchrun worker would run it, up to joining the job: returns the
     arguments ``init_from_env`` got (raises SystemExit when the config is refused before that)."""
     import lampseg.__main__ as cli
-    from lampseg.parallel import distributed
+    from lampseg.runtime import distributed
     from lampseg.tune.loopback import LOOPBACK_ENV
 
     joined: dict = {}

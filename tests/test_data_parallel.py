@@ -327,7 +327,7 @@ class _Store:
 
 
 def _as_rank(monkeypatch, store: _Store, rank: int, world: int) -> None:
-    from lampseg.parallel import distributed
+    from lampseg.runtime import distributed
 
     monkeypatch.setattr(distributed, "_store", lambda: store)
     monkeypatch.setattr(distributed, "rank", lambda: rank)
@@ -337,7 +337,7 @@ def _as_rank(monkeypatch, store: _Store, rank: int, world: int) -> None:
 def test_failure_message_names_the_rank_that_fell_behind(monkeypatch):
     """Heartbeats: rank 0 and 2 got to the gradient sync of step 7, rank 1 only started it; the message
     of the rank that saw the failure names rank 1, the timeout and how to resume."""
-    from lampseg.parallel import distributed
+    from lampseg.runtime import distributed
 
     store = _Store()
     for rank, phase in [(0, "syncing gradients"), (1, "started"), (2, "syncing gradients")]:
@@ -358,7 +358,7 @@ def test_failure_message_names_the_rank_that_fell_behind(monkeypatch):
 
 
 def test_failure_message_without_heartbeats_or_a_laggard(monkeypatch):
-    from lampseg.parallel import distributed
+    from lampseg.runtime import distributed
 
     store = _Store()
     for rank in (0, 1):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lampseg.parallel import distributed
+from lampseg.runtime import distributed
 
 
 @pytest.mark.parametrize("gpus, local_rank, local_world, gpu, shared", [

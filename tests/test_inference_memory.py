@@ -15,7 +15,7 @@ from conftest import compose, lampseg
 import lampseg.engine.inference as inference
 from lampseg.data.sampling import whole_volume_shape
 from lampseg.engine.checkpoint import load_checkpoint
-from lampseg.engine.inference_memory import InferenceMemory, windows_to_try
+from lampseg.planner.inference import InferenceMemory, windows_to_try
 
 
 def _divisor(ckpt_path: Path) -> int:
@@ -239,7 +239,7 @@ def test_patch_size_auto_takes_a_larger_patch_with_two_stages_and_train_records_
 def test_auto_pipelines_an_unsplit_model_over_devices_when_the_whole_volume_fits_only_split():
     from monai.networks.nets import UNet
 
-    from lampseg.engine.inference_memory import choose_mode
+    from lampseg.planner.inference import choose_mode
 
     torch.manual_seed(0)
     model = UNet(3, 2, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
@@ -265,7 +265,7 @@ def test_auto_takes_the_whole_volume_split_into_the_run_s_slabs_when_one_device_
     """``parallel=spatial``: each rank holds its slab's activations (and the replicated weights), so a
     whole volume too large for one device may fit as slabs; ``inference_memory`` reads the slabs from the
     config."""
-    from lampseg.engine.inference_memory import choose_mode, inference_memory
+    from lampseg.planner.inference import choose_mode, inference_memory
 
     one = InferenceMemory(1e6, 1e4, 2, 3)
     two = InferenceMemory(1e6, 1e4, 2, 3, slabs=2)

@@ -33,7 +33,7 @@ def test_every_contract_is_kept():
 
 @pytest.mark.parametrize("module,upward", [
     ("data/sampling.py", "from lampseg.engine.train import run"),  # data must not know the engine
-    ("parallel/plan.py", "    from lampseg.engine.setup import load_data\n"),  # not even inside a function
+    ("planner/plan.py", "    from lampseg.engine.setup import load_data\n"),  # not even inside a function
     ("runtime/device.py", "import lampseg.model.unet"),
 ])
 def test_an_upward_import_breaks_the_layers_contract(tmp_path, module, upward):
@@ -113,7 +113,7 @@ def test_a_typo_is_reported_without_importing_the_heavy_stack(tmp_path):
     """Everything `python -m lampseg` imports before Hydra reports a bad override: seconds, not the ten more
     that MONAI, Ray and the pipelining engine would add."""
     imported = _imported(["-m", "lampseg", "train", "trainer.max_epoch=3", f"run_dir={tmp_path}"])
-    assert {"lampseg.config", "lampseg.parallel.distributed", "lampseg.tune.loopback"} <= imported
+    assert {"lampseg.config", "lampseg.runtime.distributed", "lampseg.tune.loopback"} <= imported
     assert not imported & {"monai", "ray", "matplotlib", "torch.distributed.pipelining"}
 
 

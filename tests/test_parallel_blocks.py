@@ -5,7 +5,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from lampseg.parallel.blocks import sequential_unet, unet_blocks
+from lampseg.model.blocks import sequential_unet, unet_blocks
 from lampseg.parallel.gpipe import gpipe
 
 CONFIGS = [((8, 16, 32), (2, 2), 1), ((4, 8, 16, 32), (2, 2, 2), 2), ((4, 8), (2,), 0)]

@@ -9,8 +9,8 @@ import torch
 from conftest import lampseg
 from monai.networks.nets import UNet
 
-from lampseg.parallel.plan import PlanError, make_plan
-from lampseg.parallel.profile import BlockCost, profile_blocks
+from lampseg.planner.plan import PlanError, make_plan
+from lampseg.planner.profile import BlockCost, profile_blocks
 
 MB = 2**20
 
@@ -140,7 +140,7 @@ def test_plan_auto_patch_is_chosen_for_the_stages_it_prints(tmp_path):
 
 def test_largest_cube_grows_with_stages_and_really_fits():
     """LAMP's point: more stages, larger inputs; the size found fits when profiled at that size."""
-    from lampseg.parallel.plan import largest_cube
+    from lampseg.planner.plan import largest_cube
 
     def unet():
         with torch.device("meta"):

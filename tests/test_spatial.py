@@ -16,11 +16,11 @@ from lampseg.commands.plan import run_plan
 from lampseg.config import ConfigError, validate
 from lampseg.engine.setup import resolve_auto_layout
 from lampseg.model.unet import build_model
-from lampseg.parallel.capacity import capacity_table, largest_slab, largest_spatial_cube, spatial_plan
 from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.kernels import conv3d, conv3d_backward
-from lampseg.parallel.plan import PlanError, profile_for
 from lampseg.parallel.spatial import check_splittable
+from lampseg.planner.capacity import capacity_table, largest_slab, largest_spatial_cube, spatial_plan
+from lampseg.planner.plan import PlanError, profile_for
 
 WORKER = Path(__file__).parent / "workers" / "spatial_equivalence.py"
 EXACT = ["+exp=smoke", "optim=sgd", "trainer.precision=fp32", "trainer.channels_last=false",

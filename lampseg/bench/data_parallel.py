@@ -47,9 +47,9 @@ def _worker(spec_path: str, out_path: str) -> None:
     from lampseg.engine.steps import local_step
     from lampseg.model.losses import Targets, build_loss
     from lampseg.model.unet import build_model
-    from lampseg.parallel import distributed
     from lampseg.parallel.dims import ParallelDims
     from lampseg.parallel.parallelize import parallelize
+    from lampseg.runtime import distributed
     from lampseg.runtime.device import resolve_device
 
     spec = json.loads(Path(spec_path).read_text())
@@ -64,7 +64,7 @@ def _worker(spec_path: str, out_path: str) -> None:
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     dims = ParallelDims(dp=world, pp=1, world=world)  # DDP over the job's processes (none for one)
-    net, _ = parallelize(model, dims, cfg, [spec["in_channels"], *spec["patch"]], device)
+    net = parallelize(model, dims, None, device)  # DDP: nothing to plan
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn = build_loss(cfg.optim, targets)
     step = local_step(net, optimizer, loss_fn, cfg, device, make_grad_scaler(cfg, device))

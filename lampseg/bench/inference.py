@@ -31,12 +31,12 @@ from lampseg.data.sampling import whole_volume_shape
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.evaluate import case_image, case_scores, config_from_checkpoint, load_model, roi_size
 from lampseg.engine.inference import infer
-from lampseg.engine.inference_memory import InferenceMemory
 from lampseg.engine.setup import load_data
 from lampseg.io import atomic_write_bytes, write_json
 from lampseg.model.unet import size_divisor
-from lampseg.parallel import distributed
+from lampseg.planner.inference import InferenceMemory
 from lampseg.plots import figure_png, pyplot
+from lampseg.runtime import distributed
 from lampseg.runtime.device import resolve_precision
 from lampseg.runtime.memory import PeakMemory
 

@@ -46,11 +46,12 @@ from lampseg.engine.steps import pipelined_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, size_divisor
-from lampseg.parallel import distributed
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.parallelize import parallelize
-from lampseg.parallel.plan import OPTIMIZER_STATES, largest_cube, plan_for
+from lampseg.planner.layout import plan_split
+from lampseg.planner.plan import OPTIMIZER_STATES, largest_cube, plan_for
 from lampseg.plots import figure_png, pyplot
+from lampseg.runtime import distributed
 from lampseg.runtime.device import resolve_device
 
 MEMORY_TOLERANCE = 0.20  # planned within 20 % of measured
@@ -72,7 +73,8 @@ def _worker(config_path: str, out_path: str) -> None:
         OmegaConf.update(cfg, "parallel", {"name": "pipeline", "pp": pp, "microbatches": micro}, merge=True)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, in_ch, targets.out_channels)
-        net, plan = parallelize(model, dims, cfg, [in_ch, *patch], device, targets)  # rank 0 plans for all
+        plan = plan_split(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)  # rank 0's
+        net = parallelize(model, dims, plan, device, cfg.trainer.precision, cfg.model)
         net.train()
         optimizer = build_optimizer(net, cfg.optim)
         step = pipelined_step(net, optimizer, build_loss(cfg.optim, targets), cfg)

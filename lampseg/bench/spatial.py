@@ -58,12 +58,13 @@ from lampseg.engine.steps import local_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
 from lampseg.model.losses import Targets, build_loss
 from lampseg.model.unet import build_model, size_divisor
-from lampseg.parallel import distributed, slabs, spatial
-from lampseg.parallel.capacity import spatial_plan_for
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.kernels import kernel_choice, steer_convolutions
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
+from lampseg.planner.capacity import spatial_plan_for
+from lampseg.planner.layout import plan_split
 from lampseg.plots import figure_png, pyplot
+from lampseg.runtime import distributed, slabs, spatial
 from lampseg.runtime.device import DTYPES, autocast, resolve_device, resolve_precision
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 
@@ -149,7 +150,8 @@ def _worker(config_path: str, out_path: str) -> None:
     divisor = size_divisor(cfg.model)
     torch.manual_seed(cfg.seed)
     model = _arm(cfg, build_model(cfg.model, in_ch, targets.out_channels).to(device), unsplit=sp == 1)
-    net, _ = parallelize(model, dims, cfg, [in_ch, *patch], device, targets)
+    split = plan_split(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)
+    net = parallelize(model, dims, split, device, cfg.trainer.precision, cfg.model)
     plan = spatial_plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)  # sp=1 too
     group = dims.sp_group
     mine = (slabs.slab(image, group, divisor), slabs.slab(target, group, divisor)) if sp > 1 \

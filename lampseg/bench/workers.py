@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config import Config
 from lampseg.model.losses import Targets
-from lampseg.parallel import distributed
+from lampseg.runtime import distributed
 from lampseg.runtime.device import resolve_device
 from lampseg.runtime.launcher import run_job
 

@@ -16,7 +16,7 @@ from lampseg.engine.evaluate import config_from_checkpoint, evaluate_cases, load
 from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import load_data
 from lampseg.io import write_json
-from lampseg.parallel import distributed
+from lampseg.runtime import distributed
 
 
 def run_evaluate(cfg, overrides: list[str], log=print) -> dict:

@@ -24,8 +24,7 @@ from lampseg.data.sampling import whole_volume_shape
 from lampseg.engine.setup import load_data, resolve_auto_layout
 from lampseg.io import write_json
 from lampseg.model.unet import size_divisor
-from lampseg.parallel.capacity import (
-    SpatialPlan,
+from lampseg.planner.capacity import (
     capacity_lines,
     capacity_table,
     hybrid_plan,
@@ -33,9 +32,9 @@ from lampseg.parallel.capacity import (
     largest_spatial_cube,
     spatial_plan,
 )
-from lampseg.parallel.plan import (
+from lampseg.planner.decisions import Plan, SpatialPlan
+from lampseg.planner.plan import (
     OPTIMIZER_STATES,
-    Plan,
     PlanError,
     largest_cube,
     make_plan,

@@ -21,10 +21,10 @@ from lampseg.data.prepare import preprocess_config
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.evaluate import config_from_checkpoint, load_model, roi_size
 from lampseg.engine.inference import infer
-from lampseg.engine.inference_memory import inference_memory
 from lampseg.io import atomic_write_bytes
 from lampseg.model.unet import size_divisor
-from lampseg.parallel import distributed
+from lampseg.planner.inference import inference_memory
+from lampseg.runtime import distributed
 
 
 def _nifti_inputs(path: Path) -> list[Path]:

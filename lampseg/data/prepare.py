@@ -1,12 +1,11 @@
 """From a config to training data: dataset root (synthetic on first use), cache, targets, channels, splits,
-patch size and the training dataset. Knows nothing of the planner or the engine: ``data.patch_size=auto``
-is decided by a ``choose_patch`` function the caller passes (``engine.setup.load_data`` passes the
-planner's).
+patch size and the training dataset. Knows nothing of the planner or the engine: under
+``data.patch_size=auto`` the bundle comes back without a patch size (``DataBundle.patch_size`` is None), and
+the planner decides it from ``DataBundle.train_shapes`` (``planner.patch.choose_patch_size``).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +58,17 @@ class DataBundle:
     channels: list[int]
     train_cases: list[str]
     val_cases: list[str]
-    patch_size: list[int]
+    patch_size: list[int] | None  # None until the planner decides data.patch_size=auto
     whole_volume: bool
     patch_decision: dict | None = None  # data.patch_size=auto: what was chosen and why
 
     @property
     def modality_names(self) -> list[str]:
         return [self.dataset.modalities[c] for c in self.channels]
+
+    def train_shapes(self) -> list[list[int]]:
+        """Spatial shapes of the (preprocessed) training cases."""
+        return [list(self.cache.image(n).shape[-3:]) for n in self.train_cases]
 
 
 def resolve_channels(dataset: MSDDataset, data_cfg) -> list[int]:
@@ -84,12 +87,7 @@ def resolve_targets(dataset: MSDDataset, data_cfg) -> Targets:
         raise ConfigError(str(e)) from e
 
 
-# (training cases' spatial shapes, input channels, targets) -> (patch, the decision for summary.json)
-PatchChooser = Callable[[list[list[int]], int, Targets], tuple[list[int], dict]]
-
-
-def prepare_data(cfg, run_dir: Path, divisor: int, log=print, choose_patch: PatchChooser | None = None
-                 ) -> DataBundle:
+def prepare_data(cfg, run_dir: Path, divisor: int, log=print) -> DataBundle:
     """Resolve, validate and preprocess the dataset, then split it into the configured fold.
 
     Args:
@@ -97,10 +95,9 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print, choose_patch: Patc
         run_dir: where ``splits.json`` goes.
         divisor: spatial multiple the network needs (patches and whole volumes must be multiples).
         log: where progress lines go.
-        choose_patch: decides ``data.patch_size=auto`` from the training cases' shapes (required then).
 
     Returns:
-        The data bundle for ``run``.
+        The data bundle for ``run``; without a patch size under ``data.patch_size=auto``.
     """
     d = cfg.data
     root = dataset_root(d, log)
@@ -118,14 +115,10 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print, choose_patch: Patc
     except ValueError as e:
         raise ConfigError(str(e)) from e
     fold = splits[d.fold]
-    patch, decision = patch_size_of(cfg), None
+    patch = patch_size_of(cfg)
     whole = patch is None and not is_auto_patch(cfg)
     if is_auto_patch(cfg):
-        if choose_patch is None:
-            raise ConfigError("config key 'data.patch_size': 'auto' needs the planner; this command "
-                              "takes a fixed patch size or 'whole'")
-        shapes = [list(cache.image(n).shape[-3:]) for n in fold["train"]]
-        patch, decision = choose_patch(shapes, len(channels), targets)
+        pass  # the planner decides (planner.patch.choose_patch_size)
     elif whole:
         patch = whole_volume_shape([cache.image(n).shape[-3:] for n in cache.cases], divisor)
     elif any(p % divisor for p in patch):
@@ -133,7 +126,7 @@ def prepare_data(cfg, run_dir: Path, divisor: int, log=print, choose_patch: Patc
                           f"model.strides), got {list(patch)}")
     else:
         report_small_cases(cache, patch, log)
-    return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole, decision)
+    return DataBundle(dataset, cache, targets, channels, fold["train"], fold["val"], patch, whole)
 
 
 def report_small_cases(cache, patch: list[int], log) -> None:

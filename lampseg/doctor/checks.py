@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from lampseg.config import enum_value
 from lampseg.doctor.probe import BATCH, SHAPE, failure_line, probe_config, probe_problem
 from lampseg.engine.inference import infer
-from lampseg.engine.inference_memory import inference_memory
 from lampseg.engine.optim import build_optimizer
 from lampseg.engine.steps import local_step
 from lampseg.model.unet import size_divisor
+from lampseg.planner.inference import inference_memory
 from lampseg.runtime.device import resolve_device, resolve_precision
 from lampseg.runtime.launcher import JobError, run_job
 

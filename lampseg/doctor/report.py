@@ -30,8 +30,8 @@ from lampseg.errors import LampsegError
 from lampseg.io import write_json
 from lampseg.model.losses import Targets
 from lampseg.model.unet import size_divisor
-from lampseg.parallel.capacity import DEVICE_COUNTS, capacity_lines, capacity_table
-from lampseg.parallel.plan import OPTIMIZER_STATES, profile_for, skip_routing
+from lampseg.planner.capacity import DEVICE_COUNTS, capacity_lines, capacity_table
+from lampseg.planner.plan import OPTIMIZER_STATES, profile_for, skip_routing
 from lampseg.runtime.device import planned_precision
 
 PROBE_SIDE = 64  # the planner's costs are profiled at this cube and scaled (when the patch is not fixed)

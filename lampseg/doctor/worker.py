@@ -27,10 +27,11 @@ from lampseg.doctor.probe import (
 )
 from lampseg.io import atomic_write_text
 from lampseg.model.unet import size_divisor
-from lampseg.parallel import distributed
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.parallelize import parallel_loss, parallelize
 from lampseg.parallel.slabs import slab
+from lampseg.planner.layout import plan_split
+from lampseg.runtime import distributed
 from lampseg.runtime.device import resolve_device
 
 
@@ -39,7 +40,7 @@ def check_ddp(device: torch.device, world: int) -> str:
     cfg = probe_config({"name": "ddp", "dp": world})
     model, reference, loss_fn, _, image, target = probe_problem(cfg, device)
     want_loss, _ = reference_step(reference, loss_fn, image, target)
-    net, _ = parallelize(model, ParallelDims.from_config(cfg.parallel, world), cfg, SHAPE, device)
+    net = parallelize(model, ParallelDims.from_config(cfg.parallel, world), None, device)  # DDP: no plan
     mine = slice(dist.get_rank() * len(image) // world, (dist.get_rank() + 1) * len(image) // world)
     loss = loss_fn(net(image[mine]), target[mine])
     loss.backward()
@@ -54,7 +55,9 @@ def check_pipeline(device: torch.device, world: int) -> str:
     cfg = probe_config({"name": "pipeline", "pp": world, "engine": "pipelining", "microbatches": 2})
     model, reference, loss_fn, targets, image, target = probe_problem(cfg, device)
     want_loss, want_norm = reference_step(reference, loss_fn, image, target)
-    net, _ = parallelize(model, ParallelDims.from_config(cfg.parallel, world), cfg, SHAPE, device, targets)
+    plan = plan_split(cfg, SHAPE[0], targets.out_channels, SHAPE, device, targets)
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    net = parallelize(model, dims, plan, device, cfg.trainer.precision, cfg.model)
     loss = net.train_step(image, target, loss_fn)
     norm = net.clip_grad_norm_(float("inf"))  # over all stages: the unsplit model's gradient norm
     errors = {"loss": relative(loss, want_loss), "gradient norm": relative(norm, want_norm)}
@@ -67,7 +70,8 @@ def check_spatial(device: torch.device, world: int) -> str:
     model, reference, loss_fn, targets, image, target = probe_problem(cfg, device)
     want_loss, _ = reference_step(reference, loss_fn, image, target)
     dims = ParallelDims.from_config(cfg.parallel, world)
-    net, _ = parallelize(model, dims, cfg, SHAPE, device, targets)
+    plan = plan_split(cfg, SHAPE[0], targets.out_channels, SHAPE, device, targets)
+    net = parallelize(model, dims, plan, device, cfg.trainer.precision, cfg.model)
     divisor = size_divisor(cfg.model)
     loss = parallel_loss(loss_fn, dims)(net(slab(image, dims.sp_group, divisor)),
                                         slab(target, dims.sp_group, divisor))

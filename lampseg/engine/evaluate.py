@@ -14,13 +14,14 @@ from omegaconf import OmegaConf
 
 from lampseg.config import Config, enum_value, validate
 from lampseg.engine.inference import infer
-from lampseg.engine.inference_memory import inference_memory
 from lampseg.engine.metrics import dice_hd95, summarize
 from lampseg.engine.setup import select_device
 from lampseg.model.losses import Targets
 from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel.dims import resolve_dims
 from lampseg.parallel.parallelize import inference_module, parallelize
+from lampseg.planner.inference import inference_memory
+from lampseg.planner.layout import plan_split
 from lampseg.runtime.memory import CasePeakMemory
 
 
@@ -132,6 +133,7 @@ def load_model(ckpt: dict, cfg):
     model.load_state_dict(ckpt["model"])
     if cfg.trainer.channels_last:  # as trained: the faster 3D convolution layout (bf16 on CPU especially)
         model = model.to(memory_format=torch.channels_last_3d)
-    net, _ = parallelize(model.to(device), dims, cfg, [len(info["channels"]), *info["patch_size"]], device,
-                         train=False)
+    shape = [len(info["channels"]), *info["patch_size"]]
+    plan = plan_split(cfg, shape[0], targets.out_channels, shape, device, train=False)
+    net = parallelize(model.to(device), dims, plan, device, cfg.trainer.precision, cfg.model, train=False)
     return inference_module(model, net, dims, size_divisor(cfg.model)).eval(), targets, device, dims

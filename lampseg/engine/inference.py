@@ -9,14 +9,14 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from lampseg.config import enum_value
-from lampseg.engine.inference_memory import (
+from lampseg.parallel.parallelize import split_for_inference
+from lampseg.planner.inference import (
     InferenceMemory,
     ModeChoice,
     choose_mode,
     largest_fitting_window,
     windows_to_try,
 )
-from lampseg.parallel.parallelize import split_for_inference
 from lampseg.runtime.device import autocast
 from lampseg.runtime.memory import is_out_of_memory, release_memory
 

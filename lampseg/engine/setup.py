@@ -18,27 +18,23 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
-from lampseg.data.msd import load_dataset
+from lampseg.config import ConfigError, enum_value, to_container, validate
 from lampseg.data.prepare import (
     DataBundle,
     curriculum_phases,
-    dataset_root,
     prepare_data,
-    resolve_channels,
-    resolve_targets,
 )
 from lampseg.engine.checkpoint import load_checkpoint, load_latest, load_optimizer_state_by_name
 from lampseg.engine.optim import build_optimizer, build_scheduler, lr_scale
 from lampseg.io import atomic_write_text
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, count_parameters, size_divisor
-from lampseg.parallel import distributed
-from lampseg.parallel.capacity import SpatialPlan, choose_layout
 from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
-from lampseg.parallel.patch import auto_patch_size
-from lampseg.parallel.plan import OPTIMIZER_STATES, Plan, plan_for, profile_for
+from lampseg.planner.decisions import Plan, SpatialPlan
+from lampseg.planner.layout import auto_layout, plan_split, preflight_plan
+from lampseg.planner.patch import choose_patch_size
+from lampseg.runtime import distributed
 from lampseg.runtime.device import (
     PrecisionChoice,
     resolve_device,
@@ -46,7 +42,7 @@ from lampseg.runtime.device import (
     seed_everything,
     set_rng_state,
 )
-from lampseg.runtime.memory import free_memory_gb, keep_freed_cpu_memory
+from lampseg.runtime.memory import keep_freed_cpu_memory
 
 Phase = tuple[int, list[int], bool]  # (first epoch, patch size, whole volume)
 
@@ -61,64 +57,19 @@ def select_device(cfg) -> torch.device:
 
 
 def load_data(cfg, run_dir: Path, log: Callable[[str], None] = print) -> DataBundle:
-    """``data.prepare.prepare_data`` with the planner deciding ``data.patch_size=auto``: the largest patch
-    whose plan fits ``parallel.memory_gb`` per stage (default: the training device's free memory)."""
-    def choose_patch(shapes: list[list[int]], in_channels: int, targets) -> tuple[list[int], dict]:
-        budget = cfg.parallel.memory_gb
-        if budget is None:
-            budget = free_memory_gb(resolve_device(cfg.trainer.device))
-        return auto_patch_size(cfg, shapes, in_channels, targets, budget, log)
-
-    return prepare_data(cfg, run_dir, size_divisor(cfg.model), log, choose_patch)
-
-
-def preflight_plan(cfg, log: Callable[[str], None] = print) -> None:
-    """Plan the pipeline split from ``dataset.json`` alone (meta tensors) before ``train`` preprocesses the
-    data, so that an impossible ``parallel.memory_gb`` or micro-batch setting fails in seconds rather than
-    after the cache is built. Only for a fixed patch size (whole volumes need the preprocessed shapes) and
-    estimated costs.
-
-    Raises:
-        PlanError: nothing fits; the message says what would.
-    """
-    patch = patch_size_of(cfg)
-    if cfg.parallel.name != "pipeline" or patch is None or cfg.trainer.curriculum is not None \
-            or cfg.parallel.profile != "estimate":
-        return
-    dataset = load_dataset(dataset_root(cfg.data, log))
-    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
-    plan_for(cfg, len(channels), targets.out_channels, [len(channels), *patch], "cpu", targets)
+    """``data.prepare.prepare_data``, with the planner deciding ``data.patch_size=auto``
+    (``planner.patch.choose_patch_size``: the largest patch whose plan fits ``parallel.memory_gb`` per stage,
+    by default the training device's free memory)."""
+    bundle = prepare_data(cfg, run_dir, size_divisor(cfg.model), log)
+    return choose_patch_size(cfg, bundle, resolve_device(cfg.trainer.device), log)
 
 
 def resolve_auto_layout(cfg, log: Callable[[str], None] = print) -> None:
-    """``parallel=auto``: write the planner's layout of ``parallel.devices`` processes (default: WORLD_SIZE)
-    into ``cfg.parallel`` (``capacity.choose_layout``: DDP when a sample fits one device, else slabs or
-    stages, whichever is faster) and log why. Every rank computes the same choice from ``dataset.json`` and
-    meta-tensor estimates, before anything reads ``cfg.parallel``.
-
-    Raises:
-        ConfigError: without a fixed ``data.patch_size``, or when no layout fits.
-    """
-    p = cfg.parallel
-    if p.name != "auto":
-        return
-    patch = patch_size_of(cfg)
-    if patch is None:
-        raise ConfigError("config key 'parallel': parallel=auto plans for a fixed data.patch_size (e.g. "
-                          "data.patch_size=[128,128,128]); use parallel=spatial or pipeline with whole "
-                          "volumes")
-    dataset = load_dataset(dataset_root(cfg.data, log))
-    channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
-    shape = [len(channels), *patch]
-    devices = p.devices or int(os.environ.get("WORLD_SIZE", "1"))
-    costs = profile_for(cfg, len(channels), targets.out_channels, shape, resolve_device(cfg.trainer.device),
-                        targets)
-    keys, why = choose_layout(costs, devices, cfg.data.batch_size, p.memory_gb, shape,
-                              OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2), size_divisor(cfg.model),
-                              p.schedule, enum_value(cfg.optim.name))
-    OmegaConf.update(cfg, "parallel", keys, merge=True)
-    layout = f"dp={keys['dp']} x pp={keys['pp']} x sp={keys['sp']}"
-    log(f"parallel=auto over {devices} device(s): parallel={keys['name']} {layout}; {why}")
+    """``parallel=auto``: write the planner's layout (``planner.layout.auto_layout``) into ``cfg.parallel``
+    before anything reads it."""
+    keys = auto_layout(cfg, log)
+    if keys is not None:
+        OmegaConf.update(cfg, "parallel", keys, merge=True)
 
 
 @dataclass
@@ -290,7 +241,9 @@ def setup(cfg, log: Callable[[str], None] = print) -> Run:
     model = _build_model(cfg, bundle, device)
     phases = curriculum_phases(cfg, bundle)
     largest = max((patch for _, patch, _ in phases), key=math.prod)  # plan stages for the largest input
-    net, plan = parallelize(model, dims, cfg, [len(bundle.channels), *largest], device, bundle.targets)
+    shape = [len(bundle.channels), *largest]
+    plan = plan_split(cfg, shape[0], bundle.targets.out_channels, shape, device, bundle.targets)
+    net = parallelize(model, dims, plan, device, precision.name, cfg.model)
     scale = lr_scale(cfg.optim, dims.dp)
     optimizer = build_optimizer(net if dims.staged else model, cfg.optim, scale)  # a stage's parameters only
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_epochs)

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lampseg.errors import TrainingDiverged
-from lampseg.parallel import distributed
+from lampseg.runtime import distributed
 from lampseg.runtime.device import autocast
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], float]  # (image, target) -> loss, NaN when skipped

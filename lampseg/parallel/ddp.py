@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from lampseg.parallel import distributed
+from lampseg.runtime import distributed
 
 
 def _allreduce_with_heartbeat(group, bucket):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from lampseg.config import ConfigError, enum_value
-from lampseg.parallel import distributed
+from lampseg.runtime import distributed
 
 MODES = ("single", "ddp", "pipeline", "spatial")
 

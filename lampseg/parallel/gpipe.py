@@ -17,7 +17,7 @@ from torchgpipe import GPipe
 from torchgpipe.skip import pop, skippable, stash
 
 from lampseg.config import ConfigError
-from lampseg.parallel.blocks import unet_blocks
+from lampseg.model.blocks import unet_blocks
 
 # lampseg's checkpointing policies in torchgpipe's terms (it checkpoints whole partitions per micro-batch).
 GPIPE_CHECKPOINT = {"none": "never", "block": "except_last", "all": "always"}

@@ -1,15 +1,15 @@
-"""Apply the run's parallelisms to a model, in a fixed order: ``parallelize(model, dims, cfg, ...)``. The one
-place that wraps a model; the engine, evaluation and the benchmarks all come through here.
+"""Apply the run's parallelisms to a model, in a fixed order: ``parallelize(model, dims, plan, ...)``. The one
+place that wraps a model; the engine, evaluation and the benchmarks all come through here. It runs the
+planner's decision (``planner.layout.plan_split``) and decides nothing itself.
 
 0. **Spatial (SP)**, ``parallel=spatial``: the model's layers are converted in place to work on slabs of
    each volume (``spatial.py``); training feeds each rank its slab (``data.sampling.Slab``), with the
-   planner's activation checkpointing (``capacity.spatial_plan``); ``parallel_loss`` makes the loss global
-   and ``inference_module`` takes and gives whole volumes.
+   planner's activation checkpointing (``planner.capacity.spatial_plan``); ``parallel_loss`` makes the
+   loss global and ``inference_module`` takes and gives whole volumes.
 1. **Pipeline (PP)**, ``parallel=pipeline``, or stages of slabs (SP x PP: ``parallel=spatial
-   parallel.pp=P``, planned per slab by ``capacity.hybrid_plan``): plan the split (``plan.py``), then
+   parallel.pp=P``, planned per slab by ``planner.capacity.hybrid_plan``), as planned, then
    - ``parallel.engine=pipelining`` (default): this process keeps one stage (``pipelining.PipelinedUNet``,
      ``torch.distributed.pipelining``) of the pipeline it belongs to in the ``(dp, pp)`` device mesh;
-     rank 0 plans for every pipeline;
    - ``parallel.engine=gpipe``: torchgpipe's ``GPipe`` over ``parallel.pp`` devices in this process
      (``gpipe.py``).
 2. **Data (DP)**, ``parallel.dp > 1``: ``DistributedDataParallel`` (``ddp.py``) over the replicas: of the
@@ -28,29 +28,29 @@ import copy
 import torch
 from torch import nn
 
+from lampseg.model.blocks import BlockSequence, unet_blocks
 from lampseg.model.unet import build_model
-from lampseg.parallel import distributed
-from lampseg.parallel.blocks import BlockSequence, unet_blocks
-from lampseg.parallel.capacity import SpatialPlan, hybrid_plan_for, spatial_plan_for
 from lampseg.parallel.ddp import data_parallel, unwrap
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.gpipe import even_balance, gpipe
-from lampseg.parallel.plan import Plan, plan_for
 from lampseg.parallel.slabs import SpatialInference, SpatialLoss
 from lampseg.parallel.spatial import spatial_parallel
+from lampseg.planner.decisions import Plan, SpatialPlan
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int], device: torch.device,
-                targets=None, train: bool = True) -> tuple[nn.Module, Plan | SpatialPlan | None]:
-    """The module to run, and the plan (None when neither pipelined nor split).
+def parallelize(model: nn.Module, dims: ParallelDims, plan: Plan | SpatialPlan | None, device: torch.device,
+                precision: str = "fp32", model_cfg=None, train: bool = True) -> nn.Module:
+    """The module to run ``model`` as ``dims`` and the planner's ``plan`` say.
 
     Args:
         model: the unsplit network, already on ``device``.
         dims: the run's parallel dimensions (``dims.resolve_dims``).
-        cfg: the full config (``parallel.*``, ``data.batch_size``, ``trainer.precision``, ``model``).
-        input_shape: (C, X, Y, Z) of one training sample.
+        plan: the planner's split (``planner.layout.plan_split``): the stages of a pipeline, the spatial
+            plan's checkpointing, or None.
         device: the run's device (the first stage's device when pipelined in one process).
-        targets: the label mapping (``Targets``) when training: the plan then counts the loss's memory.
+        precision: the resolved ``trainer.precision`` (the dtype pipeline stages send).
+        model_cfg: ``model``'s config, for one stage per process (the shapes crossing stage boundaries
+            come from a copy on the meta device).
         train: wrap for training (DDP); inference runs each replica on its own cases instead.
 
     Raises:
@@ -66,42 +66,23 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg, input_shape: list[int
         # lazy: torch.distributed.pipelining adds 2 s to every process's start-up; only this engine needs it
         from lampseg.parallel.pipelining import PipelinedUNet
 
-        plan = None  # rank 0 plans for all: a measured profile differs between ranks, the split must not
-        if distributed.is_main():
-            plan = _stage_plan(cfg, dims, model, input_shape, device, targets)
-        plan = distributed.broadcast_object(plan)
         with torch.device("meta"):
-            probe = build_model(cfg.model, input_shape[0], int(model.out_channels))
-        net = PipelinedUNet(model, probe, plan, device, cfg.trainer.precision, group=dims.pp_group)
+            probe = build_model(model_cfg, int(model.in_channels), int(model.out_channels))
+        net = PipelinedUNet(model, probe, plan, device, precision, group=dims.pp_group)
         if replicate:
             net.wrap_stage(lambda stage: data_parallel(stage, device, dims.replica_group))
-        return net, plan
+        return net
     if dims.spatial:
-        plan = None
-        if train:  # rank 0 plans for all (checkpointing must agree: the collectives pair up)
-            if distributed.is_main():
-                plan = spatial_plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device,
-                                        targets)
-            plan = distributed.broadcast_object(plan)
         net = model
         if plan is not None and plan.checkpoint != "none":
             net = BlockSequence(unet_blocks(model)[0], plan.checkpoint)
-        return (data_parallel(net, device) if train else net), plan
+        return data_parallel(net, device) if train else net
     if dims.engine == "gpipe":
-        plan, _ = plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
         balance = [len(stage.blocks) for stage in plan.stages]
-        return gpipe(model, balance, device, plan.microbatches, plan.checkpoint), plan
+        return gpipe(model, balance, device, plan.microbatches, plan.checkpoint)
     if replicate:
-        return data_parallel(model, device), None
-    return model, None
-
-
-def _stage_plan(cfg, dims: ParallelDims, model: nn.Module, input_shape: list[int], device: torch.device,
-                targets) -> Plan:
-    """The pipeline plan: of whole volumes, or (SP x PP) of the slabs each stage's ranks hold."""
-    if not dims.spatial:
-        return plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)[0]
-    return hybrid_plan_for(cfg, input_shape[0], int(model.out_channels), input_shape, device, targets)
+        return data_parallel(model, device)
+    return model
 
 
 def parallel_loss(loss: nn.Module, dims: ParallelDims) -> nn.Module:

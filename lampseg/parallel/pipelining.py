@@ -22,8 +22,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from lampseg.config import ConfigError
-from lampseg.parallel.blocks import BlockSequence, unet_blocks
-from lampseg.parallel.plan import Plan
+from lampseg.model.blocks import BlockSequence, unet_blocks
+from lampseg.planner.decisions import Plan
 from lampseg.runtime.device import DTYPES, autocast, resolve_precision
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 

@@ -12,7 +12,7 @@ from monai.networks.nets import UNet
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from lampseg.parallel.blocks import unet_blocks
+from lampseg.model.blocks import unet_blocks
 
 BOUNDS = {2: [(0, 2), (2, 5)], 4: [(0, 1), (1, 2), (2, 4), (4, 5)]}
 BATCH = 4

@@ -21,6 +21,7 @@ from lampseg.model.unet import build_model
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.parallel.slabs import slab
+from lampseg.planner.layout import plan_split
 
 LABELS = {0: "background", 1: "a", 2: "b"}
 # (norm, residual units, loss, regions, checkpoint): MONAI's residual U-Net with instance norm and Dice + CE
@@ -67,7 +68,8 @@ def case(dp: int, sp: int, norm: str, res_units: int, loss_name: str, regions, c
     ref_loss.backward()
 
     dims = ParallelDims(dp=dp, pp=1, world=world, sp=sp)
-    net, plan = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
+    plan = plan_split(cfg, 2, targets.out_channels, [2, 32, 24, 16], "cpu")
+    net = parallelize(model, dims, plan, torch.device("cpu"), cfg.trainer.precision, cfg.model)
     replica = slice(dims.dp_rank * 2 // dp, (dims.dp_rank + 1) * 2 // dp)  # this replica's batch share
     logits = net(slab(image[replica], dims.sp_group, 4))  # each rank is fed its slab (data.sampling.Slab)
     loss = parallel_loss(loss_fn, dims)(logits, slab(target[replica], dims.sp_group, 4))
@@ -101,7 +103,8 @@ def staged_case(dp: int, sp: int, pp: int) -> dict:
     ref_loss.backward()
 
     dims = ParallelDims(dp=dp, pp=pp, world=dist.get_world_size(), engine="pipelining", sp=sp)
-    net, plan = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"), targets)
+    plan = plan_split(cfg, 2, targets.out_channels, [2, 32, 24, 16], "cpu", targets)
+    net = parallelize(model, dims, plan, torch.device("cpu"), cfg.trainer.precision, cfg.model)
     mine = slice(2 * dims.dp_rank, 2 * dims.dp_rank + 2)  # this replica's two samples
     loss = net.train_step(slab(image[mine], dims.sp_group, 4), slab(target[mine], dims.sp_group, 4),
                           parallel_loss(loss_fn, dims))
@@ -142,7 +145,8 @@ def bf16_case(sp: int) -> dict:
     ref_loss = loss_fn(ref_logits.float(), target)
     ref_loss.backward()
     dims = ParallelDims(dp=1, pp=1, world=dist.get_world_size(), sp=sp)
-    net, _ = parallelize(model, dims, cfg, [2, 32, 24, 16], torch.device("cpu"))
+    plan = plan_split(cfg, 2, targets.out_channels, [2, 32, 24, 16], "cpu")
+    net = parallelize(model, dims, plan, torch.device("cpu"), cfg.trainer.precision, cfg.model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = net(slab(image, dims.sp_group, 4))
     loss = parallel_loss(loss_fn, dims)(logits.float(), slab(target, dims.sp_group, 4))

@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from lampseg.config import enum_value
+from lampseg.data.prepare import DataBundle
 from lampseg.data.sampling import whole_volume_shape
 from lampseg.model.losses import build_loss
 from lampseg.model.unet import build_model, size_divisor
-from lampseg.parallel.plan import (
+from lampseg.planner.plan import (
     OPTIMIZER_STATES,
     RECOMPUTE,
     PlanError,
@@ -22,8 +24,9 @@ from lampseg.parallel.plan import (
     scale_costs,
     skip_routing,
 )
-from lampseg.parallel.profile import profile_blocks
+from lampseg.planner.profile import profile_blocks
 from lampseg.runtime.device import DTYPES, planned_precision
+from lampseg.runtime.memory import free_memory_gb
 
 
 def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, budget_gb: float,
@@ -94,3 +97,17 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
                     f"stage with pp={pp} and batch {batch}; use more stages (parallel=pipeline "
                     f"parallel.pp=...), a smaller data.batch_size or a smaller model, or raise "
                     f"parallel.memory_gb")
+
+
+def choose_patch_size(cfg, bundle: DataBundle, device: torch.device, log=print) -> DataBundle:
+    """``bundle`` with its patch size decided: unchanged when ``data.patch_size`` is fixed or whole, else
+    ``auto_patch_size`` over the training cases' shapes, for ``parallel.memory_gb`` per stage (default: the
+    training device's free memory), with the decision kept for ``summary.json``."""
+    if bundle.patch_size is not None:
+        return bundle
+    budget = cfg.parallel.memory_gb
+    if budget is None:
+        budget = free_memory_gb(device)
+    shapes, channels = bundle.train_shapes(), len(bundle.channels)
+    patch, decision = auto_patch_size(cfg, shapes, channels, bundle.targets, budget, log)
+    return replace(bundle, patch_size=patch, patch_decision=decision)

@@ -20,8 +20,8 @@ import torch
 from lampseg.config import enum_value
 from lampseg.data.sampling import whole_volume_shape
 from lampseg.model.unet import build_model, size_divisor
-from lampseg.parallel.plan import planned_stages
-from lampseg.parallel.profile import profile_blocks
+from lampseg.planner.plan import planned_stages
+from lampseg.planner.profile import profile_blocks
 from lampseg.runtime.device import DTYPES, resolve_precision
 from lampseg.runtime.memory import GB, free_memory_gb
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lampseg.parallel.blocks import unet_blocks
+from lampseg.model.blocks import unet_blocks
 from lampseg.runtime.memory import PeakMemory, tensor_bytes
 
 

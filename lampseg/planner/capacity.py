@@ -16,16 +16,15 @@ the slab's share of the compute plus the halo traffic (both directions, forward 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from lampseg.config import enum_value
 from lampseg.model.unet import size_divisor
-from lampseg.parallel.plan import (
+from lampseg.planner.decisions import Plan, SpatialPlan, Stage
+from lampseg.planner.plan import (
     OPTIMIZER_STATES,
     RECOMPUTE,
-    Plan,
     PlanError,
-    Stage,
     fits,
     largest_cube,
     largest_fitting_side,
@@ -34,7 +33,7 @@ from lampseg.parallel.plan import (
     scale_costs,
     stage_cost,
 )
-from lampseg.parallel.profile import BlockCost
+from lampseg.planner.profile import BlockCost
 from lampseg.runtime.memory import GB
 
 LINK_GB_S = 25.0  # device-to-device bandwidth assumed for halo exchange (PCIe 4 x16 class; NVLink is faster)
@@ -231,27 +230,6 @@ def capacity_lines(rows: list[Capacity], budget: float) -> list[str]:
         lines.append(f"{r.devices:>7}  {cell(r.pipeline_side, r.pipeline_step_s)}  "
                      f"{cell(r.spatial_side, r.spatial_step_s)}  {hybrid(r)}  {r.best}")
     return lines
-
-
-@dataclass
-class SpatialPlan:
-    """The per-rank plan of a spatial split: slabs, checkpointing and the largest slab's costs."""
-
-    sp: int
-    checkpoint: str
-    batch_size: int
-    input_shape: list[int]
-    memory_gb: float | None  # budget per rank
-    stage: Stage
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "step_time_s": self.stage.time_s}
-
-    def table(self) -> str:
-        s, budget = self.stage, f"{self.memory_gb:g} GB" if self.memory_gb else "none"
-        return (f"sp={self.sp} slabs of input {self.input_shape} x batch {self.batch_size}: per rank "
-                f"{s.memory_gb:.3f} GB (static {s.static_gb:.3f}, activations {s.activation_gb:.3f}) "
-                f"checkpoint={self.checkpoint} budget/rank={budget} est. step={s.time_s:.3f}s")
 
 
 def spatial_plan(costs: list[BlockCost], sp: int, batch: int, budget: float | None, input_shape: list[int],
