@@ -91,6 +91,58 @@ def _ellipsoid(grid: list[np.ndarray], centre, radii) -> np.ndarray:
     return np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)))
 
 
+def _tumours(rng: np.random.Generator, grid: list[np.ndarray], half: np.ndarray, sigma: float,
+             head_c: np.ndarray, head_r: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Masks of the whole tumour, its core, the core's enhancing rim and the cores in the left half: 1-3
+    distorted nested ellipsoids placed anywhere inside the brain (either hemisphere)."""
+    shape = brain.shape
+    edema_noise, core_noise = _smooth_noise(rng, shape, sigma), _smooth_noise(rng, shape, sigma)
+    wt, tc, et, left = (np.zeros(shape, bool) for _ in range(4))
+    unit = min(half)  # tumour sizes relative to the smallest half-extent, in voxels
+    for _ in range(int(rng.integers(1, 4))):
+        u = rng.standard_normal(3)
+        u *= rng.uniform(0.0, 1.0) ** (1 / 3) / np.linalg.norm(u)
+        centre = head_c + 0.5 * head_r * u
+        r_wt = max(3.0, rng.uniform(0.24, 0.38) * unit)
+        r_core = max(2.5, r_wt * rng.uniform(0.5, 0.72))
+        aniso = rng.uniform(0.8, 1.25, 3)
+        wt |= _ellipsoid(grid, centre, r_wt * aniso / half) + 0.25 * edema_noise < 1.0
+        core_r = r_core * aniso * rng.uniform(0.9, 1.1, 3) / half
+        d_core = _ellipsoid(grid, centre, core_r) + 0.12 * core_noise
+        tc |= d_core < 1.0
+        inner = min(rng.uniform(0.68, 0.85), 1.0 - 1.5 / r_core)  # rim >= ~1.5 voxels thick
+        et |= (d_core < 1.0) & (d_core > inner)
+        if centre[0] < head_c[0]:
+            left |= d_core < 1.0
+    wt &= brain
+    tc &= ndimage.binary_erosion(wt)  # the core is always enveloped by edema
+    et &= tc
+    return wt, tc, et, left
+
+
+def _modality(mrng: np.random.Generator, mod: int, clean: np.ndarray, label: np.ndarray,
+              tumour: dict[int, np.ndarray], tumour_tex: np.ndarray, grid: list[np.ndarray],
+              head: np.ndarray) -> np.ndarray:
+    """One modality's channel: tumour intensities, partial-volume blur, bias field, gain and Rician noise
+    (drawn from the modality's own stream ``mrng``), zero outside the head."""
+    chan = clean[..., mod].copy()
+    for lab, values in tumour.items():
+        sel = label == lab
+        v = values[mod]
+        chan[sel] = chan[sel] * _HEALTHY_FACTOR[mod] if np.isnan(v) else v * tumour_tex[sel]
+    chan = ndimage.gaussian_filter(chan, 0.6, truncate=3.0)  # partial-volume blur
+    coef = mrng.normal(0.0, 0.12, 9)  # smooth quadratic bias field
+    x, y, z = grid
+    bias = np.exp(coef[0] * x + coef[1] * y + coef[2] * z + coef[3] * x * x + coef[4] * y * y
+                  + coef[5] * z * z + coef[6] * x * y + coef[7] * y * z + coef[8] * x * z)
+    chan *= bias * np.float32(mrng.uniform(0.9, 1.1))
+    s = np.float32(_NOISE_SIGMA[mod])
+    n1 = mrng.standard_normal(label.shape, dtype=np.float32)
+    n2 = mrng.standard_normal(label.shape, dtype=np.float32)
+    chan = np.sqrt((chan + s * n1) ** 2 + (s * n2) ** 2)  # Rician magnitude
+    return np.where(head, np.maximum(chan, 1.0), 0.0)
+
+
 def _case(seed: int, index: int, shape: tuple[int, int, int],
           channels: tuple[int, ...], context: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Synthesises one case: image (X, Y, Z, len(channels)) float32 and label (X, Y, Z) uint8."""
@@ -119,28 +171,7 @@ def _case(seed: int, index: int, shape: tuple[int, int, int],
     clean[ventricles] = _CSF
     clean[head & ~brain] = _SCALP
 
-    # Tumours: distorted nested ellipsoids placed anywhere inside the brain (either hemisphere).
-    edema_noise, core_noise = _smooth_noise(rng, shape, sigma), _smooth_noise(rng, shape, sigma)
-    wt, tc, et, left = (np.zeros(shape, bool) for _ in range(4))
-    unit = min(half)  # tumour sizes relative to the smallest half-extent, in voxels
-    for _ in range(int(rng.integers(1, 4))):
-        u = rng.standard_normal(3)
-        u *= rng.uniform(0.0, 1.0) ** (1 / 3) / np.linalg.norm(u)
-        centre = head_c + 0.5 * head_r * u
-        r_wt = max(3.0, rng.uniform(0.24, 0.38) * unit)
-        r_core = max(2.5, r_wt * rng.uniform(0.5, 0.72))
-        aniso = rng.uniform(0.8, 1.25, 3)
-        wt |= _ellipsoid(grid, centre, r_wt * aniso / half) + 0.25 * edema_noise < 1.0
-        core_r = r_core * aniso * rng.uniform(0.9, 1.1, 3) / half
-        d_core = _ellipsoid(grid, centre, core_r) + 0.12 * core_noise
-        tc |= d_core < 1.0
-        inner = min(rng.uniform(0.68, 0.85), 1.0 - 1.5 / r_core)  # rim >= ~1.5 voxels thick
-        et |= (d_core < 1.0) & (d_core > inner)
-        if centre[0] < head_c[0]:
-            left |= d_core < 1.0
-    wt &= brain
-    tc &= ndimage.binary_erosion(wt)  # the core is always enveloped by edema
-    et &= tc
+    wt, tc, et, left = _tumours(rng, grid, half, sigma, head_c, head_r, brain)
     tumour = _TUMOUR
     if context == "laterality":  # the whole core: enhancing on the left, non-enhancing on the right, alike
         et = tc & left
@@ -154,22 +185,7 @@ def _case(seed: int, index: int, shape: tuple[int, int, int],
     tumour_tex = 1.0 + 0.06 * texture
     for out_c, mod in enumerate(channels):
         mrng = np.random.default_rng(np.random.SeedSequence([seed, index, 1000 + mod]))
-        chan = clean[..., mod].copy()
-        for lab, values in tumour.items():
-            sel = label == lab
-            v = values[mod]
-            chan[sel] = chan[sel] * _HEALTHY_FACTOR[mod] if np.isnan(v) else v * tumour_tex[sel]
-        chan = ndimage.gaussian_filter(chan, 0.6, truncate=3.0)  # partial-volume blur
-        coef = mrng.normal(0.0, 0.12, 9)  # smooth quadratic bias field
-        x, y, z = grid
-        bias = np.exp(coef[0] * x + coef[1] * y + coef[2] * z + coef[3] * x * x + coef[4] * y * y
-                      + coef[5] * z * z + coef[6] * x * y + coef[7] * y * z + coef[8] * x * z)
-        chan *= bias * np.float32(mrng.uniform(0.9, 1.1))
-        s = np.float32(_NOISE_SIGMA[mod])
-        n1 = mrng.standard_normal(shape, dtype=np.float32)
-        n2 = mrng.standard_normal(shape, dtype=np.float32)
-        chan = np.sqrt((chan + s * n1) ** 2 + (s * n2) ** 2)  # Rician magnitude
-        image[..., out_c] = np.where(head, np.maximum(chan, 1.0), 0.0)
+        image[..., out_c] = _modality(mrng, mod, clean, label, tumour, tumour_tex, grid, head)
     return image, label
 
 
@@ -274,6 +290,30 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
             ``overwrite``), or is a file.
     """
     out = Path(out)
+    shape, spacing = _check_arguments(cases, shape, spacing, seed, layout, context)
+    channels = _resolve_modalities(layout, modalities)
+    if _already_there(out, overwrite):
+        return out
+    with _staged(out, overwrite) as tmp:
+        n_test, seed = max(1, cases // 10), int(seed)
+        training, test = _write_cases(tmp, cases, n_test, seed, shape, spacing, layout, channels, context)
+        meta = {"name": "SyntheticBraTS",
+                "description": "Synthetic MSD Task01 BrainTumour-style data generated by lampseg.data.synth "
+                               f"(seed={seed}, shape={list(shape)}, spacing={list(spacing)}, "
+                               f"context={context})",
+                "reference": "lampseg.data.synth", "licence": "CC-BY-SA 4.0", "release": "1.0",
+                "tensorImageSize": "3D" if layout == "3d" else "4D",
+                "modality": {str(k): MODALITIES[c] for k, c in enumerate(channels)},
+                "labels": dict(LABELS), "numTraining": cases, "numTest": n_test,
+                "training": training, "test": test}
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=4) + "\n")
+    return out
+
+
+def _check_arguments(cases: int, shape, spacing, seed: int, layout: str,
+                     context: str) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """``generate_dataset``'s arguments checked (ValueError naming the first bad one); returns ``shape`` as
+    ints and ``spacing`` as floats."""
     if int(cases) != cases or cases < 2:
         raise ValueError(f"cases must be an integer >= 2, got {cases!r}")
     shape = tuple(int(s) for s in shape)
@@ -288,45 +328,30 @@ def generate_dataset(out: str | Path, cases: int = 24, shape: tuple[int, int, in
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
-    channels = _resolve_modalities(layout, modalities)
+    return shape, spacing
 
-    if _already_there(out, overwrite):
-        return out
-    with _staged(out, overwrite) as tmp:
-        for sub in ("imagesTr", "labelsTr", "imagesTs"):
-            (tmp / sub).mkdir()
-        n_test = max(1, cases // 10)
-        training, test = [], []
-        for i in range(cases + n_test):
-            image, label = _case(int(seed), i, shape, channels, context)
-            if layout == "3d":
-                image = image[..., 0]
-            name = f"BRATS_{i + 1:03d}.nii.gz"
-            if i < cases:
-                _save(image, spacing, tmp / "imagesTr" / name)
-                _save(label, spacing, tmp / "labelsTr" / name)
-                training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-            else:
-                _save(image, spacing, tmp / "imagesTs" / name)
-                test.append(f"./imagesTs/{name}")
-        meta = {
-            "name": "SyntheticBraTS",
-            "description": "Synthetic MSD Task01 BrainTumour-style data generated by lampseg.data.synth "
-                           f"(seed={int(seed)}, shape={list(shape)}, spacing={list(spacing)}, "
-                           f"context={context})",
-            "reference": "lampseg.data.synth",
-            "licence": "CC-BY-SA 4.0",
-            "release": "1.0",
-            "tensorImageSize": "3D" if layout == "3d" else "4D",
-            "modality": {str(k): MODALITIES[c] for k, c in enumerate(channels)},
-            "labels": dict(LABELS),
-            "numTraining": cases,
-            "numTest": n_test,
-            "training": training,
-            "test": test,
-        }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=4) + "\n")
-    return out
+
+def _write_cases(root: Path, cases: int, n_test: int, seed: int, shape: tuple[int, int, int],
+                 spacing: tuple[float, float, float], layout: str, channels: tuple[int, ...],
+                 context: str) -> tuple[list[dict], list[str]]:
+    """Writes ``cases`` labelled training cases then ``n_test`` unlabelled test images under ``root``;
+    returns their ``training`` and ``test`` entries for dataset.json."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / sub).mkdir()
+    training, test = [], []
+    for i in range(cases + n_test):
+        image, label = _case(seed, i, shape, channels, context)
+        if layout == "3d":
+            image = image[..., 0]
+        name = f"BRATS_{i + 1:03d}.nii.gz"
+        if i < cases:
+            _save(image, spacing, root / "imagesTr" / name)
+            _save(label, spacing, root / "labelsTr" / name)
+            training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        else:
+            _save(image, spacing, root / "imagesTs" / name)
+            test.append(f"./imagesTs/{name}")
+    return training, test
 
 
 def generate_known_importance(out: str | Path, cases: int = 8, size: int = 24, seed: int = 0) -> Path:
