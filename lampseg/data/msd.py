@@ -177,6 +177,23 @@ def load_dataset(root: str | Path, missing: list[DataError] | None = None) -> MS
     """
     root = Path(root).expanduser().resolve()
     where = root / "dataset.json"
+    meta = _read_json(where)
+    modality = _int_keyed(meta["modality"], "modality", where)
+    if list(modality) != list(range(len(modality))):
+        raise DataError(f"{where}: 'modality' keys must be 0..{len(modality) - 1}, got {list(modality)}")
+    labels = _int_keyed(meta["labels"], "labels", where)
+    if 0 not in labels:
+        raise DataError(f"{where}: 'labels' must declare 0 (background), got {list(labels)}")
+    if min(labels) < 0 or max(labels) > MAX_LABEL:
+        raise DataError(f"{where}: label values must be in 0..{MAX_LABEL}, got {list(labels)}")
+    cases, test = _cases(root, meta, where, missing)
+    name = meta.get("name")
+    name = name.strip() if isinstance(name, str) and name.strip() else root.name
+    return MSDDataset(root, name, list(modality.values()), labels, cases, test)
+
+
+def _read_json(where: Path) -> dict:
+    """``dataset.json`` parsed: a JSON object without duplicate keys, holding every required key."""
     if not where.is_file():
         raise DataError(f"{where}: dataset.json not found (expected an MSD dataset directory)")
     try:
@@ -190,14 +207,13 @@ def load_dataset(root: str | Path, missing: list[DataError] | None = None) -> MS
     for key in ("modality", "labels", "training"):
         if key not in meta:
             raise DataError(f"{where}: missing required key {key!r}")
-    modality = _int_keyed(meta["modality"], "modality", where)
-    if list(modality) != list(range(len(modality))):
-        raise DataError(f"{where}: 'modality' keys must be 0..{len(modality) - 1}, got {list(modality)}")
-    labels = _int_keyed(meta["labels"], "labels", where)
-    if 0 not in labels:
-        raise DataError(f"{where}: 'labels' must declare 0 (background), got {list(labels)}")
-    if min(labels) < 0 or max(labels) > MAX_LABEL:
-        raise DataError(f"{where}: label values must be in 0..{MAX_LABEL}, got {list(labels)}")
+    return meta
+
+
+def _cases(root: Path, meta: dict, where: Path,
+           missing: list[DataError] | None) -> tuple[list[Case], list[Case]]:
+    """The training cases and test images ``meta`` lists (each name once per group; files that do not
+    exist raised, or appended to ``missing`` and left out)."""
     training = meta["training"]
     if not isinstance(training, list) or not training:
         raise DataError(f"{where}: 'training' must be a non-empty list of {{'image', 'label'}} entries")
@@ -227,9 +243,7 @@ def load_dataset(root: str | Path, missing: list[DataError] | None = None) -> MS
             if case.name in seen:
                 raise DataError(f"{where}: duplicate {what} case {case.name!r} ({case.image})")
             seen.add(case.name)
-    name = meta.get("name")
-    name = name.strip() if isinstance(name, str) and name.strip() else root.name
-    return MSDDataset(root, name, list(modality.values()), labels, cases, test)
+    return cases, test
 
 
 def _load(path: Path) -> nib.Nifti1Image:
