@@ -94,28 +94,12 @@ def preprocess_array(
     if label is not None and tuple(label.shape) != original:
         raise ValueError(f"label shape {label.shape} does not match image spatial shape {original}")
     spacing = tuple(float(s) for s in spacing)
-    box = [[0, s] for s in original]
-    if cfg.crop_nonzero:
-        mask = np.any(image != 0, axis=0)
-        if mask.any():
-            for axis in range(3):
-                hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
-                box[axis] = [int(hits[0]), int(hits[-1]) + 1]
+    box = _nonzero_box(image) if cfg.crop_nonzero else [[0, s] for s in original]
     crop = tuple(slice(s, e) for s, e in box)
     image = np.array(image[(slice(None), *crop)], dtype=np.float32)  # copy: never alias the caller's data
     if label is not None:
         label = np.asarray(label[crop]).astype(np.uint8)
-    stats: list[list[float]] = []
-    if cfg.normalize == "zscore_nonzero":
-        mask = np.any(image != 0, axis=0)
-        for channel in image:
-            values = channel[mask]
-            mean = float(values.mean(dtype=np.float64)) if values.size else 0.0
-            std = float(values.std(dtype=np.float64)) if values.size else 1.0
-            std = max(std, 1e-8)
-            channel[mask] = (values - mean) / std
-            channel[~mask] = 0.0
-            stats.append([mean, std])
+    stats = _zscore_nonzero(image) if cfg.normalize == "zscore_nonzero" else []
     shape = tuple(image.shape[1:])
     if cfg.target_spacing is not None:
         target = cfg.target_spacing
@@ -133,6 +117,34 @@ def preprocess_array(
         "norm_stats": stats,
     }
     return image, label, meta
+
+
+def _nonzero_box(image: np.ndarray) -> list[list[int]]:
+    """[[start, end)] x3 of the voxels where any channel of ``image`` (C, X, Y, Z) is nonzero (the whole
+    volume when none is)."""
+    box = [[0, s] for s in image.shape[1:]]
+    mask = np.any(image != 0, axis=0)
+    if mask.any():
+        for axis in range(3):
+            hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+            box[axis] = [int(hits[0]), int(hits[-1]) + 1]
+    return box
+
+
+def _zscore_nonzero(image: np.ndarray) -> list[list[float]]:
+    """Normalises each channel of ``image`` in place to zero mean and unit deviation over the voxels where any
+    channel is nonzero (the others set to 0); returns [mean, std] per channel."""
+    stats: list[list[float]] = []
+    mask = np.any(image != 0, axis=0)
+    for channel in image:
+        values = channel[mask]
+        mean = float(values.mean(dtype=np.float64)) if values.size else 0.0
+        std = float(values.std(dtype=np.float64)) if values.size else 1.0
+        std = max(std, 1e-8)
+        channel[mask] = (values - mean) / std
+        channel[~mask] = 0.0
+        stats.append([mean, std])
+    return stats
 
 
 def restore_array(seg: np.ndarray, meta: dict) -> np.ndarray:
