@@ -121,3 +121,15 @@ def test_a_run_that_is_not_pipelined_does_not_import_the_pipelining_engine():
     imported = _imported(["-c", "import lampseg.engine.train"])
     assert "lampseg.engine.train" in imported
     assert not imported & {"torch.distributed.pipelining", "ray"}
+
+
+def test_every_package_is_installed():
+    """A package missing from pyproject's ``packages`` works in an editable install, and not from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
+    conf = {".".join(("lampseg", "conf", *p.relative_to(REPO / "conf").parts))
+            for p in (REPO / "conf").rglob("*") if p.is_dir() and p.name != "__pycache__"} | {"lampseg.conf"}
+    missing = sorted((found | conf) - listed)
+    assert not missing, f"packages missing from pyproject.toml's [tool.setuptools] packages: {missing}"

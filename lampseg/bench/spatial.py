@@ -58,13 +58,14 @@ from lampseg.engine.steps import local_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
 from lampseg.model.losses import Targets, build_loss
 from lampseg.model.unet import build_model, size_divisor
+from lampseg.parallel import slabs, spatial
 from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.kernels import kernel_choice, steer_convolutions
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.planner.capacity import spatial_plan_for
 from lampseg.planner.layout import plan_split
 from lampseg.plots import figure_png, pyplot
-from lampseg.runtime import distributed, slabs, spatial
+from lampseg.runtime import distributed
 from lampseg.runtime.device import DTYPES, autocast, resolve_device, resolve_precision
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
 
