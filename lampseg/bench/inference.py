@@ -20,6 +20,7 @@ import math
 import statistics
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def _estimate_gb(memory, mode: dict, volume: list[int], divisor: int, sw_batch_s
     return None
 
 
-def _infer_case(model, bundle, name: str, cfg, device: torch.device, divisor: int, memory=None,
+def _infer_case(model, bundle, device: torch.device, divisor: int, name: str, cfg, memory=None,
                 report: dict | None = None):
     image = case_image(bundle, name).to(device)
     roi = roi_size(cfg, bundle.patch_size)
@@ -110,6 +111,18 @@ def _mode_config(cfg, mode: dict):
     return mode_cfg
 
 
+def _check_bench(b, divisor: int) -> None:
+    """``bench.repeats``, ``bench.windows`` and ``bench.overlaps`` usable (ConfigError naming them)."""
+    bad = [w for w in b.windows if w % divisor]
+    if b.repeats < 1:
+        raise ConfigError(f"config key 'bench.repeats': expected a positive number of rounds, "
+                          f"got {b.repeats}")
+    if bad or not b.windows or not b.overlaps or not all(0 <= o < 1 for o in b.overlaps):
+        raise ConfigError(f"config keys 'bench.windows'/'bench.overlaps': expected window sizes that are "
+                          f"multiples of {divisor} and overlaps in [0, 1), got {list(b.windows)}/"
+                          f"{list(b.overlaps)}")
+
+
 def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     """Run the benchmark (module docstring); returns what it writes as JSON.
 
@@ -123,14 +136,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     ckpt = load_checkpoint(cfg.ckpt)
     cfg = config_from_checkpoint(ckpt, cfg, list(overrides or []))
     divisor = size_divisor(cfg.model)
-    bad = [w for w in b.windows if w % divisor]
-    if b.repeats < 1:
-        raise ConfigError(f"config key 'bench.repeats': expected a positive number of rounds, "
-                          f"got {b.repeats}")
-    if bad or not b.windows or not b.overlaps or not all(0 <= o < 1 for o in b.overlaps):
-        raise ConfigError(f"config keys 'bench.windows'/'bench.overlaps': expected window sizes that are "
-                          f"multiples of {divisor} and overlaps in [0, 1), got {list(b.windows)}/"
-                          f"{list(b.overlaps)}")
+    _check_bench(b, divisor)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, _, device, _ = load_model(ckpt, cfg)
@@ -142,82 +148,14 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     with distributed.main_first():
         bundle = load_data(cfg, run_dir, log)
     cases = sorted(bundle.val_cases)[: b.cases or None]
-    names = bundle.targets.names
     log(f"bench inference: {cfg.ckpt} ({cfg.model.name}), {len(cases)} validation case(s), "
         f"{enum_value(cfg.trainer.precision)}, device {device}, TTA {bool(cfg.inference.tta)}, "
         f"{b.repeats} interleaved round(s)")
-    estimate = InferenceMemory.from_config(cfg.model, len(bundle.channels), bundle.targets.out_channels,
-                                           cfg.trainer.precision)
-    largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
-    largest_shape = list(bundle.cache.image(largest).shape[-3:])
-    whole_gb = estimate.whole_gb(whole_volume_shape([largest_shape], divisor))
-    # auto's two budgets: one where the whole volume fits, one where it does not.
-    budgets = list(b.auto_budgets_gb) if b.auto_budgets_gb is not None else [2 * whole_gb, 0.75 * whole_gb]
-    modes = _modes(list(b.windows), list(b.overlaps), budgets)
-    mode_cfgs = [_mode_config(cfg, mode) for mode in modes]
-    memories = [dataclasses.replace(estimate, budget_gb=m["budget_gb"]) if m["mode"] == "auto" else None
-                for m in modes]
-    for mode_cfg, memory in zip(mode_cfgs, memories):  # warm-up (allocator, kernels), untimed
-        _infer_case(model, bundle, cases[0], mode_cfg, device, divisor, memory)
-    # Rounds interleave the modes (whole, sliding..., whole, ...) so that a burst of load on a shared
-    # machine hits every mode alike; each case's time is its median over the rounds.
-    seconds = [{name: [] for name in cases} for _ in modes]
-    dice: list[list] = [[] for _ in modes]
-    choices: list[list] = [[] for _ in modes]
-    start_all = time.perf_counter()
-    for round_ in range(b.repeats):
-        for k, (mode_cfg, memory) in enumerate(zip(mode_cfgs, memories)):
-            for name in cases:
-                report: dict = {}
-                logits, elapsed, _ = _infer_case(model, bundle, name, mode_cfg, device, divisor, memory,
-                                                 report)
-                seconds[k][name].append(elapsed)
-                if round_ == 0:
-                    dice[k].append(case_scores(bundle, name, logits, with_hd95=False)[0])
-                    choices[k].append(report or None)
-                del logits
-    voxels = sum(math.prod(bundle.cache.image(c).shape[-3:]) for c in cases)
-    rows = []
-    for mode, mode_cfg, memory, times, mode_dice, chosen in zip(modes, mode_cfgs, memories, seconds, dice,
-                                                                 choices):
-        with PeakMemory(device) as peak:
-            _infer_case(model, bundle, largest, mode_cfg, device, divisor, memory)
-        per_case = [statistics.median(times[name]) for name in cases]
-        per_region = {n: float(np.nanmean([d[i] for d in mode_dice])) for i, n in enumerate(names)}
-        row = {**mode, "seconds_per_volume": statistics.median(per_case), "seconds": per_case,
-               "seconds_rounds": [times[name] for name in cases], "voxels_per_s": voxels / sum(per_case),
-               "dice": float(np.nanmean(list(per_region.values()))), "dice_per_region": per_region,
-               "peak_memory_mb": peak.bytes / 2**20,
-               "estimate_gb": _estimate_gb(estimate, mode, largest_shape, divisor,
-                                           cfg.inference.sw_batch_size)}
-        if mode["mode"] == "auto":
-            row["choices"] = chosen
-        rows.append(row)
-        log(f"  {mode['name']:<22} {row['seconds_per_volume']:7.3f} s/volume  "
-            f"{row['voxels_per_s'] / 1e6:6.2f} "
-            f"Mvox/s  Dice {row['dice']:.4f}  peak {row['peak_memory_mb']:.0f} MB")
-    whole = rows[0]
-    for row in rows:
-        row["whole_speedup"] = row["seconds_per_volume"] / whole["seconds_per_volume"]
-        row["dice_minus_whole"] = row["dice"] - whole["dice"]
-    reference = next((r for r in rows if r["window"] == 96 and r["overlap"] == 0.5), None)
-    target = None
-    if reference is not None:
-        # One-sided: whole-volume inference may not lose more than 0.01 Dice (gaining is LAMP's point).
-        loss = reference["dice"] - whole["dice"]
-        target = {"speedup_vs_96_0.5": reference["whole_speedup"], "dice_loss_vs_96_0.5": loss,
-                  "pass": reference["whole_speedup"] >= SPEEDUP_TARGET and loss <= DICE_TOLERANCE}
+    infer_case = partial(_infer_case, model, bundle, device, divisor)
+    rows, start_all = _measure(cfg, b, infer_case, bundle, cases, device, divisor, log)
+    target = _compare_with_whole(rows)
     auto_rows = _auto_targets(rows, cfg.inference.overlap)
-    for row in auto_rows:
-        if row["fastest_fitting"] is None:
-            log(f"{row['name']}: chose {row['chose']}; no forced mode at overlap {row['overlap']:g} is "
-                f"estimated to fit this budget")
-            continue
-        log(f"{row['name']}: chose {row['chose']}; fastest forced mode within the budget (whole or overlap "
-            f"{row['overlap']:g}): "
-            f"{row['fastest_fitting']} -> auto takes {row['time_vs_fastest_fitting']:.2f}x its time, Dice "
-            f"{row['dice_minus_fastest_fitting']:+.4f} -> {'pass' if row['pass'] else 'FAIL'} (target: "
-            f"<= {AUTO_TIME_TOLERANCE:g}x)")
+    _log_auto(auto_rows, log)
     result = {"benchmark": "inference", "auto": auto_rows,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "ckpt": str(cfg.ckpt), "modes": rows, "target": target,
@@ -233,15 +171,122 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
               "wall_s": round(time.perf_counter() - start_all, 1)}
     if main:
-        json_path, png_path = run_dir / "bench_inference.json", run_dir / "bench_inference.png"
-        write_json(json_path, result)
-        atomic_write_bytes(png_path, _plot(result))
-        if target is not None:
-            log(f"whole volume vs sliding 96^3 / 0.5: {target['speedup_vs_96_0.5']:.2f}x faster, Dice "
-                f"{-target['dice_loss_vs_96_0.5']:+.4f} -> {'pass' if target['pass'] else 'FAIL'} (target: "
-                f">= {SPEEDUP_TARGET:g}x, losing at most {DICE_TOLERANCE:g} Dice)")
-        log(f"wrote {json_path} and {png_path}")
+        _write_report(result, run_dir, log)
     return result
+
+
+def _measure(cfg, b, infer_case, bundle, cases: list[str], device: torch.device, divisor: int,
+             log) -> tuple[list[dict], float]:
+    """Every mode on every case: one untimed warm-up case per mode, ``b.repeats`` timed rounds, then the
+    peak memory of the largest case per mode. Returns one row per mode (each logged) and when the timed
+    rounds started (``time.perf_counter``)."""
+    estimate = InferenceMemory.from_config(cfg.model, len(bundle.channels), bundle.targets.out_channels,
+                                           cfg.trainer.precision)
+    largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
+    largest_shape = list(bundle.cache.image(largest).shape[-3:])
+    whole_gb = estimate.whole_gb(whole_volume_shape([largest_shape], divisor))
+    # auto's two budgets: one where the whole volume fits, one where it does not.
+    budgets = list(b.auto_budgets_gb) if b.auto_budgets_gb is not None else [2 * whole_gb, 0.75 * whole_gb]
+    modes = _modes(list(b.windows), list(b.overlaps), budgets)
+    mode_cfgs = [_mode_config(cfg, mode) for mode in modes]
+    memories = [dataclasses.replace(estimate, budget_gb=m["budget_gb"]) if m["mode"] == "auto" else None
+                for m in modes]
+    for mode_cfg, memory in zip(mode_cfgs, memories):  # warm-up (allocator, kernels), untimed
+        infer_case(cases[0], mode_cfg, memory)
+    start = time.perf_counter()
+    seconds, dice, choices = _timed_rounds(infer_case, bundle, cases, mode_cfgs, memories, b.repeats)
+    voxels = sum(math.prod(bundle.cache.image(c).shape[-3:]) for c in cases)
+    rows = []
+    for mode, mode_cfg, memory, times, mode_dice, chosen in zip(modes, mode_cfgs, memories, seconds, dice,
+                                                                 choices):
+        with PeakMemory(device) as peak:
+            infer_case(largest, mode_cfg, memory)
+        estimate_gb = _estimate_gb(estimate, mode, largest_shape, divisor, cfg.inference.sw_batch_size)
+        row = _mode_row(mode, [times[name] for name in cases], mode_dice, chosen, bundle.targets.names,
+                        voxels, peak.bytes, estimate_gb)
+        rows.append(row)
+        log(f"  {mode['name']:<22} {row['seconds_per_volume']:7.3f} s/volume  "
+            f"{row['voxels_per_s'] / 1e6:6.2f} "
+            f"Mvox/s  Dice {row['dice']:.4f}  peak {row['peak_memory_mb']:.0f} MB")
+    return rows, start
+
+
+def _mode_row(mode: dict, rounds: list[list[float]], dice: list, chosen: list, names: list[str], voxels: int,
+              peak_bytes: int, estimate_gb: float | None) -> dict:
+    """One mode's row: seconds per volume (each case's median over its ``rounds``, then the median over the
+    cases), voxels per second, Dice per region and overall, peak memory, the estimate, auto's choices."""
+    per_case = [statistics.median(times) for times in rounds]
+    per_region = {n: float(np.nanmean([d[i] for d in dice])) for i, n in enumerate(names)}
+    row = {**mode, "seconds_per_volume": statistics.median(per_case), "seconds": per_case,
+           "seconds_rounds": rounds, "voxels_per_s": voxels / sum(per_case),
+           "dice": float(np.nanmean(list(per_region.values()))), "dice_per_region": per_region,
+           "peak_memory_mb": peak_bytes / 2**20, "estimate_gb": estimate_gb}
+    if mode["mode"] == "auto":
+        row["choices"] = chosen
+    return row
+
+
+def _timed_rounds(infer_case, bundle, cases: list[str], mode_cfgs: list, memories: list,
+                  repeats: int) -> tuple[list[dict], list[list], list[list]]:
+    """Per mode: each case's seconds in every round, and (first round) its Dice per region and what auto
+    chose. Rounds interleave the modes (whole, sliding..., whole, ...) so that a burst of load on a shared
+    machine hits every mode alike; each case's time is later its median over the rounds."""
+    seconds = [{name: [] for name in cases} for _ in mode_cfgs]
+    dice: list[list] = [[] for _ in mode_cfgs]
+    choices: list[list] = [[] for _ in mode_cfgs]
+    for round_ in range(repeats):
+        for k, (mode_cfg, memory) in enumerate(zip(mode_cfgs, memories)):
+            for name in cases:
+                report: dict = {}
+                logits, elapsed, _ = infer_case(name, mode_cfg, memory, report)
+                seconds[k][name].append(elapsed)
+                if round_ == 0:
+                    dice[k].append(case_scores(bundle, name, logits, with_hd95=False)[0])
+                    choices[k].append(report or None)
+                del logits
+    return seconds, dice, choices
+
+
+def _compare_with_whole(rows: list[dict]) -> dict | None:
+    """Every row's speed-up and Dice against the whole volume (``rows[0]``); returns LAMP's target: the whole
+    volume against the 96^3 / 0.5 sliding window (None when that window was not measured)."""
+    whole = rows[0]
+    for row in rows:
+        row["whole_speedup"] = row["seconds_per_volume"] / whole["seconds_per_volume"]
+        row["dice_minus_whole"] = row["dice"] - whole["dice"]
+    reference = next((r for r in rows if r["window"] == 96 and r["overlap"] == 0.5), None)
+    if reference is None:
+        return None
+    # One-sided: whole-volume inference may not lose more than 0.01 Dice (gaining is LAMP's point).
+    loss = reference["dice"] - whole["dice"]
+    return {"speedup_vs_96_0.5": reference["whole_speedup"], "dice_loss_vs_96_0.5": loss,
+            "pass": reference["whole_speedup"] >= SPEEDUP_TARGET and loss <= DICE_TOLERANCE}
+
+
+def _log_auto(auto_rows: list[dict], log) -> None:
+    for row in auto_rows:
+        if row["fastest_fitting"] is None:
+            log(f"{row['name']}: chose {row['chose']}; no forced mode at overlap {row['overlap']:g} is "
+                f"estimated to fit this budget")
+            continue
+        log(f"{row['name']}: chose {row['chose']}; fastest forced mode within the budget (whole or overlap "
+            f"{row['overlap']:g}): "
+            f"{row['fastest_fitting']} -> auto takes {row['time_vs_fastest_fitting']:.2f}x its time, Dice "
+            f"{row['dice_minus_fastest_fitting']:+.4f} -> {'pass' if row['pass'] else 'FAIL'} (target: "
+            f"<= {AUTO_TIME_TOLERANCE:g}x)")
+
+
+def _write_report(result: dict, run_dir: Path, log) -> None:
+    """``bench_inference.json`` and ``.png`` in ``run_dir``, and the verdict on LAMP's target."""
+    json_path, png_path = run_dir / "bench_inference.json", run_dir / "bench_inference.png"
+    write_json(json_path, result)
+    atomic_write_bytes(png_path, _plot(result))
+    target = result["target"]
+    if target is not None:
+        log(f"whole volume vs sliding 96^3 / 0.5: {target['speedup_vs_96_0.5']:.2f}x faster, Dice "
+            f"{-target['dice_loss_vs_96_0.5']:+.4f} -> {'pass' if target['pass'] else 'FAIL'} (target: "
+            f">= {SPEEDUP_TARGET:g}x, losing at most {DICE_TOLERANCE:g} Dice)")
+    log(f"wrote {json_path} and {png_path}")
 
 
 def _plot(result: dict) -> bytes:
