@@ -233,6 +233,41 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     bundle = load_data(cfg, run_dir, log)
+    phases = _arms(cfg, bundle, device)
+    workers = loader_workers(cfg.data.num_workers)
+    timed = _loaders(cfg, bundle, b.steps, workers, device)
+    warm = _loaders(cfg, bundle, b.warmup, workers, device) if b.warmup else None
+    params = count_parameters(phases["lampseg"][1])
+    log(f"bench overhead: {cfg.model.name} ({params:,} parameters), patch {bundle.patch_size}, batch "
+        f"{cfg.data.batch_size}, {enum_value(cfg.trainer.precision)}, device {device}, "
+        f"{torch.get_num_threads()} threads, num_workers={workers}; {b.repeats} x (lampseg, "
+        f"plain) x ({b.warmup} warm-up + {b.steps} timed steps)")
+    start = time.perf_counter()
+    rows = _interleaved(phases, timed, warm, bundle, cfg, device, log)
+    profiled = _profile(phases, timed, bundle, cfg, device) if b.profile else None
+    lamp, plain = (_loop_stats(rows[name], cfg.data.batch_size) for name in ("lampseg", "plain"))
+    result = {
+        "benchmark": "overhead",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "overrides": _overrides(),
+        **_compare(lamp, plain),
+        "lampseg": lamp,
+        "plain": plain,
+        "config": _run_config(cfg, device, params, bundle.patch_size, workers),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "profile": profiled,
+    }
+    json_path, png_path = run_dir / "bench_overhead.json", run_dir / "bench_overhead.png"
+    write_json(json_path, result)
+    atomic_write_bytes(png_path, _plot(result))
+    _log_result(result, log)
+    log(f"wrote {json_path} and {png_path}")
+    return result
+
+
+def _arms(cfg: DictConfig, bundle: DataBundle, device: torch.device) -> dict[str, tuple]:
+    """Each loop's (phase function, model, optimizer, loss, gradient scaler): one model deep-copied, so both
+    start from the same weights."""
     model_a = build_model(cfg.model, len(bundle.channels), bundle.targets.out_channels).to(device)
     if cfg.trainer.channels_last:
         model_a = model_a.to(memory_format=torch.channels_last_3d)
@@ -243,77 +278,83 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     fp16 = enum_value(cfg.trainer.precision) == "fp16" and device.type == "cuda"
     scaler_a = make_grad_scaler(cfg, device)  # one for the whole run, as setup() makes it
     scaler_b = torch.amp.GradScaler(device.type, enabled=fp16)  # disabled: every call is a pass-through
-    bs, workers, pin = cfg.data.batch_size, loader_workers(cfg.data.num_workers), device.type == "cuda"
+    return {"lampseg": (_lampseg_phase, model_a, opt_a, loss_a, scaler_a),
+            "plain": (_plain_phase, model_b, opt_b, loss_b, scaler_b)}
 
-    def loaders(steps: int) -> dict[str, DataLoader]:
-        """Each loop's loader of ``steps`` batches, workers kept from round to round as ``run`` keeps
-        them from epoch to epoch (the plain loop: MONAI's DataLoader, its collate and worker seeding)."""
-        dataset = _dataset(cfg, bundle, steps)
-        return {"lampseg": training_loader(dataset, EpochSampler(len(dataset)), bs, workers, pin),
-                "plain": MonaiDataLoader(dataset, batch_size=bs, sampler=EpochSampler(len(dataset)),
-                                         drop_last=True, num_workers=workers, pin_memory=pin,
-                                         persistent_workers=workers > 0)}
 
-    timed, warm = loaders(b.steps), loaders(b.warmup) if b.warmup else None
-    log(f"bench overhead: {cfg.model.name} ({count_parameters(model_a):,} parameters), patch "
-        f"{bundle.patch_size}, batch {bs}, {enum_value(cfg.trainer.precision)}, device {device}, "
-        f"{torch.get_num_threads()} threads, num_workers={workers}; {b.repeats} x (lampseg, "
-        f"plain) x ({b.warmup} warm-up + {b.steps} timed steps)")
+def _loaders(cfg: DictConfig, bundle: DataBundle, steps: int, workers: int,
+             device: torch.device) -> dict[str, DataLoader]:
+    """Each loop's loader of ``steps`` batches, workers kept from round to round as ``run`` keeps
+    them from epoch to epoch (the plain loop: MONAI's DataLoader, its collate and worker seeding)."""
+    bs, pin = cfg.data.batch_size, device.type == "cuda"
+    dataset = _dataset(cfg, bundle, steps)
+    return {"lampseg": training_loader(dataset, EpochSampler(len(dataset)), bs, workers, pin),
+            "plain": MonaiDataLoader(dataset, batch_size=bs, sampler=EpochSampler(len(dataset)),
+                                     drop_last=True, num_workers=workers, pin_memory=pin,
+                                     persistent_workers=workers > 0)}
+
+
+def _interleaved(phases: dict, timed: dict, warm: dict | None, bundle: DataBundle, cfg: DictConfig,
+                 device: torch.device, log: Callable[[str], None]) -> dict[str, list]:
+    """``bench.repeats`` rounds of (lampseg, plain), each phase after its untimed warm-up phase; per loop
+    the timed phases' (loss, steps, seconds, wait[, skipped]), each round logged."""
     rows: dict[str, list] = {"lampseg": [], "plain": []}
-    phases = {"lampseg": (_lampseg_phase, model_a, opt_a, loss_a, scaler_a),
-              "plain": (_plain_phase, model_b, opt_b, loss_b, scaler_b)}
-    start = time.perf_counter()
-    for r in range(b.repeats):
+    repeats = cfg.bench.repeats
+    for r in range(repeats):
         for name, (phase, model, opt, loss_fn, scaler) in phases.items():
             if warm is not None:
                 phase(model, opt, loss_fn, scaler, warm[name], WARMUP_EPOCH_OFFSET + r, bundle, cfg, device)
             rows[name].append(phase(model, opt, loss_fn, scaler, timed[name], r + 1, bundle, cfg, device))
         a, p = rows["lampseg"][-1], rows["plain"][-1]
-        log(f"  repeat {r + 1}/{b.repeats}: lampseg {a[2] / a[1] * 1e3:.1f} ms/step (data wait "
+        log(f"  repeat {r + 1}/{repeats}: lampseg {a[2] / a[1] * 1e3:.1f} ms/step (data wait "
             f"{a[3] / a[2]:.1%}), plain {p[2] / p[1] * 1e3:.1f} ms/step (data wait {p[3] / p[2]:.1%})")
-    profiled = _profile(phases, timed, bundle, cfg, device) if b.profile else None
-    lamp, plain = _loop_stats(rows["lampseg"], bs), _loop_stats(rows["plain"], bs)
+    return rows
+
+
+def _compare(lamp: dict, plain: dict) -> dict:
+    """lampseg's overhead over the plain loop (medians, and the noise-robust companions), its data wait,
+    the targets and the verdicts."""
     overhead = lamp["step_s_median"] / plain["step_s_median"] - 1
     paired = statistics.median(x / y for x, y in zip(lamp["step_s"], plain["step_s"])) - 1
-    fastest = lamp["step_s_min"] / plain["step_s_min"] - 1
-    compute = lamp["compute_s_median"] / plain["compute_s_median"] - 1
     wait = lamp["data_wait_frac_median"]
-    result = {
-        "benchmark": "overhead",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "overrides": _overrides(),
+    return {
         "overhead": overhead,
         "overhead_paired_median": paired,
-        "overhead_min": fastest,
-        "overhead_compute": compute,
+        "overhead_min": lamp["step_s_min"] / plain["step_s_min"] - 1,
+        "overhead_compute": lamp["compute_s_median"] / plain["compute_s_median"] - 1,
         "ratio": lamp["step_s_median"] / plain["step_s_median"],
         "data_wait_frac": wait,
         "targets": {"overhead_max": MAX_OVERHEAD, "data_wait_frac_max": MAX_DATA_WAIT},
         "pass": {"overhead": overhead <= MAX_OVERHEAD, "data_wait": wait <= MAX_DATA_WAIT},
-        "lampseg": lamp,
-        "plain": plain,
-        "config": {"device": str(device), "precision": enum_value(cfg.trainer.precision),
-                   "model": cfg.model.name, "params": count_parameters(model_a),
-                   "patch_size": list(bundle.patch_size), "batch_size": bs,
-                   "channels_last": bool(cfg.trainer.channels_last), "num_workers": workers,
-                   "num_workers_setting": cfg.data.num_workers,
-                   "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                   "steps": b.steps, "warmup": b.warmup, "repeats": b.repeats,
-                   "torch": torch.__version__, "monai": monai.__version__,
-                   "python": platform.python_version(),
-                   "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "wall_s": round(time.perf_counter() - start, 2),
-        "profile": profiled,
     }
-    json_path, png_path = run_dir / "bench_overhead.json", run_dir / "bench_overhead.png"
-    write_json(json_path, result)
-    atomic_write_bytes(png_path, _plot(result))
-    verdict = {True: "pass", False: "FAIL"}
+
+
+def _run_config(cfg: DictConfig, device: torch.device, params: int, patch_size, workers: int) -> dict:
+    """The setup the result was measured with (the ``config`` of the JSON)."""
+    b = cfg.bench
+    return {"device": str(device), "precision": enum_value(cfg.trainer.precision),
+            "model": cfg.model.name, "params": params,
+            "patch_size": list(patch_size), "batch_size": cfg.data.batch_size,
+            "channels_last": bool(cfg.trainer.channels_last), "num_workers": workers,
+            "num_workers_setting": cfg.data.num_workers,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "steps": b.steps, "warmup": b.warmup, "repeats": b.repeats,
+            "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version(),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def _log_result(result: dict, log: Callable[[str], None]) -> None:
+    """The medians, the overhead against its target and, with ``bench.profile``, where the time goes."""
+    lamp, plain, verdict = result["lampseg"], result["plain"], {True: "pass", False: "FAIL"}
     log(f"lampseg {lamp['step_s_median'] * 1e3:.1f} ms/step ({lamp['samples_per_s']:.2f} samples/s), plain "
         f"{plain['step_s_median'] * 1e3:.1f} ms/step ({plain['samples_per_s']:.2f} samples/s)")
-    log(f"overhead {overhead:+.1%} (target <= {MAX_OVERHEAD:.0%}: {verdict[result['pass']['overhead']]}; "
-        f"paired median {paired:+.1%}, fastest rounds {fastest:+.1%}, without data wait {compute:+.1%}); "
-        f"data wait {wait:.1%} (target <= {MAX_DATA_WAIT:.0%}: {verdict[result['pass']['data_wait']]})")
+    log(f"overhead {result['overhead']:+.1%} (target <= {MAX_OVERHEAD:.0%}: "
+        f"{verdict[result['pass']['overhead']]}; paired median {result['overhead_paired_median']:+.1%}, "
+        f"fastest rounds {result['overhead_min']:+.1%}, without data wait "
+        f"{result['overhead_compute']:+.1%}); data wait {result['data_wait_frac']:.1%} (target <= "
+        f"{MAX_DATA_WAIT:.0%}: {verdict[result['pass']['data_wait']]})")
+    profiled = result["profile"]
     if profiled:
         for name, t in profiled["per_step"].items():
             log(f"profile {name}: {t['wall_ms']:.1f} ms/step = operators {t['operators_ms']:.1f} + outside "
@@ -324,5 +365,3 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
                                                    or "none"))
         for row in profiled["largest_differences_ms"][:6]:  # same operators: mostly the machine's noise
             log(f"  {row['op']:<40} lampseg {row['lampseg']:7.2f}  plain {row['plain']:7.2f}  ms/step")
-    log(f"wrote {json_path} and {png_path}")
-    return result
