@@ -14,15 +14,15 @@
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 SUBCOMMANDS = {
     "train": "train a model (writes metrics.csv, summary.json, checkpoints/, progress.png, tb/)",
@@ -36,19 +36,6 @@ SUBCOMMANDS = {
     "visualize": "a case's modalities, label/prediction overlays, error map (case=, ckpt=|prediction=)",
     "bench": "benchmarks: bench overhead|pipeline|inference|context|data_parallel|experiment_parallel",
     "doctor": "versions, devices, a check of every parallel mode, the planner's layout here [--json PATH]",
-}
-# subcommand -> (module, function, whether it takes the command line's overrides besides the config)
-RUNNERS = {
-    "train": ("lampseg.engine.train", "run", False),
-    "evaluate": ("lampseg.commands.evaluate", "run_evaluate", True),
-    "predict": ("lampseg.commands.predict", "run_predict", True),
-    "plan": ("lampseg.commands.plan", "run_plan", False),
-    "tune": ("lampseg.tune.search", "run_tune", False),
-    "loo": ("lampseg.tune.loo", "run_loo", False),
-    "validate": ("lampseg.commands.validate", "run_validate", False),
-    "visualize": ("lampseg.commands.visualize", "run_visualize", True),
-    "bench": ("lampseg.bench.cli", "run_bench", True),
-    "doctor": ("lampseg.doctor.report", "run_doctor", False),
 }
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 USAGE = "usage: python -m lampseg <subcommand> [key=value ...]   (Hydra overrides; --help per subcommand)"
@@ -72,37 +59,97 @@ def _print_help() -> None:
 
 
 # lampseg's own modules and Hydra are imported inside the functions below, once a subcommand is known:
-# they pull in torch, and `python -m lampseg --help` should answer at once.
+# they pull in torch, and `python -m lampseg --help` should answer at once. Each runner takes the checked,
+# read-only config and the command line's overrides (the settings evaluate/predict apply to a checkpoint's).
 
 
-def _dispatch(subcommand: str, cfg, checked: bool) -> None:
+def _train(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.engine.train import run  # lazy: see above
+
+    run(cfg)
+
+
+def _evaluate(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.evaluate import run_evaluate  # lazy: see above
+
+    run_evaluate(cfg, overrides)
+
+
+def _predict(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.predict import run_predict  # lazy: see above
+
+    run_predict(cfg, overrides)
+
+
+def _synth(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.synth import run_synth  # lazy: see above
+
+    print(f"synthetic dataset at {run_synth(cfg)}")
+
+
+def _plan(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.plan import run_plan  # lazy: see above
+
+    run_plan(cfg)
+
+
+def _tune(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.tune.search import run_tune  # lazy: see above
+
+    run_tune(cfg)
+
+
+def _loo(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.tune.loo import run_loo  # lazy: see above
+
+    run_loo(cfg)
+
+
+def _validate(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.validate import run_validate  # lazy: see above
+
+    run_validate(cfg)
+
+
+def _visualize(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.visualize import run_visualize  # lazy: see above
+
+    run_visualize(cfg, overrides)
+
+
+def _bench(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.bench.cli import run_bench  # lazy: see above
+
+    run_bench(cfg, overrides)
+
+
+def _doctor(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.doctor.report import run_doctor  # lazy: see above
+
+    run_doctor(cfg)
+
+
+RUNNERS: dict[str, Callable[[DictConfig, list[str]], None]] = {
+    "train": _train, "evaluate": _evaluate, "predict": _predict, "synth": _synth, "plan": _plan,
+    "tune": _tune, "loo": _loo, "validate": _validate, "visualize": _visualize, "bench": _bench,
+    "doctor": _doctor,
+}
+
+
+def _dispatch(subcommand: str, cfg: DictConfig, checked: bool) -> None:
+    """Run ``subcommand`` on Hydra's config: checked (unless ``load`` already checked the same composition),
+    with the run directory Hydra chose, read-only from here on."""
     from hydra.core.hydra_config import HydraConfig  # lazy: see above
 
+    from lampseg.config import derive
     from lampseg.config.loading import check
 
     hydra_cfg = HydraConfig.get()
-    OmegaConf.update(cfg, "run_dir", hydra_cfg.runtime.output_dir, merge=False)
     overrides = list(hydra_cfg.overrides.task)
     if not checked:  # a -m multirun's jobs (and --cfg, ...) were composed by Hydra alone
         check(cfg, overrides)
-    if subcommand == "synth":
-        print(f"synthetic dataset at {_synth_to(cfg)}")
-        return
-    module, function, with_overrides = RUNNERS[subcommand]
-    runner = getattr(importlib.import_module(module), function)  # imported late: `--help` stays fast
-    runner(cfg, overrides) if with_overrides else runner(cfg)
-
-
-def _synth_to(cfg) -> Path:
-    """``synth``: write to ``out=PATH``, or the default location ``data.root=null`` trains on."""
-    from lampseg.data.prepare import dataset_root  # lazy: see above
-    from lampseg.data.synth import generate_dataset
-
-    s = cfg.data.synthetic
-    if cfg.out is None:
-        return dataset_root(OmegaConf.merge(cfg.data, {"root": None}))
-    return generate_dataset(cfg.out, cases=s.cases, shape=tuple(s.shape), seed=s.seed, layout=s.layout,
-                            context=s.context)
+    cfg = derive(cfg, {"run_dir": hydra_cfg.runtime.output_dir}, check=False)  # checked above or by load
+    RUNNERS[subcommand](cfg, overrides)
 
 
 def _override(argv: list[str], key: str) -> str | None:
@@ -164,13 +211,14 @@ def _torchrun_argv(argv: list[str], cfg: DictConfig | None = None) -> list[str]:
     return argv
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: strip the subcommand, then let Hydra parse the overrides."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _command_line(argv: list[str]) -> tuple[str, list[str]]:
+    """The subcommand and its Hydra overrides (``bench NAME`` as ``bench.name=NAME``, ``doctor --json PATH``
+    as ``doctor.json=PATH``, a subcommand's own arguments in their section: ``config.loading.qualify``);
+    exits with the usage for no, an unknown or an incomplete subcommand."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         _print_help()
         sys.exit(0 if argv else 2)
-    subcommand = argv.pop(0)
+    subcommand, argv = argv[0], argv[1:]
     if subcommand not in SUBCOMMANDS:
         print(f"lampseg: unknown subcommand {subcommand!r}\n", file=sys.stderr)
         _print_help()
@@ -178,18 +226,52 @@ def main(argv: list[str] | None = None) -> None:
     if subcommand == "bench":
         if not argv or "=" in argv[0] or argv[0].startswith("-"):
             print("usage: python -m lampseg bench NAME [overrides]; "
-                  "NAME: overhead, pipeline, inference, context, data_parallel, experiment_parallel",
+                  "NAME: overhead, pipeline, inference, context, data_parallel, experiment_parallel, spatial",
                   file=sys.stderr)
             sys.exit(2)
         argv = [f"bench.name={argv[0]}"] + argv[1:]
     if subcommand == "doctor":
         argv = _json_flag(argv)
+    from lampseg.config.loading import qualify  # lazy: see above
+
+    return subcommand, qualify(subcommand, argv)
+
+
+def _report_failure(subcommand: str, cfg: DictConfig, error: BaseException) -> None:
+    """A failure as one line on stderr and the exit status (2: the config, 1: anything else), where it is one
+    lampseg can explain; anything else (and everything under ``debug=true``) is raised with its traceback."""
+    from lampseg.config import ConfigError  # lazy: see above
+    from lampseg.errors import LampsegError
+    from lampseg.runtime import distributed
+
+    if cfg.debug:
+        raise error
+    if isinstance(error, (LampsegError, FileNotFoundError)):
+        kind = "config error" if isinstance(error, ConfigError) else "error"
+        print(f"lampseg {subcommand}: {kind}: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+    if isinstance(error, OSError) and error.errno in DISK_FULL:  # outside a checkpoint write (those say more)
+        print(f"lampseg {subcommand}: error: {error.filename or 'a file'}: {error.strerror}; lampseg writes "
+              f"every file atomically, so what was written before is intact: free space and rerun the "
+              f"same command to resume", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(error, RuntimeError) and distributed.collective_failure(error):  # a peer died or stalled
+        message = distributed.failure_message(error, cfg.run_dir)
+        print(f"lampseg {subcommand}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+    raise error
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: the subcommand and its overrides, checked before any work (a config error is one line,
+    exit 2), then Hydra composes the config (its run directory, multirun sweeps, launchers) and ``_dispatch``
+    runs the subcommand."""
+    subcommand, argv = _command_line(list(sys.argv[1:] if argv is None else argv))
 
     # lazy: see above
     import hydra
 
     from lampseg.config import ConfigError, register_schema
-    from lampseg.errors import LampsegError
     from lampseg.runtime import distributed
 
     # conf/hydra/launcher/ray.yaml sets lampseg's defaults for hydra-ray-launcher and is deliberately checked
@@ -197,36 +279,21 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"(?s)\s*'hydra/launcher/ray' is validated against ConfigStore")
     register_schema()
 
+    from lampseg.errors import LampsegError  # lazy: see above
+
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
     def app(cfg) -> None:
         try:
             _dispatch(subcommand, cfg, checked)
-        except (LampsegError, FileNotFoundError) as e:
-            if cfg.debug:
-                raise
-            kind = "config error" if isinstance(e, ConfigError) else "error"
-            print(f"lampseg {subcommand}: {kind}: {e}", file=sys.stderr)
-            sys.exit(2 if isinstance(e, ConfigError) else 1)
-        except OSError as e:  # a full disk or quota outside a checkpoint write (those say more, above)
-            if cfg.debug or e.errno not in DISK_FULL:
-                raise
-            print(f"lampseg {subcommand}: error: {e.filename or 'a file'}: {e.strerror}; lampseg writes "
-                  f"every file atomically, so what was written before is intact: free space and rerun the "
-                  f"same command to resume", file=sys.stderr)
-            sys.exit(1)
-        except RuntimeError as e:  # a peer died or stalled: say so, and how to resume, instead of a traceback
-            if cfg.debug or not distributed.collective_failure(e):
-                raise
-            message = distributed.failure_message(e, cfg.run_dir)
-            print(f"lampseg {subcommand}: error: {message}", file=sys.stderr)
-            sys.exit(1)
+        except (LampsegError, OSError, RuntimeError) as e:
+            _report_failure(subcommand, cfg, e)
 
     if not (_override(argv, "tune.address") or _override(argv, "hydra.launcher.ray.init.address")):
         from lampseg.tune.loopback import LOOPBACK_ENV  # lazy: see above
 
         os.environ.setdefault(LOOPBACK_ENV, "0")  # a Ray started here (tune, hydra/launcher=ray): loopback
     try:
-        cfg = _checked(argv)  # before any work: a config error is one line, exit 2
+        cfg = _checked(argv)
         checked = cfg is not None  # then _dispatch need not check Hydra's copy of the same composition
         if distributed.launched_by_torchrun():
             argv = _torchrun_argv(argv, cfg)

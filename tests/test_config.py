@@ -38,8 +38,8 @@ def test_shipped_configs_validate(overrides):
     ("inference.overlap=1.0", "inference.overlap"),
     ("inference.patch_size=[8,8]", "inference.patch_size"),
     ("parallel.dp=0", "parallel.dp"),
-    ("slices=[-1,0,0]", "slices"),
-    ("slices=[1,2]", "slices"),
+    ("visualize.slices=[-1,0,0]", "slices"),
+    ("visualize.slices=[1,2]", "slices"),
     ("optim.beta2=1.0", "optim.beta2"),
     ("tune.search=bayes", "tune.search"),
     ("tune.scheduler=hyperband", "tune.scheduler"),
@@ -125,7 +125,7 @@ def test_spatial_windows_hold_a_divisor_per_slab():
     validate(compose(*base, "inference.patch_size=[8,4,12]"))
     with pytest.raises(ConfigError, match="'inference.patch_size'.*at least 8"):
         validate(compose(*base, "inference.patch_size=[4,8,8]"))
-    validate(compose("+exp=smoke", "ckpt=x.pt", "inference.patch_size=[6,6,6]"))  # the checkpoint's model
+    validate(compose("+exp=smoke", "evaluate.ckpt=x.pt", "inference.patch_size=[6,6,6]"))  # the checkpoint's model
 
 
 def test_tool_names_are_the_tools_own():
@@ -240,7 +240,7 @@ def test_torchrun_refuses_a_bad_config_file_before_joining(monkeypatch, tmp_path
 
 
 @pytest.mark.parametrize("override,key", [
-    ("split=test", "split"),
+    ("evaluate.split=test", "evaluate.split"),
     ("trainer.progress=loud", "trainer.progress"),
     ("parallel.checkpoint=some", "parallel.checkpoint"),
     ("parallel.profile=guess", "parallel.profile"),
@@ -254,10 +254,10 @@ def test_the_schema_refuses_a_bad_choice_naming_the_key(override, key):
 
 
 def test_choices_read_and_print_as_their_values():
-    cfg = compose("+exp=smoke", "parallel=pipeline", "split=train", "parallel.checkpoint=block")
-    assert cfg.parallel.name == "pipeline" and cfg.split == "train"
-    assert f"{cfg.parallel.name} {cfg.split} {cfg.parallel.checkpoint}" == "pipeline train block"
-    assert {"train": 1}[cfg.split] == 1
+    cfg = compose("+exp=smoke", "parallel=pipeline", "evaluate.split=train", "parallel.checkpoint=block")
+    assert cfg.parallel.name == "pipeline" and cfg.evaluate.split == "train"
+    assert f"{cfg.parallel.name} {cfg.evaluate.split} {cfg.parallel.checkpoint}" == "pipeline train block"
+    assert {"train": 1}[cfg.evaluate.split] == 1
 
 
 def test_auto_loader_workers_leave_a_core_to_each_training_process(monkeypatch):

@@ -95,13 +95,13 @@ def test_evaluate_checks_overrides_against_the_checkpoints_model():
     cannot divide is a config error naming the key, even when the command line's own model could."""
     from conftest import compose
 
-    from lampseg.config import ConfigError, to_container
+    from lampseg.config import ConfigError, changes_from, to_container
     from lampseg.engine.evaluate import config_from_checkpoint
 
     trained = to_container(compose("model.strides=[2,2,2]", "model.channels=[8,16,32,64]"))  # divisor 8
     cfg = compose("+exp=smoke", "inference.patch_size=[36,36,36]")  # fine for smoke's divisor 4
     with pytest.raises(ConfigError, match="config key 'inference.patch_size'"):
-        config_from_checkpoint({"config": trained}, cfg, ["inference.patch_size=[36,36,36]"])
+        config_from_checkpoint({"config": trained}, changes_from(cfg, ["inference.patch_size=[36,36,36]"]))
     fits = ["inference.patch_size=[40,40,40]"]
-    merged = config_from_checkpoint({"config": trained}, compose(*fits), fits)
+    merged = config_from_checkpoint({"config": trained}, changes_from(compose(*fits), fits))
     assert list(merged.inference.patch_size) == [40, 40, 40]

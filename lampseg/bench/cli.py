@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lampseg.config import ConfigError
+from lampseg.config import ConfigError, derive
 from lampseg.runtime.device import planned_precision
 
 # name -> whether its run() also takes the command line's overrides (it keeps a checkpoint's config but them)
@@ -39,7 +39,7 @@ def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     # trainer.precision=auto resolved once, as train resolves it, so that every arm and worker runs (and the
     # JSON records) the same precision.
     precision = planned_precision(cfg)
-    OmegaConf.update(cfg, "trainer.precision", precision.name, merge=False)
+    cfg = derive(cfg, {"trainer.precision": precision.name}, check=False)
     print(f"bench {name}: {precision.line()}")
     # Imported by name: each benchmark pulls in what only it needs (Ray, torchrun workers).
     run = importlib.import_module(f"lampseg.bench.{name}").run

@@ -15,7 +15,6 @@ see. Writes ``bench_context.json`` and ``bench_context.png`` (Dice vs input size
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lampseg.config import ConfigError, validate
+from lampseg.config import ConfigError, derive
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.train import run as train
 from lampseg.io import atomic_write_bytes, write_json
@@ -44,7 +43,6 @@ def _settings(b) -> tuple[list, list[int]]:
 
 def run(cfg, log=print) -> dict:
     """Train and validate every (width, input size); returns what it writes as JSON."""
-    validate(cfg)
     sizes, widths = _settings(cfg.bench)
     base = list(cfg.model.channels)
     run_dir = Path(cfg.run_dir)
@@ -57,17 +55,13 @@ def run(cfg, log=print) -> dict:
     for width in widths:
         channels = [max(1, round(c * width / base[0])) for c in base]
         for size in sizes:
-            sub = copy.deepcopy(cfg)
             whole = size == "whole"
-            OmegaConf.update(sub, "model.channels", channels, merge=False)
-            OmegaConf.update(sub, "data.patch_size", "whole" if whole else [size] * 3, merge=False)
-            OmegaConf.update(sub, "trainer.curriculum", None, merge=False)
-            OmegaConf.update(sub, "inference.mode", "whole" if whole else "sliding", merge=False)
-            OmegaConf.update(sub, "inference.patch_size", None, merge=False)  # sliding: the training patch
-            OmegaConf.update(sub, "run_dir", str(run_dir / "context" / f"w{width}_{size}"), merge=False)
-            OmegaConf.update(sub, "trainer.resume", "auto", merge=False)
+            changes = {"model.channels": channels, "data.patch_size": "whole" if whole else [size] * 3,
+                       "trainer.curriculum": None, "inference.mode": "whole" if whole else "sliding",
+                       "inference.patch_size": None,  # sliding: the training patch
+                       "run_dir": str(run_dir / "context" / f"w{width}_{size}"), "trainer.resume": "auto"}
             try:
-                validate(sub)
+                sub = derive(cfg, changes)
             except ConfigError as e:
                 raise ConfigError(f"bench context, width {width}, input {size}: {e}") from e
             summary = train(sub, log=lambda line, w=width, s=size: log(f"  [w{w} {s}] {line}")

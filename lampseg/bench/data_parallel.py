@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lampseg.bench.workers import launch_workers
-from lampseg.config import Config, ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.config import Config, ConfigError, checked, enum_value, patch_size_of, to_container
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
@@ -151,7 +151,7 @@ def run(cfg, log=print) -> dict:
     Raises:
         ConfigError: for bad ``bench.*`` values or a whole-volume patch size.
     """
-    validate(cfg)
+    cfg = checked(cfg)
     b = cfg.bench
     if b.steps < 1 or b.warmup < 0 or b.repeats < 1:
         raise ConfigError(f"config keys 'bench.steps'/'bench.warmup'/'bench.repeats': expected >= 1 / >= 0 / "

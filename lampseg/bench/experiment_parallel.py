@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lampseg.config import ConfigError, enum_value, validate
+from lampseg.config import ConfigError, checked, enum_value
 from lampseg.io import atomic_write_bytes, write_json
 from lampseg.plots import figure_png, pyplot
 from lampseg.runtime.launcher import job_command, run_command
@@ -120,7 +120,7 @@ def run(cfg, overrides: list[str], log=print) -> dict:
     Raises:
         ConfigError: for bad ``bench.trials`` / ``bench.workers`` / ``bench.repeats``.
     """
-    validate(cfg)
+    cfg = checked(cfg)
     b = cfg.bench
     if b.trials < 1 or b.workers < 1 or b.repeats < 1:
         raise ConfigError(f"config keys 'bench.trials'/'bench.workers'/'bench.repeats': expected >= 1, got "

@@ -14,7 +14,6 @@ Writes ``bench_inference.json`` and ``bench_inference.png`` (time vs Dice) in ``
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lampseg.config import ConfigError, enum_value
+from lampseg.config import ConfigError, changes_from, derive, enum_value
 from lampseg.data.sampling import whole_volume_shape
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.evaluate import case_image, case_scores, config_from_checkpoint, load_model, roi_size
@@ -103,12 +102,10 @@ def _infer_case(model, bundle, device: torch.device, divisor: int, name: str, cf
 
 def _mode_config(cfg, mode: dict):
     """``cfg`` with ``inference.*`` set to one benchmarked mode."""
-    mode_cfg = copy.deepcopy(cfg)
-    OmegaConf.update(mode_cfg, "inference.mode", mode["mode"], merge=False)
+    changes = {"inference.mode": mode["mode"]}
     if mode["window"] is not None:
-        OmegaConf.update(mode_cfg, "inference.patch_size", [mode["window"]] * 3, merge=False)
-        OmegaConf.update(mode_cfg, "inference.overlap", mode["overlap"], merge=False)
-    return mode_cfg
+        changes.update({"inference.patch_size": [mode["window"]] * 3, "inference.overlap": mode["overlap"]})
+    return derive(cfg, changes, check=False)  # the windows were checked against the model (_check_bench)
 
 
 def _check_bench(b, divisor: int) -> None:
@@ -130,25 +127,25 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
         ConfigError: without ``ckpt``, or for window sizes that are not multiples of the network's
             divisibility.
     """
-    if cfg.ckpt is None:
+    b, path = cfg.bench, cfg.bench.ckpt
+    if path is None:
         raise ConfigError("config key 'ckpt': bench inference needs a trained checkpoint (ckpt=PATH)")
-    b = cfg.bench
-    ckpt = load_checkpoint(cfg.ckpt)
-    cfg = config_from_checkpoint(ckpt, cfg, list(overrides or []))
+    ckpt = load_checkpoint(path)
+    cfg = config_from_checkpoint(ckpt, changes_from(cfg, list(overrides or [])), cfg.run_dir)
     divisor = size_divisor(cfg.model)
     _check_bench(b, divisor)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, _, device, _ = load_model(ckpt, cfg)
     # a checkpoint keeps trainer.precision as asked (auto): resolved here, as train would on this device
-    OmegaConf.update(cfg, "trainer.precision", resolve_precision(cfg.trainer.precision, device).name,
-                     merge=False)
+    precision = resolve_precision(cfg.trainer.precision, device).name
+    cfg = derive(cfg, {"trainer.precision": precision}, check=False)
     main = distributed.is_main()
     log = log if main else (lambda *_: None)
     with distributed.main_first():
         bundle = load_data(cfg, run_dir, log)
     cases = sorted(bundle.val_cases)[: b.cases or None]
-    log(f"bench inference: {cfg.ckpt} ({cfg.model.name}), {len(cases)} validation case(s), "
+    log(f"bench inference: {path} ({cfg.model.name}), {len(cases)} validation case(s), "
         f"{enum_value(cfg.trainer.precision)}, device {device}, TTA {bool(cfg.inference.tta)}, "
         f"{b.repeats} interleaved round(s)")
     infer_case = partial(_infer_case, model, bundle, device, divisor)
@@ -158,7 +155,7 @@ def run(cfg, overrides: list[str] | None = None, log=print) -> dict:
     _log_auto(auto_rows, log)
     result = {"benchmark": "inference", "auto": auto_rows,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "ckpt": str(cfg.ckpt), "modes": rows, "target": target,
+              "ckpt": str(path), "modes": rows, "target": target,
               "targets": {"speedup_min": SPEEDUP_TARGET, "dice_loss_max": DICE_TOLERANCE},
               "config": {"model": cfg.model.name, "train_patch_size": list(ckpt["data"]["patch_size"]),
                          "cases": cases,

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lampseg.config import ConfigError, enum_value, validate
+from lampseg.config import ConfigError, checked, derive, enum_value
 from lampseg.data.prepare import DataBundle, training_dataset
 from lampseg.data.sampling import EpochSampler, PatchDataset, training_loader
 from lampseg.engine.optim import build_optimizer
@@ -64,8 +64,7 @@ PROFILE_EPOCH = 2000  # the profiled phases' patches (the same for both loops)
 
 def _dataset(cfg: DictConfig, bundle: DataBundle, steps: int) -> PatchDataset:
     """The training ``PatchDataset`` of ``run()``, ``steps`` batches long."""
-    short = copy.deepcopy(cfg)
-    short.data.samples_per_epoch = steps * cfg.data.batch_size
+    short = derive(cfg, {"data.samples_per_epoch": steps * cfg.data.batch_size}, check=False)
     return training_dataset(short, bundle)
 
 
@@ -220,7 +219,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict:
     Raises:
         ConfigError: a bench count is out of range, or the config is invalid.
     """
-    validate(cfg)
+    cfg = checked(cfg)
     b = cfg.bench
     for key, value, lo in [("bench.steps", b.steps, 1), ("bench.warmup", b.warmup, 0),
                            ("bench.repeats", b.repeats, 1)]:

@@ -49,7 +49,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lampseg.bench.workers import launch_workers, random_batch, start_worker, timed_steps
-from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.config import ConfigError, derive, enum_value, patch_size_of, to_container
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.engine.optim import build_optimizer
@@ -269,7 +269,6 @@ def _plot(summary: dict, path: Path, title: str) -> None:
 
 def run(cfg) -> dict:
     """Run the benchmark (module docstring); returns what it writes to ``bench_spatial.json``."""
-    validate(cfg)
     patch = patch_size_of(cfg)
     if patch is None:
         raise ConfigError("config key 'data.patch_size': bench spatial needs a fixed size (the whole volume "
@@ -277,7 +276,7 @@ def run(cfg) -> dict:
     dataset = load_dataset(dataset_root(cfg.data))
     channels, targets = resolve_channels(dataset, cfg.data), resolve_targets(dataset, cfg.data)
     precision = resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
-    OmegaConf.update(cfg, "trainer.precision", precision.name, merge=False)  # every rank computes alike
+    cfg = derive(cfg, {"trainer.precision": precision.name}, check=False)  # every rank computes alike
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"config": to_container(cfg), "in_channels": len(channels), "patch": list(patch),

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from lampseg.config import ConfigError
+from lampseg.config import ConfigError, changes_from, enum_value
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.evaluate import config_from_checkpoint, evaluate_cases, load_model
 from lampseg.engine.metrics import metric_key
@@ -19,14 +19,31 @@ from lampseg.io import write_json
 from lampseg.runtime import distributed
 
 
-def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
-    """``evaluate ckpt=...``: metrics of a checkpoint on the validation fold (``split=val``), the training
-    fold (``split=train``) or all cases (``split=all``); writes ``eval.json`` in ``run_dir``."""
-    if cfg.ckpt is None:
+def run_evaluate(cfg: DictConfig, overrides: list[str], log=print) -> dict:
+    """``evaluate ckpt=PATH [split=val|train|all]``: ``evaluate_checkpoint`` with the settings the command
+    line changed applied to the checkpoint's config."""
+    if cfg.evaluate.ckpt is None:
         raise ConfigError("config key 'ckpt': expected the path of a checkpoint (ckpt=PATH), got None")
-    ckpt = load_checkpoint(cfg.ckpt)
-    cfg = config_from_checkpoint(ckpt, cfg, overrides)
-    run_dir = Path(cfg.run_dir)
+    return evaluate_checkpoint(Path(cfg.evaluate.ckpt), Path(cfg.run_dir), enum_value(cfg.evaluate.split),
+                               changes_from(cfg, overrides), log)
+
+
+def evaluate_checkpoint(ckpt_path: Path, run_dir: Path, split: str = "val", changes: dict | None = None,
+                        log=print) -> dict:
+    """Metrics of a checkpoint on its dataset, under any parallel layout; writes ``run_dir/eval.json``.
+
+    Args:
+        ckpt_path: the checkpoint.
+        run_dir: where ``eval.json`` (and, for a new split, ``splits.json``) go.
+        split: ``val`` (the checkpoint's validation fold), ``train`` (its training fold) or ``all``.
+        changes: settings to change in the checkpoint's config (dotted keys: ``inference.mode``, ...).
+        log: where progress lines go (rank 0's).
+
+    Returns:
+        What ``eval.json`` holds: per-case and mean Dice/HD95, seconds per case.
+    """
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = config_from_checkpoint(ckpt, changes, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, _, device, dims = load_model(ckpt, cfg)  # under torchrun: this rank's pipeline stage
     main = distributed.is_main()
@@ -34,9 +51,9 @@ def run_evaluate(cfg, overrides: list[str], log=print) -> dict:
     with distributed.main_first():
         bundle = load_data(cfg, run_dir, log)
     cases = {"val": bundle.val_cases, "train": bundle.train_cases,
-             "all": bundle.train_cases + bundle.val_cases}[cfg.split]
+             "all": bundle.train_cases + bundle.val_cases}[split]
     per_case, means = evaluate_cases(model, bundle, sorted(cases), cfg, device, dims)
-    result = {"ckpt": str(cfg.ckpt), "split": cfg.split,
+    result = {"ckpt": str(ckpt_path), "split": split,
               "inference": OmegaConf.to_container(cfg.inference, enum_to_str=True),
               "parallel": OmegaConf.to_container(cfg.parallel), "mean": means,
               "seconds_per_case": float(np.mean([c["seconds"] for c in per_case])), "cases": per_case}

@@ -176,14 +176,21 @@ def _check_inference(cfg: DictConfig, divisor: int) -> None:
     in_range("inference.memory_gb", i.memory_gb, 0, open_low=True, null=True)
     if i.patch_size is not None:
         window = positive_ints("inference.patch_size", i.patch_size, 3)
-        if cfg.ckpt is None:  # with a checkpoint the model (its divisor) is the checkpoint's: checked there
+        if checkpoint_of(cfg) is None:  # with a checkpoint the model (its divisor) is the checkpoint's
             check_patch("inference.patch_size", window, divisor, enum_value(cfg.model.norm), p.sp)
+
+
+def checkpoint_of(cfg: DictConfig) -> str | None:
+    """The checkpoint a subcommand was given (``evaluate``/``predict``/``visualize``/``bench`` ``ckpt=``)."""
+    given = [cfg[section].ckpt for section in ("evaluate", "predict", "visualize", "bench")]
+    return next((c for c in given if c is not None), None)
 
 
 def _check_commands(cfg: DictConfig) -> None:
     """Keys of single subcommands (visualize) and the run's seed."""
-    if cfg.slices is not None and (len(cfg.slices) != 3 or min(cfg.slices) < 0):
-        fail("slices", "3 voxel indices [x, y, z], each >= 0", list(cfg.slices))
+    slices = cfg.visualize.slices
+    if slices is not None and (len(slices) != 3 or min(slices) < 0):
+        fail("slices", "3 voxel indices [x, y, z], each >= 0", list(slices))
     _check_seed("seed", cfg.seed)
 
 

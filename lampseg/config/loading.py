@@ -32,6 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lampseg.config.checks import validate
+from lampseg.config.commands import SHORT_ARGUMENTS
 from lampseg.config.schema import Config, ConfigError, register_schema
 
 # A group option whose YAML leaves a key to the user (``???``): OmegaConf keeps the schema's default when it
@@ -290,6 +291,17 @@ def _check_required(overrides: Sequence[str], cfg: DictConfig) -> None:
                                   f"None (the default {group} generates a synthetic dataset instead)")
 
 
+def qualify(subcommand: str, overrides: Sequence[str]) -> list[str]:
+    """The command line with ``subcommand``'s own arguments in their section (``commands.SHORT_ARGUMENTS``):
+    ``evaluate ckpt=PATH`` -> ``evaluate.ckpt=PATH``, ``bench inference ckpt=PATH`` -> ``bench.ckpt=PATH``."""
+    short = SHORT_ARGUMENTS.get(subcommand, ())
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{subcommand}.{key}={value}" if sep and key in short else item)
+    return out
+
+
 def load(overrides: Sequence[str], config_dir: str) -> DictConfig:
     """The config of ``python -m lampseg SUBCOMMAND OVERRIDES``, composed and checked as the CLI does.
 
@@ -298,7 +310,8 @@ def load(overrides: Sequence[str], config_dir: str) -> DictConfig:
         config_dir: the path of ``conf/``.
 
     Returns:
-        The composed config (struct mode, without the ``hydra`` node), which ``validate`` accepted.
+        The composed config (struct mode, without the ``hydra`` node), which ``validate`` accepted;
+        read-only, as every checked config is (``derived.is_checked``).
 
     Raises:
         ConfigError: naming the first key at fault: an override Hydra cannot parse or apply, a group option
@@ -307,6 +320,7 @@ def load(overrides: Sequence[str], config_dir: str) -> DictConfig:
     """
     cfg = compose_config(overrides, config_dir)
     check(cfg, overrides)
+    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 

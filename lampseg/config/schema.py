@@ -14,22 +14,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from lampseg.config.choice import Choice
+from lampseg.config.commands import EvaluateArgs, PredictArgs, SynthArgs, VisualizeArgs
 from lampseg.errors import LampsegError
 
 
 class ConfigError(LampsegError, ValueError):
     """A config value is invalid; the message names the key and what was expected."""
-
-
-class Choice(str, Enum):
-    """A string choice Hydra checks (a bad value fails at composition, naming the key and the options); its
-    members compare, hash and format as their values on every Python version."""
-
-    def __str__(self) -> str:
-        return str.__str__(self)
-
-    def __format__(self, spec: str) -> str:
-        return str.__format__(str.__str__(self), spec)
 
 
 class ParallelMode(Choice):
@@ -62,12 +53,6 @@ class ProgressMode(Choice):
     bar = "bar"
     line = "line"
     none = "none"
-
-
-class Split(Choice):
-    val = "val"
-    train = "train"
-    all = "all"
 
 
 class Precision(str, Enum):
@@ -250,6 +235,7 @@ class BenchConfig:
     windows: list[int] = field(default_factory=lambda: [64, 96, 128])  # bench inference: sliding windows
     overlaps: list[float] = field(default_factory=lambda: [0.25, 0.5])  # bench inference
     cases: int = 0  # bench inference: validation cases (0: all)
+    ckpt: str | None = None  # bench inference: the checkpoint (`bench inference ckpt=PATH`)
     auto_budgets_gb: list[float] | None = None  # bench inference auto rows (None: 2x, 0.75x whole's estimate)
     patch_sizes: list[Any] = field(default_factory=lambda: [16, 32, "whole"])  # bench context: cube sides
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])  # bench context: first-level channels
@@ -327,6 +313,7 @@ class LooConfig:
     checkpoint: str = "final"  # evaluated on the held-out cases: final (no selection on them) or best
 
 
+
 @dataclass
 class Config:
     run_dir: str = "outputs/run"
@@ -342,16 +329,12 @@ class Config:
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     loo: LooConfig = field(default_factory=LooConfig)
-    # Subcommand arguments (evaluate/predict/synth); ignored by train.
-    ckpt: str | None = None
-    input: str | None = None
-    output: str | None = None
-    overwrite: bool = False  # predict: redo inputs whose prediction is already in output (default: skip)
-    out: str | None = None
-    split: Split = Split.val
-    case: str | None = None  # visualize: the case to draw (default: the dataset's first)
-    prediction: str | None = None  # visualize: a label NIfTI to draw over the case
-    slices: list[int] | None = None  # visualize: x, y, z of the planes (default: the foreground's centre)
+    evaluate: EvaluateArgs = field(default_factory=EvaluateArgs)
+    predict: PredictArgs = field(default_factory=PredictArgs)
+    visualize: VisualizeArgs = field(default_factory=VisualizeArgs)
+    synth: SynthArgs = field(default_factory=SynthArgs)
+
+
 
 
 def register_schema() -> None:

@@ -28,6 +28,11 @@ def dataset_root(data_cfg, log=print) -> Path:
     """``data.root``, or the default synthetic dataset (generated on first use)."""
     if data_cfg.root is not None:
         return Path(str(data_cfg.root)).expanduser()
+    return synthetic_root(data_cfg, log)
+
+
+def synthetic_root(data_cfg, log=print) -> Path:
+    """The synthetic dataset ``data.synthetic`` describes, under ``lampseg_home()`` (made on first use)."""
     s = data_cfg.synthetic
     shape = "x".join(str(v) for v in s.shape)
     if s.kind == "known_importance":  # cubes of shape[0]; modalities A > B > C by construction

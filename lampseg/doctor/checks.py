@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lampseg.config import enum_value
+from lampseg.config import derive, enum_value
 from lampseg.doctor.probe import BATCH, SHAPE, failure_line, probe_config, probe_problem
 from lampseg.engine.inference import infer
 from lampseg.engine.optim import build_optimizer
@@ -65,9 +65,8 @@ def check_single(cfg: DictConfig) -> str:
 def check_inference(cfg: DictConfig) -> str:
     """``inference.mode=auto`` with the device's free memory, then with too little for a whole volume."""
     device = resolve_device(cfg.trainer.device)
-    probe = probe_config(device=str(device))
-    probe.trainer.precision = cfg.trainer.precision
-    OmegaConf.update(probe, "inference", {"mode": "auto", "memory_gb": None}, merge=True)
+    probe = derive(probe_config(device=str(device)), {"trainer.precision": cfg.trainer.precision,
+                                                       "inference": {"mode": "auto", "memory_gb": None}})
     model, _, _, targets, _, _ = probe_problem(probe, device)
     model.eval()
     image = torch.randn(1, SHAPE[0], *VOLUME, generator=torch.Generator().manual_seed(2)).to(device)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
-from lampseg.config import Config, enum_value, validate
+from lampseg.config import enum_value, restore
 from lampseg.engine.inference import infer
 from lampseg.engine.metrics import dice_hd95, summarize
 from lampseg.engine.setup import select_device
@@ -94,27 +95,19 @@ def case_scores(bundle, name: str, logits: torch.Tensor, with_hd95: bool) -> tup
                      meta.get("target_spacing") or meta["spacing"], with_hd95)
 
 
-def config_from_checkpoint(ckpt: dict, cfg, overrides: list[str]):
-    """The checkpoint's training config, with the keys overridden on the command line taken from ``cfg``.
-
-    Args:
-        ckpt: a loaded checkpoint (holds ``config``).
-        cfg: the config composed for this command.
-        overrides: the command-line overrides (``key=value`` or ``group=option``).
+def config_from_checkpoint(ckpt: dict, changes: dict | None = None, run_dir: str | Path | None = None
+                           ) -> DictConfig:
+    """The checkpoint's training config with ``changes`` (``config.changes_from``: the settings a command line
+    changed), checked and read-only; ``run_dir`` is where this command writes.
 
     Raises:
-        ConfigError: an override does not fit the checkpoint's config (``validate``).
+        ConfigError: a change does not fit the checkpoint's config (an ``inference.patch_size`` its model's
+            strides cannot divide, say).
     """
-    merged = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
-    for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra") or key == "exp":
-            continue
-        OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
-    for key in ("run_dir", "ckpt", "input", "output", "split", "overwrite"):
-        OmegaConf.update(merged, key, cfg[key], merge=False)
-    validate(merged)  # the overrides against the checkpoint's model (inference.patch_size vs its strides)
-    return merged
+    changes = dict(changes or {})
+    if run_dir is not None:
+        changes["run_dir"] = str(run_dir)
+    return restore(ckpt["config"], changes)
 
 
 def load_model(ckpt: dict, cfg):

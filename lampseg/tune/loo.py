@@ -19,9 +19,9 @@ import json
 import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lampseg.config import ConfigError, validate
+from lampseg.config import ConfigError, derive
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels
 from lampseg.engine.metrics import metric_key
@@ -63,15 +63,12 @@ def _folds(cfg: DictConfig, cases: int) -> int:
 
 
 def loo_study(cfg: DictConfig, subsets: dict[str, list[str]], folds: int) -> DictConfig:
-    """The Tune grid study of the leave-one-out trials: modality subsets x folds."""
-    study = cfg.copy()
-    OmegaConf.update(study, "data.folds", folds, merge=False)
-    OmegaConf.update(study, "tune", {"name": "loo", "search": "grid", "scheduler": "fifo", "num_samples": 1,
-                                     "metric": "val_dice", "mode": "max",
-                                     "space": [{"key": "data.modalities", "grid": list(subsets.values())},
-                                               {"key": "data.fold", "grid": list(range(folds))}]},
-                     merge=True)
-    return study
+    """The config of the Tune grid study of the leave-one-out trials (modality subsets x folds), derived
+    from ``cfg`` (checked, read-only)."""
+    study = {"name": "loo", "search": "grid", "scheduler": "fifo", "num_samples": 1, "metric": "val_dice",
+             "mode": "max", "space": [{"key": "data.modalities", "grid": list(subsets.values())},
+                                      {"key": "data.fold", "grid": list(range(folds))}]}
+    return derive(cfg, {"data.folds": folds, "tune": study})
 
 
 class ConditionNames:
@@ -170,7 +167,6 @@ def run_loo(cfg: DictConfig, log=print) -> dict:
     Raises:
         ConfigError: bad ``loo.*`` settings, or an incomplete study.
     """
-    validate(cfg)
     dataset = load_dataset(dataset_root(cfg.data, log))
     used = [dataset.modalities[k] for k in resolve_channels(dataset, cfg.data)]  # names, dataset.json order
     subsets = conditions(cfg, used)

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lampseg.config import ConfigError, enum_value, to_container, validate
+from lampseg.config import ConfigError, checked, derive, enum_value, to_container
 from lampseg.engine.metrics import metric_key
 from lampseg.engine.setup import load_data
 from lampseg.errors import LampsegError
@@ -240,7 +240,7 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None,
     """Run (or resume) the study ``cfg.tune`` describes and write its results.
 
     Args:
-        cfg: the composed config; ``cfg.tune`` is the study, everything else each trial's base config.
+        cfg: the checked config; ``cfg.tune`` is the study, everything else each trial's base config.
         log: where progress lines go.
         held_out: also evaluate each trial's ``final`` or ``best`` checkpoint on its validation fold
             (``eval.json`` per trial; ``lampseg loo``).
@@ -255,67 +255,24 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None,
             ``tune.resume=true``.
     """
     import ray  # lazy: Ray/Optuna take seconds to import
-    from ray import tune  # lazy: Ray/Optuna take seconds to import
 
     from lampseg.tune.console import StudyConsole  # lazy: a Ray Tune callback
 
-    validate(cfg)
-    cfg = cfg.copy()  # one spelling of the metric for every logger (``val_dice_enhancing tumour`` too)
-    OmegaConf.update(cfg, "tune.metric", metric_key(cfg.tune.metric), merge=False)
-    space = check_space(cfg)
-    base, stages = study_config(cfg, log)
-    if cfg.tune.address:
-        _check_reachable(cfg.tune.address)
+    # one spelling of the metric for every logger (``val_dice_enhancing tumour`` too)
+    cfg = derive(checked(cfg), {"tune.metric": metric_key(cfg.tune.metric)}, check=False)
+    space, base, bundle, exists = _prepare(cfg, log)
     run_dir = Path(base["run_dir"])
-    study_dir = run_dir / "tune"
-    exists = tune.Tuner.can_restore(str(study_dir))
-    if exists and not cfg.tune.resume:
-        raise ConfigError(f"config key 'tune.resume': {study_dir} already holds a study; pass "
-                          "tune.resume=true to continue it, or choose another run_dir")
-    # Generate/preprocess the data once, here: data errors surface before Ray starts, trials find the cache.
-    load_data(OmegaConf.merge(cfg, {"data": base["data"]}), run_dir, log)
-    r = cfg.tune.resources
-    bundle = {"CPU": r.cpu * stages, "GPU": r.gpu * stages}
-    bundle = {k: v for k, v in bundle.items() if v > 0}
-    trials = grid_size(space) * cfg.tune.num_samples
-    log(f"tune: study '{cfg.tune.name}' in {study_dir}: {cfg.tune.search} search, {cfg.tune.scheduler} "
-        f"scheduler, {trials} trial(s) over {', '.join(space) or 'no keys'}; each trial {bundle}; "
-        f"metric {cfg.tune.metric} ({cfg.tune.mode})")
     started = time.perf_counter()
     ours = not ray.is_initialized()  # a session the caller started (tests share one) stays up
     _ray_init(cfg, run_dir, log)
     ray_s = time.perf_counter() - started
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, held_out=held_out),
-                                    tune.PlacementGroupFactory([bundle]))
-    param_space = to_ray(space)
-    limit = (cfg.tune.max_concurrent or None) if cfg.tune.search == "optuna" else None  # else: _search
-    verbose = cfg.tune.verbose
-    console = StudyConsole(trials, cfg.tune.metric, cfg.tune.mode, cfg.trainer.max_epochs,
-                           describe, verbose, log)
-    # PBT restores a trial from another trial's checkpoint of some epochs ago: keep them all
-    keep = None if cfg.tune.scheduler == "pbt" else cfg.tune.keep_checkpoints
-    if exists:
-        log(f"tune: resuming the study in {study_dir} (finished trials are kept, unfinished ones continue "
-            "from their last checkpoint)")
-        tuner = tune.Tuner.restore(str(study_dir), trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=_search(cfg),
-                scheduler=_scheduler(cfg, space), num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=limit, time_budget_s=cfg.tune.time_budget_s,
-                trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
-                reuse_actors=True),  # the next trial runs in a warm worker: no second torch/MONAI import
-            run_config=tune.RunConfig(
-                name="tune", storage_path=str(run_dir), verbose=1 if verbose >= 2 else 0,
-                callbacks=[console],
-                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))
-    with _quiet_ray(verbose):
+    console = StudyConsole(grid_size(space) * cfg.tune.num_samples, cfg.tune.metric, cfg.tune.mode,
+                           cfg.trainer.max_epochs, describe, cfg.tune.verbose, log)
+    tuner = _tuner(cfg, space, base, bundle, exists, held_out, console, log)
+    with _quiet_ray(cfg.tune.verbose):
         grid = tuner.fit()
     wall_s = time.perf_counter() - started
+    study_dir = run_dir / "tune"
     summary = write_results(grid, cfg, base, study_dir, log)
     summary.update(wall_s=round(wall_s, 2), ray_start_s=round(ray_s, 2), resources_per_trial=bundle,
                    scheduler=enum_value(cfg.tune.scheduler))
@@ -333,3 +290,66 @@ def run_tune(cfg: DictConfig, log=print, held_out: str | None = None,
         log(f"tune: {unfinished} trial(s) unfinished and {failed} failed; continue the study with the same "
             "command plus tune.resume=true")
     return summary
+
+
+def _prepare(cfg: DictConfig, log) -> tuple[dict, dict, dict, bool]:
+    """Everything checked before Ray starts: the space, the trials' base config, one trial's resources, and
+    whether the study exists (to resume); the data generated/preprocessed once, so that data errors surface
+    here and trials find the cache.
+
+    Raises:
+        ConfigError: as ``run_tune``.
+    """
+    from ray import tune  # lazy: see run_tune
+
+    space = check_space(cfg)
+    base, stages = study_config(cfg, log)
+    if cfg.tune.address:
+        _check_reachable(cfg.tune.address)
+    run_dir = Path(base["run_dir"])
+    study_dir = run_dir / "tune"
+    exists = tune.Tuner.can_restore(str(study_dir))
+    if exists and not cfg.tune.resume:
+        raise ConfigError(f"config key 'tune.resume': {study_dir} already holds a study; pass "
+                          "tune.resume=true to continue it, or choose another run_dir")
+    load_data(derive(cfg, {"data": base["data"]}, check=False), run_dir, log)
+    r = cfg.tune.resources
+    bundle = {k: v for k, v in {"CPU": r.cpu * stages, "GPU": r.gpu * stages}.items() if v > 0}
+    trials = grid_size(space) * cfg.tune.num_samples
+    log(f"tune: study '{cfg.tune.name}' in {study_dir}: {cfg.tune.search} search, {cfg.tune.scheduler} "
+        f"scheduler, {trials} trial(s) over {', '.join(space) or 'no keys'}; each trial {bundle}; "
+        f"metric {cfg.tune.metric} ({cfg.tune.mode})")
+    return space, base, bundle, exists
+
+
+def _tuner(cfg: DictConfig, space: dict, base: dict, bundle: dict, exists: bool, held_out: str | None,
+           console, log):
+    """The ``Tuner`` of the study: restored (finished trials kept, unfinished ones continued) or new."""
+    from ray import tune  # lazy: see run_tune
+
+    run_dir = Path(base["run_dir"])
+    study_dir = run_dir / "tune"
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base, held_out=held_out),
+                                    tune.PlacementGroupFactory([bundle]))
+    param_space = to_ray(space)
+    if exists:
+        log(f"tune: resuming the study in {study_dir} (finished trials are kept, unfinished ones continue "
+            "from their last checkpoint)")
+        return tune.Tuner.restore(str(study_dir), trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space)
+    limit = (cfg.tune.max_concurrent or None) if cfg.tune.search == "optuna" else None  # else: _search
+    # PBT restores a trial from another trial's checkpoint of some epochs ago: keep them all
+    keep = None if cfg.tune.scheduler == "pbt" else cfg.tune.keep_checkpoints
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=_search(cfg),
+            scheduler=_scheduler(cfg, space), num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=limit, time_budget_s=cfg.tune.time_budget_s,
+            trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id),
+            reuse_actors=True),  # the next trial runs in a warm worker: no second torch/MONAI import
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(run_dir), verbose=1 if cfg.tune.verbose >= 2 else 0,
+            callbacks=[console],
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))

@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lampseg.config import ConfigError, validate
+from lampseg.config import ConfigError, derive, writable
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -64,8 +64,13 @@ def space_of(cfg: DictConfig) -> dict[str, tuple[str, list]]:
 
 
 def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
-    """A copy of ``cfg`` with each dotted key set to its value (type-checked by the schema)."""
-    out = cfg.copy()
+    """A new, checked and read-only config (``config.derive``): ``cfg`` with each dotted key set to its value
+    (type-checked by the schema, then ``validate``).
+
+    Raises:
+        ConfigError: naming the ``tune.space`` key whose value the schema or ``validate`` refuses.
+    """
+    out = writable(cfg)
     for key, value in params.items():
         if OmegaConf.select(out, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"config key 'tune.space' ({key}): there is no config key '{key}'")
@@ -74,7 +79,7 @@ def apply_params(cfg: DictConfig, params: dict[str, Any]) -> DictConfig:
         except OmegaConfBaseException as e:
             raise ConfigError(f"config key 'tune.space' ({key}): {value!r} is not a valid '{key}': "
                               f"{str(e).splitlines()[0]}") from e
-    return out
+    return derive(out)
 
 
 _MISSING = object()
@@ -112,7 +117,7 @@ def check_space(cfg: DictConfig) -> dict[str, tuple[str, list]]:
                           f"train_loss, got {cfg.tune.metric!r}")
     for key, (kind, values) in space.items():
         for value in _probes(kind, values):
-            validate(apply_params(cfg, {key: value}))
+            apply_params(cfg, {key: value})  # checked as every trial will be
     return space
 
 

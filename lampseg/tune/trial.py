@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lampseg.commands.evaluate import run_evaluate
-from lampseg.config import Config
+from lampseg.commands.evaluate import evaluate_checkpoint
+from lampseg.config import restore
 from lampseg.engine.train import run
 from lampseg.io import atomic_write
 from lampseg.tune.space import apply_params
@@ -29,11 +29,12 @@ def trial_dirname(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
-def trial_config(base: dict, params: dict[str, Any], run_dir: str | Path) -> DictConfig:
-    """The config one trial trains with: the study's base config, the trial's values, its own run dir."""
-    cfg = apply_params(OmegaConf.merge(OmegaConf.structured(Config), base), params)
-    OmegaConf.update(cfg, "run_dir", str(run_dir), merge=False)
-    return cfg
+def trial_config(base: dict, params: dict[str, Any], run_dir: str | Path, resume: str = "never"
+                 ) -> DictConfig:
+    """The config one trial trains with (checked, read-only): the study's base config, the trial's values,
+    its own run dir and ``trainer.resume``."""
+    own = {"run_dir": str(run_dir), "trainer.resume": resume}
+    return apply_params(restore(base, check=False), {**params, **own})
 
 
 class TrialLog:
@@ -87,7 +88,6 @@ def train_trial(params: dict[str, Any], base: dict, held_out: str | None = None)
 
     # The trial's directory in the study (not Ray's staging copy), so metrics.csv and progress.png are live.
     run_dir = Path(base["run_dir"]) / "tune" / trial_dirname(tune.get_context().get_trial_id())
-    cfg = trial_config(base, params, run_dir)
     restored = tune.get_checkpoint()
     if restored is not None:  # a retry after a failure, a resumed study, or PBT's copy of another trial
         with restored.as_directory() as folder:
@@ -95,13 +95,9 @@ def train_trial(params: dict[str, Any], base: dict, held_out: str | None = None)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             with open(source, "rb") as f:
                 atomic_write(run_dir / "checkpoints" / "latest.pt", lambda out: shutil.copyfileobj(f, out))
-        OmegaConf.update(cfg, "trainer.resume", "auto", merge=False)
-    else:  # nothing reported yet: start over, even if an earlier attempt left a latest.pt behind
-        OmegaConf.update(cfg, "trainer.resume", "never", merge=False)
+    # without a reported checkpoint: start over, even if an earlier attempt left a latest.pt behind
+    cfg = trial_config(base, params, run_dir, "auto" if restored is not None else "never")
     log = TrialLog(run_dir / "log.txt")
     summary = run(cfg, reporter=_Reporter(), log=log)
     if held_out is not None and summary["status"] == "completed":
-        evaluate = cfg.copy()
-        OmegaConf.update(evaluate, "ckpt", str(run_dir / "checkpoints" / f"{held_out}.pt"), merge=False)
-        OmegaConf.update(evaluate, "split", "val", merge=False)
-        run_evaluate(evaluate, [], log=log)
+        evaluate_checkpoint(run_dir / "checkpoints" / f"{held_out}.pt", run_dir, "val", log=log)

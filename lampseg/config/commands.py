@@ -1,0 +1,64 @@
+"""The subcommands' own arguments, each in its section of the config (``evaluate.ckpt``, ``predict.input``,
+...). On the command line a subcommand's arguments may be written without their section
+(``SHORT_ARGUMENTS``): ``python -m lampseg evaluate ckpt=PATH`` is ``evaluate.ckpt=PATH``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lampseg.config.choice import Choice
+
+
+class Split(Choice):
+    val = "val"
+    train = "train"
+    all = "all"
+
+
+
+@dataclass
+class EvaluateArgs:
+    """``python -m lampseg evaluate ckpt=PATH [split=val|train|all]``."""
+
+    ckpt: str | None = None  # the checkpoint to evaluate
+    split: Split = Split.val  # the checkpoint's validation fold, its training fold, or every case
+
+
+@dataclass
+class PredictArgs:
+    """``python -m lampseg predict ckpt=PATH input=FILE_OR_DIR output=DIR [overwrite=true]``."""
+
+    ckpt: str | None = None  # the checkpoint to segment with
+    input: str | None = None  # a NIfTI image, or a folder of them
+    output: str | None = None  # the folder the label NIfTIs go to
+    overwrite: bool = False  # redo inputs whose prediction is already in output (default: skip them)
+
+
+@dataclass
+class VisualizeArgs:
+    """``python -m lampseg visualize [case=NAME] [ckpt=PATH_OR_RUN | prediction=NIFTI] [slices=[x,y,z]]
+    [out=PNG]``."""
+
+    case: str | None = None  # the case to draw (default: the dataset's first)
+    ckpt: str | None = None  # a checkpoint or a run directory (its best) whose prediction is drawn
+    prediction: str | None = None  # a label NIfTI to draw over the case
+    slices: list[int] | None = None  # x, y, z of the planes (default: the foreground's centre)
+    out: str | None = None  # the PNG (default: run_dir/visualize_<case>.png)
+
+
+@dataclass
+class SynthArgs:
+    """``python -m lampseg synth [out=PATH]`` (the dataset's size and seed: ``data.synthetic.*``)."""
+
+    out: str | None = None  # where the dataset goes (default: where data.root=null trains from)
+
+
+# A subcommand's own arguments may be written without their section: `evaluate ckpt=PATH` is
+# `evaluate evaluate.ckpt=PATH` (config.loading.qualify). Every other key keeps its section.
+SHORT_ARGUMENTS = {
+    "evaluate": ("ckpt", "split"),
+    "predict": ("ckpt", "input", "output", "overwrite"),
+    "visualize": ("case", "ckpt", "prediction", "slices", "out"),
+    "synth": ("out",),
+    "bench": ("ckpt",),
+}
