@@ -171,19 +171,10 @@ def run(cfg, log=print) -> dict:
     """
     validate(cfg)
     b = cfg.bench
-    if b.steps < 1 or b.warmup < 0:
-        raise ConfigError(f"config keys 'bench.steps'/'bench.warmup': expected >= 1 / >= 0, got {b.steps}/"
-                          f"{b.warmup}")
-    if not b.pp or min(b.pp) < 1 or not b.microbatches or min(b.microbatches) < 1:
-        raise ConfigError(f"config keys 'bench.pp'/'bench.microbatches': expected lists of integers >= 1, "
-                          f"got {list(b.pp)}/{list(b.microbatches)}")
-    patch = patch_size_of(cfg)
-    if patch is None:
-        raise ConfigError("config key 'data.patch_size': bench pipeline needs a fixed patch size, not whole")
+    patch = _checked_patch(cfg)
     dataset = load_dataset(dataset_root(cfg.data, log))
     in_ch = len(resolve_channels(dataset, cfg.data))
     targets = resolve_targets(dataset, cfg.data)
-    out_ch = targets.out_channels
     batch = math.lcm(*b.microbatches)
     OmegaConf.update(cfg, "data.batch_size", batch, merge=False)
     run_dir = Path(cfg.run_dir)
@@ -202,16 +193,14 @@ def run(cfg, log=print) -> dict:
         log(f"  pp={pp}: " + ", ".join(f"M={r['microbatches']} stage {r['stage']} {r['step_s'] * 1e3:.0f} ms "
                                        f"{r['measured_gb'] * 1024:.1f}/{r['planned_gb'] * 1024:.1f} MB"
                                        for r in rows if r["pp"] == pp))
-    opt_states = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2)
-    costs = plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], targets=targets)[1]
-    cubes = {pp: largest_cube(costs, pp, batch, b.memory_gb, [in_ch, *patch], cfg.parallel.schedule,
-                              opt_states, size_divisor(cfg.model)) for pp in b.pp}
+    cubes = _largest_cubes(cfg, in_ch, targets, patch, batch)
     device = str(resolve_device(cfg.trainer.device))
     result = {"benchmark": "pipeline", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               **_summarise(rows, cfg, cubes, device),
               "config": {"model": cfg.model.name, "channels": list(cfg.model.channels),
-                         "patch_size": list(patch), "in_channels": in_ch, "out_channels": out_ch,
-                         "batch_size": batch, "precision": enum_value(cfg.trainer.precision),
+                         "patch_size": list(patch), "in_channels": in_ch,
+                         "out_channels": targets.out_channels, "batch_size": batch,
+                         "precision": enum_value(cfg.trainer.precision),
                          "optimizer": enum_value(cfg.optim.name), "schedule": cfg.parallel.schedule,
                          "checkpoint": enum_value(cfg.parallel.checkpoint), "device": device,
                          "memory_gb": b.memory_gb,
@@ -222,6 +211,37 @@ def run(cfg, log=print) -> dict:
     json_path, png_path = run_dir / "bench_pipeline.json", run_dir / "bench_pipeline.png"
     write_json(json_path, result)
     atomic_write_bytes(png_path, _plot(result))
+    _log_summary(result, b.memory_gb, log)
+    log(f"wrote {json_path} and {png_path}")
+    return result
+
+
+def _checked_patch(cfg) -> list[int]:
+    """``data.patch_size``, once ``bench.*`` and it are usable for this benchmark (else ConfigError)."""
+    b = cfg.bench
+    if b.steps < 1 or b.warmup < 0:
+        raise ConfigError(f"config keys 'bench.steps'/'bench.warmup': expected >= 1 / >= 0, got {b.steps}/"
+                          f"{b.warmup}")
+    if not b.pp or min(b.pp) < 1 or not b.microbatches or min(b.microbatches) < 1:
+        raise ConfigError(f"config keys 'bench.pp'/'bench.microbatches': expected lists of integers >= 1, "
+                          f"got {list(b.pp)}/{list(b.microbatches)}")
+    patch = patch_size_of(cfg)
+    if patch is None:
+        raise ConfigError("config key 'data.patch_size': bench pipeline needs a fixed patch size, not whole")
+    return patch
+
+
+def _largest_cubes(cfg, in_ch: int, targets, patch: list[int], batch: int) -> dict[int, int]:
+    """Per pp of ``bench.pp``: the planner's largest cubic input within ``bench.memory_gb`` per stage."""
+    b = cfg.bench
+    opt_states = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2)
+    costs = plan_for(cfg, in_ch, targets.out_channels, [in_ch, *patch], targets=targets)[1]
+    return {pp: largest_cube(costs, pp, batch, b.memory_gb, [in_ch, *patch], cfg.parallel.schedule,
+                             opt_states, size_divisor(cfg.model)) for pp in b.pp}
+
+
+def _log_summary(result: dict, memory_gb: float, log) -> None:
+    """Per (pp, M): step time, the plan's memory error, the bubble; then the largest cube per pp."""
     for c in result["configs"]:
         extra = ""
         if "bubble_measured" in c and c["pp"] > 1:
@@ -229,10 +249,8 @@ def run(cfg, log=print) -> dict:
                      f"{c['activation_share_max']:.2f} x unsplit/pp")
         log(f"pp={c['pp']} M={c['microbatches']}: step {c['step_s'] * 1e3:.0f} ms, memory plan error "
             f"{c['memory_error_max']:.1%}{extra}")
-    log(f"largest cube within {b.memory_gb:g} GB/stage: "
-        + ", ".join(f"pp={k}: {v}^3" for k, v in cubes.items()))
-    log(f"wrote {json_path} and {png_path}")
-    return result
+    log(f"largest cube within {memory_gb:g} GB/stage: "
+        + ", ".join(f"pp={k}: {v}^3" for k, v in result["largest_cube"].items()))
 
 
 if __name__ == "__main__":
