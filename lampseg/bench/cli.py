@@ -1,4 +1,4 @@
-"""``python -m lampseg bench NAME [overrides]``: run the benchmark module ``lampseg.bench.NAME``.
+"""``python -m lampseg bench NAME [overrides]``: run the benchmark ``BENCHMARKS[NAME]``.
 
 Each benchmark module has ``run(cfg[, overrides]) -> dict`` that writes ``bench_<name>.json`` and
 ``bench_<name>.png`` under ``cfg.run_dir``, prints where it wrote them, and returns the JSON's content.
@@ -6,16 +6,25 @@ See docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from lampseg.bench import context, data_parallel, experiment_parallel, inference, overhead, pipeline, spatial
 from lampseg.config import ConfigError, derive
 from lampseg.runtime.device import planned_precision
 
-# name -> whether its run() also takes the command line's overrides (it keeps a checkpoint's config but them)
-BENCHMARKS = {"overhead": False, "pipeline": False, "inference": True, "context": False,
-              "data_parallel": False, "experiment_parallel": True, "spatial": False}
+# name -> the benchmark, called with the config and the command line's overrides (bench inference keeps its
+# checkpoint's config but the settings they change; bench experiment_parallel passes them to its trials)
+BENCHMARKS: dict[str, Callable[[DictConfig, list[str]], dict]] = {
+    "overhead": lambda cfg, overrides: overhead.run(cfg),
+    "pipeline": lambda cfg, overrides: pipeline.run(cfg),
+    "inference": inference.run,
+    "context": lambda cfg, overrides: context.run(cfg),
+    "data_parallel": lambda cfg, overrides: data_parallel.run(cfg),
+    "experiment_parallel": experiment_parallel.run,
+    "spatial": lambda cfg, overrides: spatial.run(cfg),
+}
 
 
 def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -41,6 +50,4 @@ def run_bench(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     precision = planned_precision(cfg)
     cfg = derive(cfg, {"trainer.precision": precision.name}, check=False)
     print(f"bench {name}: {precision.line()}")
-    # Imported by name: each benchmark pulls in what only it needs (Ray, torchrun workers).
-    run = importlib.import_module(f"lampseg.bench.{name}").run
-    return run(cfg, list(overrides or [])) if BENCHMARKS[name] else run(cfg)
+    return BENCHMARKS[name](cfg, list(overrides or []))
