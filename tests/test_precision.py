@@ -72,7 +72,7 @@ def test_staged_pipeline_takes_fp32_for_auto_and_refuses_explicit_fp16(monkeypat
     cfg = compose("trainer.precision=auto")
     choice = engine_setup.resolve_run_precision(cfg, staged, cuda)
     assert choice.name == "fp32" and "pipeline stages" in choice.reason
-    assert str(cfg.trainer.precision.value) == "fp32"  # every later reader sees the resolved value
+    assert str(cfg.trainer.precision.value) == "auto"  # left as asked: build_run derives the resolved config
     explicit = PrecisionChoice("fp16", "trainer.precision", "fp16")
     monkeypatch.setattr(engine_setup, "resolve_precision", lambda *_: explicit)
     with pytest.raises(ConfigError, match="trainer.precision"):

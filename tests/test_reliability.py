@@ -23,7 +23,7 @@ import torch
 from conftest import REPO, train_here
 from test_msd import make_dataset
 
-import lampseg.engine.setup as engine_setup
+import lampseg.engine.build as engine_build
 from lampseg.__main__ import main
 from lampseg.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -202,7 +202,7 @@ def test_both_checkpoints_corrupt_is_a_clear_error(tmp_path):
 
 def _nan_loss_on(steps):
     """A ``build_loss`` whose loss is NaN on the given 1-based global steps (``steps(n) -> bool``)."""
-    real = engine_setup.build_loss
+    real = engine_build.build_loss
     calls = [0]
 
     def build(*args, **kwargs):
@@ -217,7 +217,7 @@ def _nan_loss_on(steps):
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_setup, "build_loss", _nan_loss_on(lambda n: n in (2, 3, 5)))
+    monkeypatch.setattr(engine_build, "build_loss", _nan_loss_on(lambda n: n in (2, 3, 5)))
     summary = train_here(tmp_path / "run", *DETERMINISTIC, "trainer.max_epochs=3", "trainer.max_nan_steps=3")
     assert summary["status"] == "completed" and summary["skipped_steps"] == 3
     weights = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")["model"]
@@ -227,7 +227,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
 def test_nan_steps_abort_after_max_nan_steps(tmp_path, monkeypatch):
     """From step 3 on every loss is NaN: with trainer.max_nan_steps=4 the CLI stops at step 6 with one
     paragraph (exit 1); the checkpoint of epoch 1 is intact and the summary says failed."""
-    monkeypatch.setattr(engine_setup, "build_loss", _nan_loss_on(lambda n: n >= 3))
+    monkeypatch.setattr(engine_build, "build_loss", _nan_loss_on(lambda n: n >= 3))
     run_dir = tmp_path / "run"
     code, _, err = cli("train", *DETERMINISTIC, "trainer.max_epochs=4", "trainer.max_nan_steps=4",
                        f"run_dir={run_dir}")

@@ -12,13 +12,16 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from lampseg.engine.state import TrainState
 from lampseg.errors import TrainingDiverged
+from lampseg.parallel.dims import ParallelDims
 from lampseg.runtime import distributed
 from lampseg.runtime.device import autocast
 
@@ -76,41 +79,51 @@ class GlobalStep:
     """A replica step as a step of the global batch (module docstring); call it with one batch.
 
     Args:
-        replica_step: this process's step.
-        run: the ``engine.setup.Run`` (dims, device, state, net, optimizer, config, run directory).
+        replica_step: this process's step (``local_step`` or ``pipelined_step``).
+        net: what trains (a pipeline stage measures its memory through it and gathers it on the first).
+        optimizer: the optimiser ``replica_step`` steps (measured with the stage's memory).
+        dims: the run's parallel dimensions.
+        device: this process's device.
+        state: the run's ``TrainState`` (its step and epoch name a failed or diverged step).
+        max_nan_steps: ``trainer.max_nan_steps``.
+        run_dir: the run directory (the divergence message names its latest checkpoint).
     """
 
-    def __init__(self, replica_step: StepFn, run) -> None:
-        self.replica_step, self.run = replica_step, run
-        self.done = run.state.step  # optimiser steps so far, this launch included
+    def __init__(self, replica_step: StepFn, net: nn.Module, optimizer: torch.optim.Optimizer,
+                 dims: ParallelDims, device: torch.device, state: TrainState, max_nan_steps: int,
+                 run_dir: Path) -> None:
+        self.replica_step, self.net, self.optimizer = replica_step, net, optimizer
+        self.dims, self.device, self.state = dims, device, state
+        self.max_nan_steps, self.run_dir = max_nan_steps, Path(run_dir)
+        self.done = state.step  # optimiser steps so far, this launch included
         self.nan_streak = 0  # consecutive skipped steps: the same on every rank (the loss is all-reduced)
         self.calls = 0  # steps of this launch
         self.stage_memory: dict | None = None  # this stage's measurement, until gathered
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> float:
         self.calls += 1
-        if self.run.staged and self.calls == 2:  # optimiser state exists by the second step
-            loss, self.stage_memory = self.run.net.measure_step(self._step, self.run.optimizer, image, target)
+        if self.dims.staged and self.calls == 2:  # optimiser state exists by the second step
+            loss, self.stage_memory = self.net.measure_step(self._step, self.optimizer, image, target)
             return loss
         return self._step(image, target)
 
     def _step(self, image: torch.Tensor, target: torch.Tensor) -> float:
-        run, dims = self.run, self.run.dims
+        dims, state = self.dims, self.state
         self.done += 1
         if dims.world > 1:  # lets a failed collective name the rank that fell behind
-            distributed.heartbeat("started", self.done, f"epoch {run.state.epoch + 1}")
+            distributed.heartbeat("started", self.done, f"epoch {state.epoch + 1}")
         loss = self.replica_step(image, target)
         if dims.world > 1:
             distributed.heartbeat("finished")
-        loss = dims.dp_mean(loss, run.device)
+        loss = dims.dp_mean(loss, self.device)
         self.nan_streak = self.nan_streak + 1 if math.isnan(loss) else 0
-        limit = run.cfg.trainer.max_nan_steps
+        limit = self.max_nan_steps
         if self.nan_streak >= limit:
             raise TrainingDiverged(
                 f"training diverged: {self.nan_streak} consecutive steps (up to step {self.done}, epoch "
-                f"{run.state.epoch + 1}) had a non-finite loss or gradients and were skipped "
+                f"{state.epoch + 1}) had a non-finite loss or gradients and were skipped "
                 f"(trainer.max_nan_steps={limit}); they did not change the weights and "
-                f"{run.run_dir / 'checkpoints' / 'latest.pt'} holds epoch {run.state.epoch}. Try a lower "
+                f"{self.run_dir / 'checkpoints' / 'latest.pt'} holds epoch {state.epoch}. Try a lower "
                 f"optim.lr, optim.grad_clip, trainer.precision=fp32, or check the data (lampseg validate)")
         return loss
 
@@ -120,7 +133,7 @@ class GlobalStep:
         if self.stage_memory is None:
             return None
         mine, self.stage_memory = self.stage_memory, None
-        return self.run.net.gather_on_first(mine)
+        return self.net.gather_on_first(mine)
 
 
 class Progress:
