@@ -153,15 +153,7 @@ def run(cfg, log=print) -> dict:
     """
     cfg = checked(cfg)
     b = cfg.bench
-    if b.steps < 1 or b.warmup < 0 or b.repeats < 1:
-        raise ConfigError(f"config keys 'bench.steps'/'bench.warmup'/'bench.repeats': expected >= 1 / >= 0 / "
-                          f">= 1, got {b.steps}/{b.warmup}/{b.repeats}")
-    if not b.processes or min(b.processes) < 1:
-        raise ConfigError(f"config key 'bench.processes': expected a list of integers >= 1, "
-                          f"got {list(b.processes)}")
-    patch = patch_size_of(cfg)
-    if patch is None:
-        raise ConfigError("config key 'data.patch_size': bench data_parallel needs a fixed patch size")
+    patch = _checked_patch(cfg)
     dataset = load_dataset(dataset_root(cfg.data, log))
     in_ch = len(resolve_channels(dataset, cfg.data))
     resolve_targets(dataset, cfg.data)
@@ -179,14 +171,8 @@ def run(cfg, log=print) -> dict:
     log(f"bench data_parallel: {cfg.model.name}, input {[in_ch, *patch]} x batch {cfg.data.batch_size} per "
         f"process, {enum_value(cfg.trainer.precision)}, processes {counts}, {b.repeats} interleaved round(s) "
         f"of {b.warmup} warm-up + {b.steps} timed steps")
-    start, rows = time.perf_counter(), []
-    for round_ in range(b.repeats):
-        for n, t in jobs:
-            launched = time.perf_counter()
-            row = launch_workers("lampseg.bench.data_parallel", n, spec_path,
-                                 run_dir / f"bench_data_parallel_n{n}t{t}.json", b.timeout_s, threads=t)[0]
-            rows.append({**row, "launch_s": time.perf_counter() - launched, "round": round_})
-            log(f"  round {round_ + 1}: {n} process(es) x {t} thread(s): step {row['step_s'] * 1e3:.0f} ms")
+    start = time.perf_counter()
+    rows = _rounds(jobs, b, spec_path, run_dir, log)
     device = str(resolve_device(cfg.trainer.device))
     result = {"benchmark": "data_parallel", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "processes": _summarise(rows, cfg.data.batch_size), "rounds": rows,
@@ -209,6 +195,35 @@ def run(cfg, log=print) -> dict:
             f"{r['samples_per_s']:.2f} samples/s{extra}; start-up {r['startup_s']:.1f} s")
     log(f"wrote {json_path} and {png_path}")
     return result
+
+
+def _checked_patch(cfg) -> list[int]:
+    """``data.patch_size``, once ``bench.*`` and it are usable for this benchmark (else ConfigError)."""
+    b = cfg.bench
+    if b.steps < 1 or b.warmup < 0 or b.repeats < 1:
+        raise ConfigError(f"config keys 'bench.steps'/'bench.warmup'/'bench.repeats': expected >= 1 / >= 0 / "
+                          f">= 1, got {b.steps}/{b.warmup}/{b.repeats}")
+    if not b.processes or min(b.processes) < 1:
+        raise ConfigError(f"config key 'bench.processes': expected a list of integers >= 1, "
+                          f"got {list(b.processes)}")
+    patch = patch_size_of(cfg)
+    if patch is None:
+        raise ConfigError("config key 'data.patch_size': bench data_parallel needs a fixed patch size")
+    return patch
+
+
+def _rounds(jobs: list[tuple[int, int]], b, spec_path: Path, run_dir: Path, log) -> list[dict]:
+    """``b.repeats`` rounds of one torchrun job per (processes, threads) in ``jobs``, interleaved; a row per
+    job and round (its rank 0's timings, the launch time, the round), each logged."""
+    rows = []
+    for round_ in range(b.repeats):
+        for n, t in jobs:
+            launched = time.perf_counter()
+            row = launch_workers("lampseg.bench.data_parallel", n, spec_path,
+                                 run_dir / f"bench_data_parallel_n{n}t{t}.json", b.timeout_s, threads=t)[0]
+            rows.append({**row, "launch_s": time.perf_counter() - launched, "round": round_})
+            log(f"  round {round_ + 1}: {n} process(es) x {t} thread(s): step {row['step_s'] * 1e3:.0f} ms")
+    return rows
 
 
 if __name__ == "__main__":
