@@ -22,7 +22,7 @@ from lampseg.config.rules import (
     positive_ints,
     seconds,
 )
-from lampseg.config.schema import BACKENDS, LR_SCALING, enum_value
+from lampseg.config.schema import BACKENDS, LR_SCALING
 from lampseg.config.studies import check_studies
 
 MAX_SEED = 2**32  # NumPy's RandomState (Optuna's and Tune's samplers) takes seeds below 2**32
@@ -142,7 +142,7 @@ def _check_optim(o: DictConfig, max_epochs: int) -> None:
     in_range("optim.grad_clip", o.grad_clip, 0, open_low=True, null=True)
     in_range("optim.weight_decay", o.weight_decay, 0)
     in_range("optim.momentum", o.momentum, 0, 1, open_high=True)
-    if enum_value(o.name) == "sgd" and o.nesterov and o.momentum == 0:
+    if o.name == "sgd" and o.nesterov and o.momentum == 0:
         fail("optim.momentum", "a momentum > 0 with optim.nesterov=true (or optim.nesterov=false)",
              o.momentum)
     in_range("optim.poly_power", o.poly_power, 0)
@@ -177,7 +177,7 @@ def _check_inference(cfg: DictConfig, divisor: int) -> None:
     if i.patch_size is not None:
         window = positive_ints("inference.patch_size", i.patch_size, 3)
         if checkpoint_of(cfg) is None:  # with a checkpoint the model (its divisor) is the checkpoint's
-            check_patch("inference.patch_size", window, divisor, enum_value(cfg.model.norm), p.sp)
+            check_patch("inference.patch_size", window, divisor, cfg.model.norm, p.sp)
 
 
 def checkpoint_of(cfg: DictConfig) -> str | None:
@@ -234,9 +234,9 @@ def validate(cfg: DictConfig) -> None:
     _check_data(d)
     divisor = _check_model(m, p.pp)
     if patch is not None:
-        check_patch("data.patch_size", patch, divisor, enum_value(m.norm), p.sp)
+        check_patch("data.patch_size", patch, divisor, m.norm, p.sp)
     _check_trainer(t)
-    _check_curriculum(t, divisor, enum_value(m.norm), p.sp)
+    _check_curriculum(t, divisor, m.norm, p.sp)
     _check_optim(cfg.optim, t.max_epochs)
     _check_inference(cfg, divisor)
     _check_commands(cfg)

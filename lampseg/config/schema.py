@@ -8,7 +8,6 @@ against it (unknown keys, wrong types and bad enum values fail before any work s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -55,42 +54,42 @@ class ProgressMode(Choice):
     none = "none"
 
 
-class Precision(str, Enum):
+class Precision(Choice):
     auto = "auto"  # bf16 where native, fp16 + gradient scaler on CUDA without bf16, else fp32
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
 
 
-class Norm(str, Enum):
+class Norm(Choice):
     instance = "instance"
     batch = "batch"
     group = "group"
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(Choice):
     adamw = "adamw"
     sgd = "sgd"
 
 
-class Schedule(str, Enum):
+class Schedule(Choice):
     poly = "poly"
     cosine = "cosine"
     constant = "constant"
 
 
-class LossName(str, Enum):
+class LossName(Choice):
     dice_ce = "dice_ce"
     dice_focal = "dice_focal"
 
 
-class InferenceMode(str, Enum):
+class InferenceMode(Choice):
     auto = "auto"
     whole = "whole"
     sliding = "sliding"
 
 
-class Blend(str, Enum):
+class Blend(Choice):
     gaussian = "gaussian"
     constant = "constant"
 
@@ -343,8 +342,9 @@ def register_schema() -> None:
 
 
 def enum_value(value: Any) -> str:
-    """A config value as a plain string (enum members of the schema, or strings from plain dicts)."""
-    return str(getattr(value, "value", value))
+    """A config value as a plain ``str``: an enum member of the schema (every one is a ``Choice``, whose
+    ``str`` is its value) or a string from a plain dict, for where the type matters (YAML, pickles)."""
+    return str(value)
 
 
 def to_container(cfg: DictConfig) -> dict:
