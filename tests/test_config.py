@@ -125,7 +125,8 @@ def test_spatial_windows_hold_a_divisor_per_slab():
     validate(compose(*base, "inference.patch_size=[8,4,12]"))
     with pytest.raises(ConfigError, match="'inference.patch_size'.*at least 8"):
         validate(compose(*base, "inference.patch_size=[4,8,8]"))
-    validate(compose("+exp=smoke", "evaluate.ckpt=x.pt", "inference.patch_size=[6,6,6]"))  # the checkpoint's model
+    # with a checkpoint, the window is checked against the checkpoint's model
+    validate(compose("+exp=smoke", "evaluate.ckpt=x.pt", "inference.patch_size=[6,6,6]"))
 
 
 def test_tool_names_are_the_tools_own():

@@ -13,8 +13,8 @@ from conftest import compose, lampseg, torchrun, train_here, train_losses, worke
 from run_dir_contract import check_run_dir
 
 from lampseg.commands.plan import run_plan
-from lampseg.config import ConfigError, validate
-from lampseg.engine.setup import resolve_auto_layout
+from lampseg.config import ConfigError, derive, validate
+from lampseg.engine.setup import layout_changes
 from lampseg.model.unet import build_model
 from lampseg.parallel.dims import ParallelDims, resolve_dims
 from lampseg.parallel.kernels import conv3d, conv3d_backward
@@ -195,7 +195,7 @@ def test_plan_prints_the_slabs_and_what_fits_when_nothing_does(tmp_path, capsys)
 def test_parallel_auto_chooses_the_smallest_split_that_fits(budget, layout, capsys):
     cfg = compose("+exp=smoke", "data.patch_size=[128,128,128]", "data.batch_size=1", "parallel=auto",
                   "parallel.devices=4", f"parallel.memory_gb={budget}")
-    resolve_auto_layout(cfg)
+    cfg = derive(cfg, layout_changes(cfg), check=False)
     p = cfg.parallel
     assert (str(p.name), p.dp, p.sp, p.pp) == layout
     assert f"parallel={layout[0]} dp={layout[1]} x pp=1 x sp={layout[2]}" in capsys.readouterr().out
@@ -206,7 +206,7 @@ def test_parallel_auto_says_when_nothing_fits():
     cfg = compose("+exp=smoke", "data.patch_size=[128,128,128]", "data.batch_size=1", "parallel=auto",
                   "parallel.devices=2", "parallel.memory_gb=0.001")
     with pytest.raises(PlanError, match=r"parallel\.devices.*no layout of 2 device\(s\) fits"):
-        resolve_auto_layout(cfg)
+        layout_changes(cfg)
 
 
 @pytest.mark.extended

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from lampseg.config import ConfigError, enum_value, to_container
 from lampseg.data.prepare import DataBundle, prepare_data
@@ -45,13 +44,6 @@ def layout_changes(cfg, log: Callable[[str], None] = print) -> dict:
     resolved config with (``{"parallel": {...}}``); no changes for any other ``parallel``."""
     keys = auto_layout(cfg, log)
     return {} if keys is None else {"parallel": keys}
-
-
-def resolve_auto_layout(cfg, log: Callable[[str], None] = print) -> None:
-    """``layout_changes`` written into a writable ``cfg`` (``python -m lampseg plan``'s config; a training
-    run never changes its config: ``engine.build`` derives the resolved one)."""
-    for key, value in layout_changes(cfg, log).items():
-        OmegaConf.update(cfg, key, value, merge=True)
 
 
 def check_samples(cfg, dims: ParallelDims) -> None:
