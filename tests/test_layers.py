@@ -138,3 +138,37 @@ def test_every_package_is_installed():
             for p in (REPO / "conf").rglob("*") if p.is_dir() and p.name != "__pycache__"} | {"lampseg.conf"}
     missing = sorted((found | conf) - listed)
     assert not missing, f"packages missing from pyproject.toml's [tool.setuptools] packages: {missing}"
+
+
+def test_only_the_entry_points_and_the_builder_validate():
+    """``validate`` runs where a config is made (``config``: ``load``, ``derive``) and in the run builder
+    (for a config handed in unchecked); everything else reads checked configs."""
+    callers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "validate":
+                callers.add(str(path.relative_to(PACKAGE)))
+    allowed = {"config/loading.py", "config/derived.py", "engine/build.py"}
+    assert callers and callers <= allowed, f"validate called outside {sorted(allowed)}: {callers - allowed}"
+
+
+def test_validate_runs_once_per_command(tmp_path, monkeypatch):
+    """``python -m lampseg train``: checked once before any work; the trainer reads that checked config."""
+    import lampseg.config.derived
+    import lampseg.config.loading
+    import lampseg.engine.build
+    from lampseg.__main__ import main
+    from lampseg.config.checks import validate
+
+    calls = []
+
+    def counted(cfg) -> None:
+        calls.append(str(cfg.run_dir))
+        validate(cfg)
+
+    for module in (lampseg.config.derived, lampseg.config.loading, lampseg.engine.build):
+        monkeypatch.setattr(module, "validate", counted)
+    monkeypatch.setattr(sys, "argv", ["lampseg"])
+    main(["train", "+exp=smoke", "trainer.max_epochs=1", f"run_dir={tmp_path}"])
+    assert (tmp_path / "summary.json").is_file()
+    assert len(calls) == 1, calls
