@@ -97,12 +97,13 @@ def test_windows_to_try_shrink_by_the_divisor_within_the_padded_volume():
 def _predict_here(*overrides: str) -> list[str]:
     """``run_predict`` in this process, as ``python -m lampseg predict OVERRIDES`` calls it; its lines."""
     from lampseg.commands.predict import run_predict
-    from lampseg.config import validate
+    from lampseg.config import checked
+    from lampseg.config.loading import qualify
 
+    overrides = tuple(qualify("predict", overrides))  # predict's own arguments in its section, as the CLI
     cfg = compose(*overrides)
-    validate(cfg)
     lines: list[str] = []
-    run_predict(cfg, list(overrides), log=lines.append)
+    run_predict(checked(cfg), list(overrides), log=lines.append)
     return lines
 
 

@@ -35,10 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from lampseg.bench.workers import launch_workers, random_batch, start_worker, timed_steps
-from lampseg.config import ConfigError, enum_value, patch_size_of, to_container, validate
+from lampseg.config import ConfigError, checked, derive, enum_value, patch_size_of, to_container
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
 from lampseg.engine.optim import build_optimizer
@@ -70,7 +69,7 @@ def _worker(config_path: str, out_path: str) -> None:
     for micro in spec["microbatches"]:
         if cfg.parallel.schedule == "1f1b" and pp > 1 and micro < pp:
             continue  # 1F1B needs at least as many micro-batches as stages
-        OmegaConf.update(cfg, "parallel", {"name": "pipeline", "pp": pp, "microbatches": micro}, merge=True)
+        cfg = derive(cfg, {"parallel": {"name": "pipeline", "pp": pp, "microbatches": micro}}, check=False)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, in_ch, targets.out_channels)
         plan = plan_split(cfg, in_ch, targets.out_channels, [in_ch, *patch], device, targets)  # rank 0's
@@ -169,14 +168,14 @@ def run(cfg, log=print) -> dict:
     Raises:
         ConfigError: for bad ``bench.*`` values or a patch size that is not set.
     """
-    validate(cfg)
+    cfg = checked(cfg)
     b = cfg.bench
     patch = _checked_patch(cfg)
     dataset = load_dataset(dataset_root(cfg.data, log))
     in_ch = len(resolve_channels(dataset, cfg.data))
     targets = resolve_targets(dataset, cfg.data)
     batch = math.lcm(*b.microbatches)
-    OmegaConf.update(cfg, "data.batch_size", batch, merge=False)
+    cfg = derive(cfg, {"data.batch_size": batch}, check=False)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "bench_pipeline_spec.json"

@@ -7,7 +7,7 @@
         parallel.memory_gb=16
     python -m lampseg plan model=unet32 data.patch_size=auto parallel.pp=2 parallel.memory_gb=0.4
 
-``parallel.pp`` is honoured with any ``parallel`` mode here (``parallel.plan.planned_stages``), also by
+``parallel.pp`` is honoured with any ``parallel`` mode here (``planner.plan.planned_stages``), also by
 ``data.patch_size=auto``, which shows the patch ``train parallel=pipeline`` would choose.
 """
 from __future__ import annotations

@@ -190,7 +190,7 @@ def _check_commands(cfg: DictConfig) -> None:
     """Keys of single subcommands (visualize) and the run's seed."""
     slices = cfg.visualize.slices
     if slices is not None and (len(slices) != 3 or min(slices) < 0):
-        fail("slices", "3 voxel indices [x, y, z], each >= 0", list(slices))
+        fail("visualize.slices", "3 voxel indices [x, y, z], each >= 0", list(slices))
     _check_seed("seed", cfg.seed)
 
 

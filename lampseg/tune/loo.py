@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from lampseg.config import ConfigError, derive
+from lampseg.config import ConfigError, checked, derive
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels
 from lampseg.engine.metrics import metric_key
@@ -167,6 +167,7 @@ def run_loo(cfg: DictConfig, log=print) -> dict:
     Raises:
         ConfigError: bad ``loo.*`` settings, or an incomplete study.
     """
+    cfg = checked(cfg)
     dataset = load_dataset(dataset_root(cfg.data, log))
     used = [dataset.modalities[k] for k in resolve_channels(dataset, cfg.data)]  # names, dataset.json order
     subsets = conditions(cfg, used)
