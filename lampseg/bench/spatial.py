@@ -45,7 +45,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import nn
 
 from lampseg.bench.workers import launch_workers, random_batch, start_worker, timed_steps
@@ -144,7 +143,7 @@ def _worker(config_path: str, out_path: str) -> None:
     """One rank of one sp job: training step, inference, memory and communication; rank 0 writes all."""
     spec, cfg, device = start_worker(config_path)
     sp, rank = dist.get_world_size(), dist.get_rank()
-    OmegaConf.update(cfg, "parallel", {"name": "spatial", "sp": sp, "dp": 1}, merge=True)
+    cfg = derive(cfg, {"parallel": {"name": "spatial", "sp": sp, "dp": 1}}, check=False)
     dims = ParallelDims(dp=1, pp=1, world=sp, sp=sp)
     in_ch, patch, batch = spec["in_channels"], spec["patch"], cfg.data.batch_size
     targets, image, target = random_batch(spec, cfg, batch)
