@@ -99,11 +99,12 @@ def test_bench_pipeline_measures_memory_against_the_plan(tmp_path: Path, microba
             assert 0 < r["static_gb"] < r["measured_gb"] and r["planned_gb"] > 0
         assert c["memory_error_max"] == pytest.approx(
             max(abs(r["planned_gb"] / r["measured_gb"] - 1) for r in c["stages"]))
-    # The 20 % target is the benchmark's verdict (docs/BENCHMARKS.md), not this test's: how far a CPU's
-    # oneDNN kernels allocate beyond the meta-tensor estimate depends on the CPU (AMX or not; an AVX2-only
-    # EPYC measured 0.556 here, with the code before and after the layering change alike). Here: the
-    # verdict matches the numbers, and the plan is not grossly off (a broken estimate is off by > 2.5x).
-    assert result["pass"]["memory_within_20pct"] is (result["memory_error_max"] <= 0.20)
+    # The 10 % target (and at most 5 % under) is the benchmark's verdict (docs/BENCHMARKS.md), not this
+    # test's: how far a CPU's oneDNN kernels allocate beyond the estimate depends on the CPU (AMX or not;
+    # tests/test_plan_memory.py holds the plan to the target on the CPU that runs it). Here: the verdict
+    # matches the numbers, and the plan is not grossly off (a broken estimate is off by > 2.5x).
+    assert result["pass"]["memory_within_10pct"] is (result["memory_error_max"] <= 0.10)
+    assert result["pass"]["memory_under_at_most_5pct"] is (result["memory_under_max"] <= 0.05)
     assert result["memory_error_max"] < 0.6
     cubes = result["largest_cube"]
     assert 0 < cubes["1"] <= cubes["2"]

@@ -53,7 +53,8 @@ from lampseg.plots import figure_png, pyplot
 from lampseg.runtime import distributed
 from lampseg.runtime.device import resolve_device
 
-MEMORY_TOLERANCE = 0.20  # planned within 20 % of measured
+MEMORY_TOLERANCE = 0.10  # planned within 10 % of measured
+UNDER_TOLERANCE = 0.05  # and never more than 5 % below it (the unsafe side)
 ACTIVATION_SHARE = 1.25  # per-stage activations <= 1.25 x unsplit / pp
 EFFICIENCY_TOLERANCE = 0.15  # GPU: efficiency within 15 % of M / (M + S - 1)
 
@@ -106,24 +107,28 @@ def _summarise(rows: list[dict], cfg, cubes: dict[int, int], device: str) -> dic
         step = max(r["step_s"] for r in stages)
         entry = {"pp": pp, "microbatches": micro, "step_s": step,
                  "bubble_ideal": (pp - 1) / (micro + pp - 1), "stages": stages,
-                 "memory_error_max": max(abs(r["planned_gb"] / r["measured_gb"] - 1) for r in stages)}
+                 "memory_error_max": max(abs(r["planned_gb"] / r["measured_gb"] - 1) for r in stages),
+                 "memory_under_max": max(0.0, *(1 - r["planned_gb"] / r["measured_gb"] for r in stages))}
         if unsplit:
             base_step, base_act = unsplit[0]["step_s"], unsplit[0]["measured_activation_gb"]
             entry["efficiency"] = base_step / (pp * step)
             entry["bubble_measured"] = 1 - entry["efficiency"]
             entry["activation_share_max"] = max(r["measured_activation_gb"] for r in stages) / (base_act / pp)
         configs.append(entry)
-    errors = [c["memory_error_max"] for c in configs]
+    errors, unders = [c["memory_error_max"] for c in configs], [c["memory_under_max"] for c in configs]
     shares = [c["activation_share_max"] for c in configs if c["pp"] > 1 and "activation_share_max" in c]
-    result = {"memory_error_max": max(errors), "activation_share_max": max(shares) if shares else None,
-              "pass": {"memory_within_20pct": max(errors) <= MEMORY_TOLERANCE,
+    result = {"memory_error_max": max(errors), "memory_under_max": max(unders),
+              "activation_share_max": max(shares) if shares else None,
+              "pass": {"memory_within_10pct": max(errors) <= MEMORY_TOLERANCE,
+                       "memory_under_at_most_5pct": max(unders) <= UNDER_TOLERANCE,
                        "activation_share": (max(shares) <= ACTIVATION_SHARE) if shares else None}}
     if device.startswith("cuda"):
         gaps = [abs(c["efficiency"] / (1 - c["bubble_ideal"]) - 1) for c in configs
                 if c["pp"] > 1 and "efficiency" in c]
         result["pass"]["efficiency_within_15pct"] = max(gaps) <= EFFICIENCY_TOLERANCE if gaps else None
     return {**result, "configs": configs, "largest_cube": {str(k): v for k, v in cubes.items()},
-            "targets": {"memory_error_max": MEMORY_TOLERANCE, "activation_share_max": ACTIVATION_SHARE,
+            "targets": {"memory_error_max": MEMORY_TOLERANCE, "memory_under_max": UNDER_TOLERANCE,
+                        "activation_share_max": ACTIVATION_SHARE,
                         "efficiency_gap_max": EFFICIENCY_TOLERANCE}}
 
 

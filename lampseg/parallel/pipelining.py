@@ -23,6 +23,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from lampseg.config import ConfigError
 from lampseg.model.blocks import BlockSequence, unet_blocks
+from lampseg.parallel.kernels import steer_convolutions
 from lampseg.planner.decisions import Plan
 from lampseg.runtime.device import DTYPES, autocast, resolve_precision
 from lampseg.runtime.memory import GB, PeakMemory, tensor_bytes
@@ -103,6 +104,8 @@ class PipelinedUNet(nn.Module):
         self.prefixes = [s.prefix for s in specs[lo:hi]]
         for block in blocks[lo:hi]:
             block.to(device)
+            if device.type == "cpu":  # micro-batches of one sample off PyTorch's im2col kernels (kernels.py)
+                steer_convolutions(block, transposed=True)
         self.stage_module = StageModule(blocks[lo:hi], plan.checkpoint, precision, device)
         self._trained = [self.stage_module]  # a list: not a second registration of the same parameters
         self._probe_blocks = unet_blocks(probe)[0]

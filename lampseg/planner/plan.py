@@ -38,17 +38,43 @@ def _through_bytes(costs: list[BlockCost]) -> int:
     return sum(size for size, p in zip(costs[0].in_sizes, positions) if p >= 0)
 
 
+def _stage_outputs(costs: list[BlockCost]) -> list[tuple[int, int, int]] | None:
+    """The stage's output tensors, per sample, as ``(bytes, maker, saver)``: ``maker`` is the index of the
+    block that made the tensor (-1: received and passed on unchanged), ``saver`` that of the first block of
+    the stage that saves it for backward (``len(costs)``: none does; a ``down`` block's output is the next
+    block's saved input and a skip sent on, one tensor). None when the costs do not describe their
+    tensors one by one."""
+    if not costs[0].in_sizes or any(not c.out_sizes for c in costs):
+        return None
+    n = len(costs)
+    state = [(size, -1, n) for size in costs[0].in_sizes]
+    for k, c in enumerate(costs):
+        passed: list[tuple[int, int, int] | None] = [None] * len(c.out_sizes)
+        for p, (size, maker, saver) in enumerate(state):
+            if p < len(c.through) and c.through[p] >= 0:
+                saves = p < len(c.in_saved) and c.in_saved[p]
+                passed[c.through[p]] = (size, maker, min(saver, k) if saves else saver)
+        state = [t if t is not None else (size, k, k if j < len(c.out_saved) and c.out_saved[j] else n)
+                 for j, (t, size) in enumerate(zip(passed, c.out_sizes))]
+    return state
+
+
 def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, microbatches: int,
                schedule: str, checkpoint: str, opt_states: int, skips: str = "carried") -> Stage:
     """Peak memory and time of one stage (a pipelining rank) holding ``costs``' blocks.
 
-    Per micro-batch in flight (all M with GPipe, at most S - stage with 1F1B): the tensors saved for
-    backward and the stage's output (skips that merely cross the stage counted once). For the whole
-    batch, allocated once per micro-batch and reused: the received input state and the received output
-    gradient (not on the first / last stage), and the image (first) or the loss target and every
-    micro-batch's output (last: the schedule returns them). One micro-batch
-    at a time: the input gradient being sent back, the backward's working buffers (~ the largest saved
-    tensor) and any recomputation.
+    Always: the weights and the optimiser state; for the whole batch, allocated once per micro-batch and
+    reused: the received input state and the received output gradient (not on the first / last stage),
+    and the image (first) or the loss target and every micro-batch's output (last: the schedule returns
+    them); under autocast a copy of the weights per micro-batch in flight (all M with GPipe, at most
+    S - stage with 1F1B). On top, the largest of: the forward's end, every micro-batch in flight ``kept``
+    (``_kept_and_backward``: the activations saved for backward and the outputs nothing else holds); the
+    backward of the first micro-batch, block by block from the last (the others kept, the block's
+    backward working set, the gradients of the weights of the blocks after it, the gradients of the skips
+    crossing the stage, copied into the received buffers' ``.grad``, and the kernels' buffers per call);
+    the next micro-batches' (every weight gradient there; the input gradients sent back are kept until
+    the step ends); and the optimiser's step (the weights' gradients, a temporary as large, the input
+    gradients).
 
     ``skips="direct"`` (torchgpipe's skip API, ``gpipe.py``): a skip tensor goes straight from the stage
     that makes it to the stage that uses it, so skips that merely cross a stage are neither received nor
@@ -57,30 +83,80 @@ def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, micr
     micro = batch / microbatches
     in_flight = min(microbatches, stages - index) if schedule == "1f1b" else microbatches
     first, last = index == 0, index == stages - 1
-    act = sum(c.act_bytes for c in costs) - (0 if first else costs[0].saved_in_bytes)
     through = _through_bytes(costs)
     crossing = through if skips == "direct" else 0  # received and sent on: not here when sent direct
     recv = 0 if first else costs[0].in_bytes - crossing
-    output = costs[-1].out_bytes - through
-    working = max(c.work_bytes for c in costs)
-    workspace = max(c.workspace_bytes for c in costs)
-    if checkpoint == "none":
-        kept, recomputed = act, 0
-    elif checkpoint == "block":  # keep the blocks' outputs (each next block's input), recompute one block
-        kept = sum(c.out_bytes - _through_bytes([c]) for c in costs[:-1])
-        recomputed = max(c.act_bytes for c in costs)
-    else:  # "all": keep only the received input, recompute the whole stage for one micro-batch at a time
-        kept, recomputed = 0, act
+    kept, currents = _kept_and_backward(costs, first, last, batch == microbatches, checkpoint)
+    carried = through if not first and skips == "carried" else 0
+    grads = [c.param_bytes for c in costs]  # each block's backward makes its weights' (fp32) gradients
+    workspace = max(c.workspace_bytes for c in costs)  # per call, whatever the micro-batch's size
+    forward = in_flight * micro * kept
+    backward = (in_flight - 1) * micro * kept + workspace + max(
+        micro * (current + carried) + sum(grads[b:]) for b, current in enumerate(currents))
+    later = 0
+    if microbatches > 1:  # the input gradients sent back (``recv`` of them) are kept until the step ends
+        later = (max((in_flight - 2) * micro * kept + micro * recv,
+                     max(in_flight - microbatches, 0) * micro * kept + (microbatches - 1) * micro * recv)
+                 + micro * (max(currents) + carried) + sum(grads) + workspace)
+    optimizer = 2 * sum(grads) + batch * recv
     # The last stage keeps every micro-batch's output (the schedule returns them merged) and the target.
     whole_batch = (recv + (0 if last else costs[-1].out_bytes - crossing)
                    + (costs[0].extra_in_bytes if first else 0)
-                   + (costs[-1].extra_out_bytes + output if last else 0))
-    activation = (in_flight * micro * (kept + (0 if last else output)) + batch * whole_batch
-                  + micro * (recv + working + recomputed) + workspace) / GB
+                   + (costs[-1].extra_out_bytes + costs[-1].out_bytes - through if last else 0))
     params = sum(c.params for c in costs)
-    static = sum(c.param_bytes for c in costs) * 2 + params * 4 * opt_states  # weights, grads, state
-    return Stage([c.name for c in costs], params, static / GB, activation, static / GB + activation,
+    held = sum(c.param_bytes for c in costs) + params * 4 * opt_states  # weights, optimiser state
+    memory = (held + batch * whole_batch + in_flight * sum(c.weight_copy_bytes for c in costs)
+              + max(forward, backward, later, optimizer)) / GB
+    static = (held + sum(grads)) / GB  # weights, gradients, optimiser state
+    return Stage([c.name for c in costs], params, static, memory - static, memory,
                  micro * sum(c.time_s for c in costs) * RECOMPUTE[checkpoint])
+
+
+def _backward_fallback(c: BlockCost, image: bool) -> int:
+    """A block's backward working set, per sample, for costs without ``bwd_bytes``: its saved tensors, its
+    largest one again (the gradients' buffers), and the gradients of the outputs it makes and of the inputs
+    that do not pass through it (none for the image)."""
+    made = c.out_bytes - _through_bytes([c])
+    inputs = (sum(size for i, size in enumerate(c.in_sizes) if i >= len(c.through) or c.through[i] < 0)
+              if c.in_sizes else c.in_bytes)
+    return c.act_bytes + c.work_bytes + made + (0 if image else inputs)
+
+
+def _kept_and_backward(costs: list[BlockCost], first: bool, last: bool, single: bool,
+                       checkpoint: str) -> tuple[int, list[int]]:
+    """Per sample: what a stage keeps of each micro-batch in flight, and during the backward of each of its
+    blocks (the saved tensors of the blocks before it, its backward working set ``BlockCost.bwd_bytes``, or
+    ``bwd1_bytes`` for micro-batches of one sample, and the stage's outputs not freed yet).
+
+    Without checkpointing it keeps the activations saved for backward and the output tensors nothing else
+    holds (a skip that crosses the stage is the received one, a ``down`` block's output saved by the next
+    block is one tensor: ``_stage_outputs``); with ``block`` every block's output, one block recomputed
+    at a time; with ``all`` only the outputs, the whole stage recomputed for one micro-batch at a time."""
+    # What the first block saves of its input is the received buffer (counted for the whole batch) or, on
+    # the first stage, the image (kept for the whole batch) or its autocast copies.
+    own_input = costs[0].saved_in_bytes - (costs[0].image_copy_bytes if first else 0)
+    acts = [c.act_bytes for c in costs]
+    acts[0] -= own_input
+    backs = [(c.bwd1_bytes if single and c.bwd1_bytes else c.bwd_bytes)
+             or _backward_fallback(c, first and b == 0) for b, c in enumerate(costs)]
+    backs[0] -= own_input
+    if not last:  # the gradients of the last block's outputs are the received buffers (for the batch)
+        backs[-1] -= costs[-1].out_bytes - _through_bytes(costs[-1:])
+    outputs = _stage_outputs(costs)
+    if outputs is None:  # costs without their tensors: every output made here is held apart
+        outputs = [(costs[-1].out_bytes - _through_bytes(costs), len(costs) - 1, len(costs))]
+    made = [(size, saver) for size, maker, saver in outputs if maker >= 0 and not last]
+    blocks = range(len(costs))
+    if checkpoint == "none":
+        kept = sum(acts) + sum(size for size, saver in made if saver == len(costs))
+        return kept, [sum(acts[:b]) + backs[b] + sum(size for size, saver in made if saver > b)
+                      for b in blocks]
+    if checkpoint == "block":  # keep the blocks' outputs (each next block's input), recompute one block
+        kept = (sum(c.out_bytes - _through_bytes([c]) for c in costs[:-1])
+                + sum(size for size, maker, _ in outputs if maker == len(costs) - 1 and not last))
+        return kept, [kept + backs[b] for b in blocks]
+    kept = sum(size for size, _ in made)  # "all": keep only the input and the outputs, recompute the stage
+    return kept, [kept + sum(acts[:b]) + backs[b] for b in blocks]
 
 
 def best_split(costs, stages, batch, microbatches, schedule, checkpoint, opt_states, budget_gb,
@@ -235,7 +311,8 @@ def scale_costs(costs: list[BlockCost], scale: float) -> list[BlockCost]:
     return [BlockCost(c.name, c.params, c.param_bytes, c.time_s * scale, c.flops * scale, n(c.act_bytes),
                       n(c.in_bytes), n(c.out_bytes), n(c.saved_in_bytes), n(c.work_bytes),
                       n(c.workspace_bytes), [n(v) for v in c.in_sizes], list(c.through), n(c.extra_in_bytes),
-                      n(c.extra_out_bytes))
+                      n(c.extra_out_bytes), [n(v) for v in c.out_sizes], list(c.in_saved), list(c.out_saved),
+                      n(c.image_copy_bytes), c.weight_copy_bytes, n(c.bwd_bytes), n(c.bwd1_bytes))
             for c in costs]
 
 
@@ -272,7 +349,8 @@ def profile_for(cfg, in_channels: int, out_channels: int, input_shape: list[int]
     if targets is not None:
         loss_fn, target_fn = build_loss(cfg.optim, targets), targets.loss_target
     return profile_blocks(probe, input_shape, source, where, p.device_tflops,
-                          DTYPES[planned_precision(cfg).name], loss_fn=loss_fn, target_fn=target_fn)
+                          DTYPES[planned_precision(cfg).name], loss_fn=loss_fn, target_fn=target_fn,
+                          plan_device=device)
 
 
 def plan_for(cfg, in_channels: int, out_channels: int, input_shape: list[int],

@@ -148,6 +148,37 @@ def _peak(events: Iterable[tuple[int, int, int]]) -> int:
     return peak
 
 
+def section_peaks(sections: dict, device: torch.device | str = "cpu") -> dict:
+    """Peak bytes each of ``sections``' calls allocates (above what is held when it starts, as ``PeakMemory``
+    measures a block), all in one profiler session: one profiler start, however many calls (on CPU each
+    start costs time and prints its log lines). CPU only.
+
+    Args:
+        sections: key -> a call without arguments; they run in order.
+        device: ``cpu``.
+
+    Returns:
+        key -> peak bytes.
+    """
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"section_peaks measures cpu allocations, not {device}")
+    if torch._C._autograd._profiler_enabled():
+        raise RuntimeError("section_peaks needs the PyTorch profiler, which is already running")
+    labels = {f"lampseg.section.{i}": key for i, key in enumerate(sections)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for label, key in labels.items():
+            with torch.profiler.record_function(label):
+                sections[key]()
+    spans, stack = {}, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.name in labels:
+            spans[labels[node.name]] = (node.start_time_ns, node.end_time_ns)
+    events = list(_allocations(prof.profiler.kineto_results.experimental_event_tree(), "cpu"))
+    return {key: _peak(e for e in events if start <= e[0] <= end) for key, (start, end) in spans.items()}
+
+
 class PeakMemory:
     """Context manager measuring the peak memory allocated during a block, above what was held at entry.
 
