@@ -30,7 +30,7 @@ from lampseg.runtime.memory import free_memory_gb
 
 
 def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, budget_gb: float,
-                    log=print) -> tuple[list[int], dict]:
+                    log=print, device: torch.device | str | None = None) -> tuple[list[int], dict]:
     """``data.patch_size=auto``: the largest training patch whose plan fits ``budget_gb`` per stage.
 
     Candidates run from the dataset's median shape padded to the network's divisibility (the whole volume
@@ -46,6 +46,8 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
         targets: the loss targets (the loss's memory counts on the last stage).
         budget_gb: memory per stage (``parallel.memory_gb``, or the device's free memory).
         log: where the decision is printed.
+        device: the training device, whose kernels' buffers the plan counts (``profile_blocks``'s
+            ``plan_device``), as the stage planner does for the same run.
 
     Returns:
         The patch and the decision (``summary.json``'s ``patch_size_auto``).
@@ -67,7 +69,8 @@ def auto_patch_size(cfg, shapes: list[list[int]], in_channels: int, targets, bud
         probe = build_model(cfg.model, in_channels, targets.out_channels)
     costs = profile_blocks(probe, [in_channels, *cap], "estimate", "meta",
                            dtype=DTYPES[planned_precision(cfg).name],
-                           loss_fn=build_loss(cfg.optim, targets), target_fn=targets.loss_target)
+                           loss_fn=build_loss(cfg.optim, targets), target_fn=targets.loss_target,
+                           plan_device=device)
 
     def peak_gb(shape: list[int]) -> float | None:
         scaled = scale_costs(costs, math.prod(shape) / math.prod(cap))
@@ -109,5 +112,5 @@ def choose_patch_size(cfg, bundle: DataBundle, device: torch.device, log=print) 
     if budget is None:
         budget = free_memory_gb(device)
     shapes, channels = bundle.train_shapes(), len(bundle.channels)
-    patch, decision = auto_patch_size(cfg, shapes, channels, bundle.targets, budget, log)
+    patch, decision = auto_patch_size(cfg, shapes, channels, bundle.targets, budget, log, device)
     return replace(bundle, patch_size=patch, patch_decision=decision)
