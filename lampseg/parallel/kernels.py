@@ -84,6 +84,16 @@ class _Conv3d(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
 
 
+def autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The operands in autocast's dtype when autocast is on (the steered layers compute with it off, as
+    ``spatial.SpatialConv3d`` does), else as they are."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
 class SteeredConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose convolutions take the kernels of a split model's slabs (``conv3d``,
     ``conv3d_backward``): oneDNN for fp32 on a CPU whatever the input's size, PyTorch's choice otherwise.
@@ -92,11 +102,7 @@ class SteeredConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias = autocast_operands(x, self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False):
             return _Conv3d.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -137,11 +143,7 @@ class SteeredConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         if self.padding_mode != "zeros" or output_size is not None:
             return super().forward(x, output_size)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias = autocast_operands(x, self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False):
             return _ConvTranspose3d.apply(x, weight, bias, self.stride, self.padding, self.output_padding,
                                           self.groups, self.dilation)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lampseg.config import ConfigError
-from lampseg.parallel.kernels import conv3d, conv3d_backward
+from lampseg.parallel.kernels import autocast_operands, conv3d, conv3d_backward
 
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
 _POINTWISE = (nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -216,12 +216,7 @@ class SpatialConv3d(nn.Conv3d):
         before, after = p, max(k - s - p, 0)
         _check_halo(x, before, after)
         padding = (0, *self.padding[1:])
-        if torch.is_autocast_enabled(x.device.type):  # run the conv in autocast's dtype, as F.conv3d would
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), self.weight.to(dtype)
-            bias = self.bias.to(dtype) if self.bias is not None else None
-        else:
-            weight, bias = self.weight, self.bias
+        x, weight, bias = autocast_operands(x, self.weight, self.bias)  # autocast's dtype, as F.conv3d would
         with torch.autocast(x.device.type, enabled=False):
             return _HaloConv.apply(x, weight, bias, before, after, self.stride, padding, self.dilation,
                                    self.groups, self.sp_group)
