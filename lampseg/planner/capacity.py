@@ -25,13 +25,13 @@ from lampseg.planner.plan import (
     OPTIMIZER_STATES,
     RECOMPUTE,
     PlanError,
-    _through_bytes,
     fits,
     largest_cube,
     largest_fitting_side,
     make_plan,
     profile_for,
     scale_costs,
+    through_bytes,
 )
 from lampseg.planner.profile import BlockCost
 from lampseg.runtime.memory import GB
@@ -112,11 +112,11 @@ def _slab_stage(costs: list[BlockCost], batch: int, opt_states: int, checkpoint:
     if checkpoint == "none":
         kept, recomputed = act, 0
     elif checkpoint == "block":  # the blocks' outputs kept, one block recomputed at a time
-        kept = sum(c.out_bytes - _through_bytes([c]) for c in costs[:-1])
+        kept = sum(c.out_bytes - through_bytes([c]) for c in costs[:-1])
         recomputed = max(c.act_bytes for c in costs)
     else:  # "all": the whole model recomputed
         kept, recomputed = 0, act
-    whole = costs[0].extra_in_bytes + costs[-1].extra_out_bytes + costs[-1].out_bytes - _through_bytes(costs)
+    whole = costs[0].extra_in_bytes + costs[-1].extra_out_bytes + costs[-1].out_bytes - through_bytes(costs)
     # Without the kernels' workspace per call that ``profile_blocks`` calibrates for pipeline stages (bf16:
     # oneDNN's, on contiguous tensors): the slab model never counted it for estimated costs.
     activation = batch * (kept + whole + max(c.work_bytes for c in costs) + recomputed) / GB

@@ -30,7 +30,7 @@ RECOMPUTE = {"none": 1.0, "block": 4 / 3, "all": 4 / 3}  # forward recomputed on
 
 
 
-def _through_bytes(costs: list[BlockCost]) -> int:
+def through_bytes(costs: list[BlockCost]) -> int:
     """Bytes of the stage's input tensors that leave it unchanged (skips crossing the stage)."""
     positions = list(range(len(costs[0].in_sizes)))
     for c in costs:
@@ -83,7 +83,7 @@ def stage_cost(costs: list[BlockCost], index: int, stages: int, batch: int, micr
     micro = batch / microbatches
     in_flight = min(microbatches, stages - index) if schedule == "1f1b" else microbatches
     first, last = index == 0, index == stages - 1
-    through = _through_bytes(costs)
+    through = through_bytes(costs)
     crossing = through if skips == "direct" else 0  # received and sent on: not here when sent direct
     recv = 0 if first else costs[0].in_bytes - crossing
     kept, currents = _kept_and_backward(costs, first, last, batch == microbatches, checkpoint)
@@ -116,7 +116,7 @@ def _backward_fallback(c: BlockCost, image: bool) -> int:
     """A block's backward working set, per sample, for costs without ``bwd_bytes``: its saved tensors, its
     largest one again (the gradients' buffers), and the gradients of the outputs it makes and of the inputs
     that do not pass through it (none for the image)."""
-    made = c.out_bytes - _through_bytes([c])
+    made = c.out_bytes - through_bytes([c])
     inputs = (sum(size for i, size in enumerate(c.in_sizes) if i >= len(c.through) or c.through[i] < 0)
               if c.in_sizes else c.in_bytes)
     return c.act_bytes + c.work_bytes + made + (0 if image else inputs)
@@ -141,10 +141,10 @@ def _kept_and_backward(costs: list[BlockCost], first: bool, last: bool, single: 
              or _backward_fallback(c, first and b == 0) for b, c in enumerate(costs)]
     backs[0] -= own_input
     if not last:  # the gradients of the last block's outputs are the received buffers (for the batch)
-        backs[-1] -= costs[-1].out_bytes - _through_bytes(costs[-1:])
+        backs[-1] -= costs[-1].out_bytes - through_bytes(costs[-1:])
     outputs = _stage_outputs(costs)
     if outputs is None:  # costs without their tensors: every output made here is held apart
-        outputs = [(costs[-1].out_bytes - _through_bytes(costs), len(costs) - 1, len(costs))]
+        outputs = [(costs[-1].out_bytes - through_bytes(costs), len(costs) - 1, len(costs))]
     made = [(size, saver) for size, maker, saver in outputs if maker >= 0 and not last]
     blocks = range(len(costs))
     if checkpoint == "none":
@@ -152,7 +152,7 @@ def _kept_and_backward(costs: list[BlockCost], first: bool, last: bool, single: 
         return kept, [sum(acts[:b]) + backs[b] + sum(size for size, saver in made if saver > b)
                       for b in blocks]
     if checkpoint == "block":  # keep the blocks' outputs (each next block's input), recompute one block
-        kept = (sum(c.out_bytes - _through_bytes([c]) for c in costs[:-1])
+        kept = (sum(c.out_bytes - through_bytes([c]) for c in costs[:-1])
                 + sum(size for size, maker, _ in outputs if maker == len(costs) - 1 and not last))
         return kept, [kept + backs[b] for b in blocks]
     kept = sum(size for size, _ in made)  # "all": keep only the input and the outputs, recompute the stage
