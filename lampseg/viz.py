@@ -160,13 +160,13 @@ def render(picture: Montage, label_names: dict[int, str], title: str, path: Path
     return data
 
 
-def validation_overlay(bundle, case: str, image, logits, run_dir: Path, logger=None, step: int = 0,
+def validation_overlay(bundle, case: str, image, labels, run_dir: Path, logger=None, step: int = 0,
                        png: bool = True) -> Path:
     """During training: the montage of one validation case with the prediction validation just made
-    (``image`` (1, C, X, Y, Z) and its ``logits``, as ``evaluate_cases`` passes them), logged to TensorBoard
-    as ``val/overlay/<case>`` and, with ``png``, written to ``run_dir/val_overlay.png`` (replaced at every
-    validation)."""
-    prediction = bundle.targets.labels_from_logits(logits)[0].cpu().numpy()
+    (``image`` (1, C, X, Y, Z) and its ``labels`` (1, X, Y, Z), as ``evaluate_cases`` passes them), logged to
+    TensorBoard as ``val/overlay/<case>`` and, with ``png``, written to ``run_dir/val_overlay.png`` (replaced
+    at every validation)."""
+    prediction = labels[0].cpu().numpy()
     values = [v for v in sorted(bundle.dataset.labels) if v != 0]
     names = [bundle.dataset.modalities[c] for c in bundle.channels]
     picture = montage(image[0].float().cpu().numpy(), names, np.asarray(bundle.cache.label(case)), values,

@@ -172,8 +172,24 @@ def restore_array(seg: np.ndarray, meta: dict) -> np.ndarray:
     probs = np.asarray(seg, dtype=np.float32)
     out = np.zeros((seg.shape[0], *meta["original_shape"]), dtype=np.float32)
     out[0] = 1.0
-    out[(slice(None), *region)] = probs if tuple(probs.shape[1:]) == cropped else _linear(probs, cropped)
+    out[(slice(None), *region)] = crop_space(probs, meta)
     return out
+
+
+def uncrop(seg: np.ndarray, meta: dict) -> np.ndarray:
+    """An integer map on the crop box's grid (``crop_space``'s) placed on the original grid (0 outside)."""
+    out = np.zeros(meta["original_shape"], dtype=seg.dtype)
+    out[tuple(slice(s, e) for s, e in meta["crop_box"])] = seg
+    return out
+
+
+def crop_space(probs: np.ndarray, meta: dict) -> np.ndarray:
+    """Channel-first float outputs (K, X, Y, Z) in preprocessed space on the original grid inside the crop
+    box (resampled linearly when preprocessing resampled; unchanged otherwise), as ``restore_array`` places
+    them."""
+    cropped = tuple(e - s for s, e in meta["crop_box"])
+    probs = np.asarray(probs, dtype=np.float32)
+    return probs if tuple(probs.shape[1:]) == cropped else _linear(probs, cropped)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

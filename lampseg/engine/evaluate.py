@@ -6,7 +6,7 @@ rebuilding a checkpoint's model under any parallel layout (``evaluate``, ``predi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from lampseg.config import enum_value, restore
 from lampseg.engine.inference import infer
 from lampseg.engine.metrics import dice_hd95, summarize
 from lampseg.engine.setup import select_device
+from lampseg.engine.slab_inference import infer_volume, slab_applies, slab_scores
 from lampseg.model.losses import Targets
 from lampseg.model.unet import build_model, size_divisor
 from lampseg.parallel.dims import resolve_dims
@@ -32,12 +33,14 @@ def roi_size(cfg, patch_size: list[int]) -> list[int]:
 
 
 def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, dims=None,
-                   on_logits: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
-                   ) -> tuple[list[dict], dict]:
+                   draw: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+                   draw_cases: Collection[str] = ()) -> tuple[list[dict], dict]:
     """Dice/HD95 per case (in preprocessed space, spacing from the cache metadata) and their means.
 
     With data parallelism each replica evaluates every ``dp``-th case and the results are gathered, so
-    every rank returns the same per-case list (in the order of ``cases``) and means.
+    every rank returns the same per-case list (in the order of ``cases``) and means. A model split into
+    slabs reads, infers and scores each case slab by slab (``slab_inference``; no rank holds a whole
+    volume's logits).
 
     Args:
         model: the network (not DDP-wrapped); put in eval mode here and left in eval mode.
@@ -46,33 +49,65 @@ def evaluate_cases(model, bundle, cases: list[str], cfg, device: torch.device, d
         cfg: the config (``inference.*``, ``trainer.precision``, ``trainer.hd95``).
         device: where to run.
         dims: the run's ``ParallelDims`` (None: one process evaluates everything).
-        on_logits: called with each case this process infers: its name, image (1, C, X, Y, Z) and logits
-            (training draws overlays from them without a second inference).
+        draw: called with each case of ``draw_cases`` this process infers (under slabs: the group's first
+            rank): its name, image (1, C, X, Y, Z) and label map (1, X, Y, Z) (training draws overlays from
+            them without a second inference).
+        draw_cases: the cases ``draw`` is called for (the same on every rank of a slab group).
 
     Returns:
         (per-case dicts with ``case``, ``dice``, ``hd95``, ``seconds``; means from ``metrics.summarize``).
     """
     model.eval()
     names, per_case = bundle.targets.names, []
-    divisor = size_divisor(cfg.model)
     memory = inference_memory(cfg, len(bundle.channels), bundle.targets.out_channels, device)
     shard = cases[dims.dp_rank::dims.dp] if dims is not None and dims.dp_enabled else cases
+    score = _slab_case if slab_applies(model, cfg.inference) else _case
     for name in shard:
         start = time.perf_counter()
-        image = case_image(bundle, name).to(device)
         report = {"mode": enum_value(cfg.inference.mode)}
         with CasePeakMemory(device) as peak:
-            logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), divisor,
-                           cfg.trainer.precision, memory, report)
-        dice, hd = case_scores(bundle, name, logits, cfg.trainer.hd95)
-        if on_logits is not None:
-            on_logits(name, image, logits)
+            dice, hd, labels = score(model, bundle, name, cfg, device, memory, report, name in draw_cases)
+        if draw is not None and labels is not None:
+            draw(name, case_image(bundle, name), labels)
         per_case.append({"case": name, "dice": dict(zip(names, dice)), "hd95": dict(zip(names, hd)),
                          "seconds": time.perf_counter() - start, "inference": report, **peak.report()})
     if dims is not None and dims.dp_enabled:
         order = {name: k for k, name in enumerate(cases)}
         per_case = sorted(dims.dp_gather(per_case), key=lambda c: order[c["case"]])
     return per_case, summarize(per_case, names)
+
+
+def _case(model, bundle, name: str, cfg, device: torch.device, memory, report: dict, drawn: bool
+          ) -> tuple[list[float], list[float], torch.Tensor | None]:
+    """One case inferred whole on this process: Dice, HD95 and (when ``drawn``) its label map."""
+    image = case_image(bundle, name).to(device)
+    logits = infer(model, image, cfg.inference, roi_size(cfg, bundle.patch_size), size_divisor(cfg.model),
+                   cfg.trainer.precision, memory, report)
+    return _case_scores_drawn(bundle, name, logits, cfg.trainer.hd95, drawn)
+
+
+def _slab_case(model, bundle, name: str, cfg, device: torch.device, memory, report: dict, drawn: bool
+               ) -> tuple[list[float], list[float], torch.Tensor | None]:
+    """One case slab by slab (``slab_inference``): each rank reads its rows of the cached image and label;
+    the label map (when ``drawn``) is assembled on the group's first rank only."""
+    cache, channels, targets = bundle.cache, bundle.channels, bundle.targets
+    meta = cache.meta(name)
+    shape = list(meta["preprocessed_shape"])
+    got = infer_volume(model, lambda lo, hi: cache.image(name)[channels, lo:hi], shape, cfg.inference,
+                       roi_size(cfg, bundle.patch_size), size_divisor(cfg.model), cfg.trainer.precision,
+                       device, memory, report, lambda: case_image(bundle, name).to(device))
+    if isinstance(got, torch.Tensor):  # sliding windows: every rank holds the whole logits
+        return _case_scores_drawn(bundle, name, got, cfg.trainer.hd95, drawn)
+    spacing = meta.get("target_spacing") or meta["spacing"]
+    dice, hd, masks = slab_scores(model, targets, got, cache.label(name)[got.start:got.stop], spacing,
+                                  cfg.trainer.hd95, lambda: cache.label(name), keep_masks=drawn)
+    return dice, hd, targets.labels_from_masks(masks[None]) if drawn and masks is not None else None
+
+
+def _case_scores_drawn(bundle, name: str, logits: torch.Tensor, with_hd95: bool, drawn: bool
+                       ) -> tuple[list[float], list[float], torch.Tensor | None]:
+    dice, hd = case_scores(bundle, name, logits, with_hd95)
+    return dice, hd, bundle.targets.labels_from_logits(logits) if drawn else None
 
 
 def case_image(bundle, name: str) -> torch.Tensor:

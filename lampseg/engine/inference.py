@@ -5,11 +5,13 @@ import itertools
 import warnings
 
 import torch
+import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 from torch import nn
 
 from lampseg.config import enum_value
 from lampseg.parallel.parallelize import split_for_inference
+from lampseg.parallel.slabs import SpatialInference
 from lampseg.planner.inference import (
     InferenceMemory,
     ModeChoice,
@@ -51,7 +53,7 @@ def pad_to_multiple(x: torch.Tensor, divisor: int, dtype: torch.dtype | None = N
     return padded, crop
 
 
-def _input_format(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.memory_format]:
+def input_format(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.memory_format]:
     """The dtype and layout the model's first convolution will convert ``x`` to (autocast, channels-last)."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if type(model).__module__.startswith("torchgpipe"):
@@ -65,7 +67,7 @@ def _input_format(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch
 def _forward(model: nn.Module, x: torch.Tensor, mode: str, inf_cfg, roi_size: list[int],
              divisor: int) -> torch.Tensor:
     if mode == "whole":
-        padded, crop = pad_to_multiple(x, divisor, *_input_format(model, x))
+        padded, crop = pad_to_multiple(x, divisor, *input_format(model, x))
         return model(padded)[crop].float()
     blend = enum_value(inf_cfg.blend)
     return sliding_window_inference(x, roi_size=roi_size, sw_batch_size=inf_cfg.sw_batch_size,
@@ -91,8 +93,8 @@ def _infer_mode(model: nn.Module, image: torch.Tensor, mode: str, inf_cfg, roi_s
 
 @torch.no_grad()
 def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], divisor: int,
-          precision: str = "fp32", memory: InferenceMemory | None = None, report: dict | None = None
-          ) -> torch.Tensor:
+          precision: str = "fp32", memory: InferenceMemory | None = None, report: dict | None = None,
+          start: ModeChoice | None = None) -> torch.Tensor:
     """Network outputs (logits) for whole volumes.
 
     Args:
@@ -105,7 +107,10 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
         memory: the model's memory estimate and budget (``InferenceMemory.from_config``); needed for
             ``mode=auto``, which chooses whole volume or the largest sliding window within its budget and,
             on an out-of-memory error, releases memory, warns once and falls back to a smaller choice.
+            A model split into slabs decides with its group: the first rank chooses, and an out-of-memory
+            error on any rank moves every rank to the same smaller choice.
         report: filled with what ``auto`` chose (``ModeChoice.to_dict()``), when given.
+        start: ``auto``'s first choice when already made (a fallback of ``slab_inference``).
 
     Returns:
         float32 logits (B, K, X, Y, Z) on the image's device. With ``tta`` the logits are averaged over
@@ -117,7 +122,7 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
     if memory is None:
         raise ValueError("inference.mode=auto needs the model's InferenceMemory (memory=...)")
     volume = list(image.shape[-3:])
-    choice = choose_mode(memory, volume, divisor, inf_cfg.sw_batch_size)
+    choice = start or agreed_choice(model, memory, volume, divisor, inf_cfg.sw_batch_size)
     while True:
         failed = None
         try:
@@ -129,25 +134,64 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
                 raise
             where = choice.mode if choice.window is None else f"{choice.mode} {choice.window}"
             failed = f"{where}: {error}"[:300]
+        failed = any_failed(model, failed)
         if failed is None:
             break
         # Outside the except block: the traceback, and the tensors its frames hold, are gone.
         release_memory(image.device)
-        below = None if choice.window is None else max(choice.window)
-        windows = windows_to_try(volume, divisor, below)
-        if not windows:
-            raise torch.OutOfMemoryError(f"inference.mode=auto: out of memory even with the smallest sliding "
-                                         f"window ({failed})")
-        sw = inf_cfg.sw_batch_size
-        window, need = (largest_fitting_window(memory, volume, windows, sw)
-                        or (windows[0], memory.sliding_gb(volume, windows[0], sw)))  # else one step down
-        _warn_fallback_once(f"inference.mode=auto: out of memory ({failed}); falling back to sliding "
-                            f"windows of {window}")
-        choice = ModeChoice("sliding", window, need, memory.budget_gb,
-                            f"fell back after out of memory: {choice.reason}", [*choice.fallbacks, failed])
+        choice = next_choice(memory, volume, divisor, inf_cfg.sw_batch_size, choice, failed)
     if report is not None:
         report.update(choice.to_dict())
     return logits
+
+
+def agreed_choice(model: nn.Module, memory: InferenceMemory, volume: list[int], divisor: int,
+                  sw_batch_size: int) -> ModeChoice:
+    """``choose_mode``'s choice; for a model split into slabs, the group's first rank's, sent to all (one
+    rank decides, so no rank runs a mode the others did not choose)."""
+    choice = choose_mode(memory, volume, divisor, sw_batch_size)
+    if isinstance(model, SpatialInference):
+        shared = [choice]
+        dist.broadcast_object_list(shared, group=model.group, group_src=0)
+        choice = shared[0]
+    return choice
+
+
+def any_failed(model: nn.Module, failed: str | None) -> str | None:
+    """This rank's failure, or, for a model split into slabs, the news that another rank of its group
+    failed (all-reduced), so that every rank falls back together; None when all succeeded."""
+    if not isinstance(model, SpatialInference):
+        return failed
+    flag = torch.tensor([failed is not None], dtype=torch.int32, device=_device(model))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=model.group)
+    if flag.item() and failed is None:
+        return "out of memory on another rank of the slabs' group"
+    return failed
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def next_choice(memory: InferenceMemory, volume: list[int], divisor: int, sw_batch_size: int,
+                choice: ModeChoice, failed: str) -> ModeChoice:
+    """The sliding window to fall back to after ``choice`` ran out of memory (``failed``), warned once.
+
+    Raises:
+        torch.OutOfMemoryError: even the smallest window ran out.
+    """
+    below = None if choice.window is None else max(choice.window)
+    windows = windows_to_try(volume, divisor, below)
+    if not windows:
+        raise torch.OutOfMemoryError(f"inference.mode=auto: out of memory even with the smallest sliding "
+                                     f"window ({failed})")
+    window, _ = (largest_fitting_window(memory, volume, windows, sw_batch_size)
+                 or (windows[0], memory.sliding_gb(volume, windows[0], sw_batch_size)))  # else one step down
+    need = memory.sliding_gb(volume, window, sw_batch_size)
+    _warn_fallback_once(f"inference.mode=auto: out of memory ({failed}); falling back to sliding "
+                        f"windows of {window}")
+    return ModeChoice("sliding", window, need, memory.budget_gb,
+                      f"fell back after out of memory: {choice.reason}", [*choice.fallbacks, failed])
 
 
 _warned = False

@@ -30,11 +30,29 @@ def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing, with_hd95: bool 
     Returns:
         (dice per channel, hd95 per channel).
     """
+    dice = dice_from_counts(overlap_counts(pred, truth))
+    return dice, hd95(pred, truth, spacing) if with_hd95 else [math.nan] * len(dice)
+
+
+def overlap_counts(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(2, N) float64 voxel counts per channel of boolean (N, X, Y, Z) masks: the overlap, and prediction
+    plus truth. They add up over pieces of a volume (slabs), so Dice from their sums is the whole volume's.
+    """
     p, t = pred.bool().flatten(1), truth.bool().flatten(1)
-    overlap, total = (p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()
-    dice = torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).tolist()
-    hd = [math.nan] * len(dice)
-    for c in range(len(dice) if with_hd95 else 0):
+    return torch.stack([(p & t).sum(1).double(), (p.sum(1) + t.sum(1)).double()])
+
+
+def dice_from_counts(counts: torch.Tensor) -> list[float]:
+    """Dice per channel from ``overlap_counts`` (1.0 when prediction and truth are both empty)."""
+    overlap, total = counts[0], counts[1]
+    return torch.where(total > 0, 2 * overlap / total.clamp(min=1), torch.ones_like(total)).tolist()
+
+
+def hd95(pred: torch.Tensor, truth: torch.Tensor, spacing) -> list[float]:
+    """95th-percentile Hausdorff distance (mm) per channel of boolean (N, X, Y, Z) masks (conventions:
+    ``dice_hd95``)."""
+    hd = [math.nan] * pred.shape[0]
+    for c in range(pred.shape[0]):
         p_any, t_any = bool(pred[c].any()), bool(truth[c].any())
         if not p_any and not t_any:
             hd[c] = 0.0
@@ -49,7 +67,7 @@ def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing, with_hd95: bool 
                 warnings.simplefilter("ignore", FutureWarning)
                 hd[c] = float(compute_hausdorff_distance(p_c, t_c, include_background=True, percentile=95,
                                                          spacing=[float(s) for s in spacing]))
-    return [float(d) for d in dice], hd
+    return hd
 
 
 def nanmean(values) -> float:

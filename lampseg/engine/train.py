@@ -118,14 +118,16 @@ class Trainer:
         cfg, state, place, bundle = self.cfg, self.state, self.place, self.data.bundle
         cases = bundle.val_cases[: cfg.trainer.val_max_cases or None]
         mine = cases[::place.dims.dp] if place.dims.dp_enabled else cases  # rank 0's shard of the validation
-        drawn = mine[:cfg.trainer.val_overlays] if place.main and not place.dims.staged else []
+        # Every rank of a slab group names the same cases: they assemble the drawn label maps together.
+        drawn = mine[:cfg.trainer.val_overlays] if not place.dims.staged else []
 
-        def draw(case: str, image: torch.Tensor, logits: torch.Tensor) -> None:
-            if case in drawn:  # from the predictions validation makes anyway (the first also as PNG)
-                validation_overlay(bundle, case, image, logits, self.run_dir, self.logger, epoch,
+        def draw(case: str, image: torch.Tensor, labels: torch.Tensor) -> None:
+            if place.main:  # from the predictions validation makes anyway (the first also as PNG)
+                validation_overlay(bundle, case, image, labels, self.run_dir, self.logger, epoch,
                                    png=case == drawn[0])
 
-        _, means = evaluate_cases(self.nets.infer_net, bundle, cases, cfg, place.device, place.dims, draw)
+        _, means = evaluate_cases(self.nets.infer_net, bundle, cases, cfg, place.device, place.dims, draw,
+                                  drawn)
         row["val_dice"] = means["dice"]
         row.update({f"val_{k}": v for k, v in means.items() if k != "dice"})
         if means["dice"] > state.best_val_dice:

@@ -98,11 +98,21 @@ class Targets:
         if self.regions is None:
             values = torch.tensor(self.label_values, device=logits.device)
             return values[logits.argmax(1)]
-        out = torch.zeros(logits.shape[:1] + logits.shape[2:], dtype=torch.long, device=logits.device)
+        return self.labels_from_masks(logits > 0)
+
+    def labels_from_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B,X,Y,Z) label map from boolean (B,N,X,Y,Z) masks as ``masks_from_logits`` makes them: the same
+        map ``labels_from_logits`` gives for those logits (split inference assembles masks, not logits)."""
+        out = torch.full(masks.shape[:1] + masks.shape[2:], self.label_values[0], dtype=torch.long,
+                         device=masks.device)
+        if self.regions is None:  # one mask per label after the background; at most one holds per voxel
+            for i, value in enumerate(self.label_values[1:]):
+                out[masks[:, i]] = value
+            return out
         for i, (_, vs) in enumerate(self.regions):
             later = {v for _, ws in self.regions[i + 1:] for v in ws}
             own = sorted(set(vs) - later)
-            out[logits[:, i] > 0] = own[0] if own else max(vs)
+            out[masks[:, i]] = own[0] if own else max(vs)
         return out
 
 

@@ -1,7 +1,9 @@
 """What goes in and out of a model split into slabs (``spatial.py``): this rank's slab of a whole tensor, the
-whole tensor from every rank's slab, whole-volume inference, and the global training loss.
+whole tensor from every rank's slab (on every rank or on one), inference, and the global training loss.
 
-    infer = SpatialInference(model, group, divisor)   # whole volume in, whole logits out on every rank
+    infer = SpatialInference(model, group, divisor)
+    logits_slab = infer.forward_slab(x_slab)          # this rank's rows in, this rank's logits out
+    logits = infer(x)                                 # whole volume in, whole logits out on every rank
     loss = SpatialLoss(build_loss(cfg.optim, targets), group)(logits_slab, target_slab)
 """
 from __future__ import annotations
@@ -24,27 +26,71 @@ def slab(x: torch.Tensor, group, multiple: int = 1) -> torch.Tensor:
     return x.narrow(AXIS, start, stop - start)
 
 
-def gather_slabs(x: torch.Tensor, group, lengths: list[int]) -> torch.Tensor:
-    """The whole tensor from every rank's slab of ``lengths[rank]`` rows (not differentiable)."""
+def gather_slabs(x: torch.Tensor, group, lengths: list[int], dst: int | None = None,
+                 axis: int = AXIS) -> torch.Tensor | None:
+    """The whole tensor from every rank's slab of ``lengths[rank]`` rows along ``axis`` (not differentiable).
+
+    Args:
+        x: this rank's slab.
+        group: the slabs' process group.
+        lengths: every rank's rows, in group order (each rank's slab may be empty).
+        dst: the group rank that gets the whole tensor (None: every rank does).
+        axis: the split axis of ``x``.
+
+    Returns:
+        The whole tensor (on ``dst``, or everywhere); None on the other ranks when ``dst`` is given.
+    """
     longest = max(lengths)
-    padded = F.pad(x, [0, 0] * (x.dim() - AXIS - 1) + [0, longest - x.shape[AXIS]]).contiguous()
-    parts = [torch.empty_like(padded) for _ in lengths]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part.narrow(AXIS, 0, n) for part, n in zip(parts, lengths)], AXIS)
+    padded = F.pad(x, [0, 0] * (x.dim() - axis - 1) + [0, longest - x.shape[axis]]).contiguous()
+    here = dst is None or dist.get_rank(group) == dst
+    parts = [torch.empty_like(padded) for _ in lengths] if here else None
+    if dst is None:
+        dist.all_gather(parts, padded, group=group)
+    else:
+        dist.gather(padded, parts, group=group, group_dst=dst)
+    if not here:
+        return None
+    return torch.cat([part.narrow(axis, 0, n) for part, n in zip(parts, lengths)], axis)
 
 
 class SpatialInference(nn.Module):
-    """Inference wrapper: the whole input in, the whole output out on every rank of the group, equal to the
-    unsplit model's (any input whose split axis the unsplit model accepts: a multiple of ``divisor`` with
-    at least one ``divisor`` per slab)."""
+    """Inference with a model split into slabs, equal to the unsplit model's (for any input whose split axis
+    the unsplit model accepts: a multiple of ``divisor`` with at least one ``divisor`` per slab).
+
+    ``forward_slab`` takes this rank's rows (``rows``) of the input and gives this rank's rows of the output:
+    no rank holds a whole volume. ``forward`` takes the whole input and gives every rank the whole output
+    (sliding windows, whose windows are small, use it).
+    """
 
     def __init__(self, module: nn.Module, group, divisor: int):
         super().__init__()
         self.module, self.group, self.divisor = module, group, divisor
 
+    @property
+    def slabs(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def bounds(self, length: int) -> list[tuple[int, int]]:
+        """(start, stop) of every rank's rows of an input of ``length`` rows along the split axis."""
+        return split_rows(length, self.slabs, self.divisor)
+
+    def rows(self, length: int) -> tuple[int, int]:
+        """(start, stop) of this rank's rows of an input of ``length`` rows along the split axis."""
+        return self.bounds(length)[self.rank]
+
+    @torch.no_grad()
+    def forward_slab(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the output from this rank's rows of the input (``rows``); every rank of the
+        group must call it for the same volume."""
+        return self.module(x)
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bounds = split_rows(x.shape[AXIS], dist.get_world_size(self.group), self.divisor)
+        bounds = self.bounds(x.shape[AXIS])
         out = self.module(slab(x, self.group, self.divisor))
         return gather_slabs(out, self.group, [stop - start for start, stop in bounds])
 
