@@ -51,8 +51,11 @@ from lampseg.bench.workers import launch_workers, random_batch, start_worker, ti
 from lampseg.config import ConfigError, derive, enum_value, patch_size_of, to_container
 from lampseg.data.msd import load_dataset
 from lampseg.data.prepare import dataset_root, resolve_channels, resolve_targets
+from lampseg.data.sampling import whole_volume_shape
+from lampseg.engine.inference import infer
 from lampseg.engine.optim import build_optimizer
 from lampseg.engine.setup import make_grad_scaler
+from lampseg.engine.slab_inference import infer_slab
 from lampseg.engine.steps import local_step
 from lampseg.io import atomic_write_bytes, atomic_write_text, write_json
 from lampseg.model.losses import Targets, build_loss
@@ -62,6 +65,7 @@ from lampseg.parallel.dims import ParallelDims
 from lampseg.parallel.kernels import kernel_choice, steer_convolutions
 from lampseg.parallel.parallelize import inference_module, parallel_loss, parallelize
 from lampseg.planner.capacity import spatial_plan_for
+from lampseg.planner.inference import InferenceMemory
 from lampseg.planner.layout import plan_split
 from lampseg.plots import figure_png, pyplot
 from lampseg.runtime import distributed
@@ -139,6 +143,44 @@ def _contended_times(cfg, in_ch: int, targets: Targets, whole: tuple[torch.Tenso
             **_computes(model, device, cfg.trainer.precision, "contended_")}
 
 
+def _inference(cfg, model: nn.Module, net: nn.Module, dims: ParallelDims, volume: torch.Tensor, targets,
+               device: torch.device) -> tuple[list[float], float, float]:
+    """Whole-volume inference of one (1, C, X, Y, Z) ``volume`` as ``evaluate`` runs it: one process infers
+    it whole (``engine.inference.infer``); split into slabs, each rank reads its rows and keeps its rows of
+    the logits (``slab_inference.infer_slab``). Returns the timed seconds, this rank's peak GB (the weights
+    and its input held at entry, plus the peak the pass allocates) and the planner's estimate for it."""
+    sp, divisor, precision = dims.sp, size_divisor(cfg.model), cfg.trainer.precision
+    shape = list(volume.shape[2:])
+    whole_cfg = derive(cfg, {"inference": {"mode": "whole", "tta": False}}, check=False)
+    if sp > 1:
+        infer_net = inference_module(model, net, dims, divisor).eval()
+        host = volume[0].numpy()
+        start, stop = infer_net.rows(shape[0] + (-shape[0]) % divisor)
+        held_input = 4 * volume[0, :, :stop - start].numel()  # the rows a rank reads (at most its slab)
+
+        def forward() -> None:
+            infer_slab(infer_net, lambda lo, hi: host[:, lo:hi], shape, divisor, precision, device)
+    else:
+        model.eval()
+        whole = volume.to(device)
+        held_input = 4 * whole.numel()
+
+        def forward() -> None:
+            infer(model, whole, whole_cfg.inference, shape, divisor, precision)
+
+    forward()
+    seconds = timed_steps(forward, cfg.bench.steps, device)
+    gc.collect()
+    held = tensor_bytes(model.parameters()) + held_input
+    if device.type == "cuda":
+        held = torch.cuda.memory_allocated(device) + (held_input if sp > 1 else 0)
+    with PeakMemory(device) as peak:
+        forward()
+    memory = InferenceMemory.from_config(cfg.model, volume.shape[1], targets.out_channels,
+                                         precision, slabs=sp)
+    return seconds, (held + peak.bytes) / GB, memory.whole_gb(whole_volume_shape([shape], divisor))
+
+
 def _worker(config_path: str, out_path: str) -> None:
     """One rank of one sp job: training step, inference, memory and communication; rank 0 writes all."""
     spec, cfg, device = start_worker(config_path)
@@ -177,18 +219,12 @@ def _worker(config_path: str, out_path: str) -> None:
         held = torch.cuda.memory_allocated(device)
     with PeakMemory(device) as peak:
         step(*mine)
-    infer = inference_module(model, net, dims, divisor).eval()
-    whole = _layout(cfg, image.to(device))
-
-    def forward() -> None:
-        with torch.no_grad(), autocast(device, cfg.trainer.precision):
-            infer(whole)
-
-    forward()
-    infer_s = timed_steps(forward, cfg.bench.steps, device)
-    ceiling = _contended_times(cfg, in_ch, targets, (whole, target.to(device)), device) if sp > 1 else {}
+    infer_s, infer_gb, infer_planned = _inference(cfg, model, net, dims, image[:1], targets, device)
+    whole = (_layout(cfg, image.to(device)), target.to(device))
+    ceiling = _contended_times(cfg, in_ch, targets, whole, device) if sp > 1 else {}
     row = {"sp": sp, "rank": rank, "train_s": statistics.median(train_s),
            "infer_s": statistics.median(infer_s), "first_loss": first_loss,
+           "infer_measured_gb": infer_gb, "infer_planned_gb": infer_planned,
            "measured_gb": (held + peak.bytes) / GB,
            "planned_gb": plan.stage.memory_gb, "checkpoint": plan.checkpoint,
            "halo_s": comm.get("halo", 0.0), "allreduce_s": comm.get("allreduce", 0.0),
@@ -242,8 +278,25 @@ def summarise(jobs: list[dict]) -> dict:
             "contended_kernels": runs[0][0].get("contended_kernels"),
             "contended_memory_format": runs[0][0].get("contended_memory_format"),
             "ceiling_train_speedup": statistics.median(c[0] for c in ceiling) if ceiling else None,
-            "ceiling_infer_speedup": statistics.median(c[1] for c in ceiling) if ceiling else None}
+            "ceiling_infer_speedup": statistics.median(c[1] for c in ceiling) if ceiling else None,
+            **_inference_memory(sp, ranks, [r for j in jobs if j["sp"] == 1 for r in j["ranks"]])}
     return out
+
+
+def _inference_memory(sp: int, ranks: list[dict], alone: list[dict]) -> dict:
+    """Whole-volume inference memory of ``sp`` slabs: the largest rank's measured peak, the plan, their
+    error, the fraction of one process's peak and the issue's targets (within 15 % of the plan; at most
+    1/sp + 0.15 of one process)."""
+    if not ranks or "infer_measured_gb" not in ranks[0]:
+        return {}
+    measured = max(r["infer_measured_gb"] for r in ranks)
+    planned = ranks[0]["infer_planned_gb"]
+    one = max((r["infer_measured_gb"] for r in alone), default=None)
+    fraction = measured / one if one else None
+    return {"infer_measured_gb_max": measured, "infer_planned_gb": planned,
+            "infer_memory_error": measured / planned - 1, "infer_fraction_of_one": fraction,
+            "infer_memory_within_15pct": abs(measured / planned - 1) <= 0.15,
+            "infer_fraction_within_target": None if fraction is None else fraction <= 1 / sp + 0.15}
 
 
 def _plot(summary: dict, path: Path, title: str) -> None:
@@ -316,7 +369,10 @@ def run(cfg) -> dict:
                    f"{s['ceiling_train_speedup']:.2f}x infer "
                    f"{s['ceiling_infer_speedup']:.2f}x)")
         plan = f" (plan {s['planned_gb']:.3f})" if s["planned_gb"] else ""
-        print(f"sp={sp}: train {s['train_s']:.3f}s infer {s['infer_s']:.3f}s{up}; peak "
+        infer_mem = f"; inference peak {s['infer_measured_gb_max']:.3f} GB/rank (plan " \
+            f"{s['infer_planned_gb']:.3f}, {s['infer_fraction_of_one']:.2f} of one process)" \
+            if s.get("infer_fraction_of_one") else ""
+        print(f"sp={sp}: train {s['train_s']:.3f}s infer {s['infer_s']:.3f}s{up}{infer_mem}; peak "
               f"{s['measured_gb_max']:.3f} GB/rank{plan}; halo {s['halo_s']:.3f}s all-reduce "
               f"{s['allreduce_s']:.3f}s per step; first loss {s['first_loss']:.6f}; kernels {s['kernels']}, "
               f"{s['memory_format']}")

@@ -34,6 +34,7 @@ from lampseg.planner.capacity import (
     spatial_plan,
 )
 from lampseg.planner.decisions import Plan, SpatialPlan
+from lampseg.planner.inference import InferenceMemory, largest_inference_cube
 from lampseg.planner.plan import (
     OPTIMIZER_STATES,
     PlanError,
@@ -65,6 +66,10 @@ def run_plan(cfg: DictConfig, log=print) -> Plan | SpatialPlan:
     opt_states = OPTIMIZER_STATES.get(enum_value(cfg.optim.name), 2)
     capacity = capacity_table(costs, batch, budget, input_shape, p.schedule, opt_states,
                               size_divisor(cfg.model), skips=skip_routing(p)) if budget is not None else None
+    for row in capacity or []:  # beside training's capacity: what whole-volume inference handles
+        memory = InferenceMemory.from_config(cfg.model, len(channels), targets.out_channels, precision.name,
+                                             slabs=row.devices)
+        row.predict_side = largest_inference_cube(memory, budget, size_divisor(cfg.model))
     try:
         plan, spatial = _split(cfg, costs, input_shape, log)
     except PlanError:

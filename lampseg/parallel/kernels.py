@@ -143,10 +143,18 @@ class SteeredConvTranspose3d(nn.ConvTranspose3d):
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         if self.padding_mode != "zeros" or output_size is not None:
             return super().forward(x, output_size)
-        x, weight, bias = autocast_operands(x, self.weight, self.bias)
-        with torch.autocast(x.device.type, enabled=False):
-            return _ConvTranspose3d.apply(x, weight, bias, self.stride, self.padding, self.output_padding,
-                                          self.groups, self.dilation)
+        return conv_transpose3d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                self.groups, self.dilation)
+
+
+def conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                     output_padding, groups: int, dilation) -> torch.Tensor:
+    """``F.conv_transpose3d`` (differentiable, in autocast's dtype under autocast) on oneDNN for fp32 on a
+    CPU whatever the input's size: a thin slab would otherwise take PyTorch's vol2col kernel, whose column
+    buffer is ~15x the layer's input (``_ConvTranspose3d``)."""
+    x, weight, bias = autocast_operands(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ConvTranspose3d.apply(x, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def steer_convolutions(model: nn.Module, transposed: bool = False) -> int:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lampseg.config import ConfigError
-from lampseg.parallel.kernels import autocast_operands, conv3d, conv3d_backward
+from lampseg.parallel.kernels import autocast_operands, conv3d, conv3d_backward, conv_transpose3d
 
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
 _POINTWISE = (nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Identity,
@@ -92,7 +92,17 @@ def _receive_halo(x: torch.Tensor, before: int, after: int, group) -> tuple[torc
     tail = x.new_zeros(shape[:AXIS] + [after] + shape[AXIS + 1:])
     _swap(x.narrow(AXIS, 0, after).contiguous(), x.narrow(AXIS, length - before, before).contiguous(),
           head, tail, prev, nxt, group)
-    return head, tail
+    # in the slab's layout: concatenated with a channels-last slab, contiguous rows would make the haloed
+    # slab contiguous, which the convolution then copies back to channels-last (a second copy of the slab)
+    layout = torch.channels_last_3d if x.dim() == 5 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+    return head.contiguous(memory_format=layout), tail.contiguous(memory_format=layout)
+
+
+def _haloed(head: torch.Tensor, x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """The slab with its halo rows, in the slab's memory layout (an empty piece would make ``cat`` fall back
+    to the contiguous layout, and the convolution would then copy the haloed slab back to channels-last)."""
+    return torch.cat([t for t in (head, x, tail) if t.shape[AXIS] or t is x], AXIS)
 
 
 def _return_halo_grad(grad: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
@@ -120,7 +130,7 @@ class _HaloExchange(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, before: int, after: int, group) -> torch.Tensor:
         ctx.before, ctx.after, ctx.group = before, after, group
         head, tail = _receive_halo(x, before, after, group)
-        return torch.cat([head, x, tail], AXIS)
+        return _haloed(head, x, tail)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -135,7 +145,7 @@ class _HaloConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, before, after, stride, padding, dilation, groups, group):
         head, tail = _receive_halo(x, before, after, group)
-        y = conv3d(torch.cat([head, x, tail], AXIS), weight, bias, stride, padding, dilation, groups)
+        y = conv3d(_haloed(head, x, tail), weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, head, tail, weight)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.halo, ctx.group, ctx.has_bias = (before, after), group, bias is not None
@@ -145,7 +155,7 @@ class _HaloConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, head, tail, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        haloed = torch.cat([head, x, tail], AXIS).to(grad.dtype)
+        haloed = _haloed(head, x, tail).to(grad.dtype)
         grad_haloed, grad_weight, grad_bias = conv3d_backward(
             grad, haloed, weight.to(grad.dtype), ctx.has_bias, stride, padding, dilation, groups)
         del haloed
@@ -233,9 +243,9 @@ class SpatialConvTranspose3d(nn.ConvTranspose3d):
         before = max((k - 1 - p) // s, 0)
         after = (s - 1 + p) // s
         length = x.shape[AXIS]
-        y = F.conv_transpose3d(halo_exchange(x, before, after, self.sp_group), self.weight, self.bias,
-                               self.stride, (0, *self.padding[1:]), (0, *self.output_padding[1:]),
-                               self.groups, self.dilation)
+        y = conv_transpose3d(halo_exchange(x, before, after, self.sp_group), self.weight, self.bias,
+                             self.stride, (0, *self.padding[1:]), (0, *self.output_padding[1:]), self.groups,
+                             self.dilation)
         return y.narrow(AXIS, s * before + p, s * length)
 
 

@@ -195,6 +195,7 @@ class Capacity:
     hybrid_side: int = 0  # largest cube of the best sp x pp = devices (0: none, or no such layout)
     hybrid_step_s: float | None = None
     hybrid_layout: tuple[int, int] | None = None  # (sp, pp)
+    predict_side: int = 0  # largest cube whole-volume inference (predict, evaluate) handles with sp=devices
 
     @property
     def best(self) -> str:
@@ -260,12 +261,17 @@ def capacity_lines(rows: list[Capacity], budget: float) -> list[str]:
         sp, pp = r.hybrid_layout
         return f"{f'sp={sp} x pp={pp}':>10}{cell(r.hybrid_side, r.hybrid_step_s)}"
 
+    predict = any(r.predict_side for r in rows)
     lines = [f"capacity at {budget:g} GB per device (largest whole cube, voxels vs 1 device, est. step):",
              f"{'devices':>7}  {'pipeline (pp=N)':>24}  {'spatial (sp=N)':>24}  "
-             f"{'best sp x pp = N':>34}  best"]
+             f"{'best sp x pp = N':>34}  best" + (f"  {'predict (sp=N)':>14}" if predict else "")]
     for r in rows:
         lines.append(f"{r.devices:>7}  {cell(r.pipeline_side, r.pipeline_step_s)}  "
-                     f"{cell(r.spatial_side, r.spatial_step_s)}  {hybrid(r)}  {r.best}")
+                     f"{cell(r.spatial_side, r.spatial_step_s)}  {hybrid(r)}  {r.best}"
+                     + (f"  {f'{r.predict_side}^3' if r.predict_side else '-':>14}" if predict else ""))
+    if predict:
+        lines.append("predict (sp=N): the largest whole volume one inference pass handles over N slabs "
+                     "(each rank: its slab of the image, logits and activations)")
     return lines
 
 

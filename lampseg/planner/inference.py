@@ -41,7 +41,10 @@ class InferenceMemory:
         devices: devices an unsplit model may be pipelined over for a whole volume that does not fit one
             (``inference.devices``; default: the visible GPUs, 1 on CPU).
         slabs: spatial slabs each volume is split into (``parallel.sp`` under ``parallel=spatial``): every
-            rank keeps the weights and its slab's activations (plus a halo row on each side).
+            rank keeps the weights, its slab of the image and of the logits, and its slab's activations
+            (plus a halo row on each side; ``engine.slab_inference``).
+        slab_act_bytes_per_voxel: a split block's peak per voxel of its slab: the unsplit one's plus a
+            second copy of its input (the input with its halo rows, which the convolution reads).
     """
 
     param_bytes: int
@@ -52,6 +55,7 @@ class InferenceMemory:
     budget_gb: float = math.inf
     devices: int = 1
     slabs: int = 1
+    slab_act_bytes_per_voxel: float = 0.0
 
     @classmethod
     def from_config(cls, model_cfg, in_channels: int, out_channels: int, precision: str = "fp32",
@@ -69,17 +73,23 @@ class InferenceMemory:
         # A residual unit holds two intermediates at once (convolution and normalisation outputs): 2x the
         # largest. Checked against bench inference's measured peaks (whole and 64-128^3 windows: within 10 %).
         act = max(c.in_bytes + c.out_bytes + 2 * c.work_bytes for c in costs)
-        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb, devices, slabs)
+        # Measured with bench spatial (128^3, 2 and 4 slabs): the haloed copy is the extra (within 15 %).
+        slab_act = max(2 * c.in_bytes + c.out_bytes + 2 * c.work_bytes for c in costs)
+        return cls(params, act / side**3, in_channels, out_channels, stages, budget_gb, devices, slabs,
+                   slab_act / side**3)
 
     def whole_gb(self, shape: list[int], split: int | None = None) -> float:
         """Peak GB per device for the whole (padded) volume ``shape`` in one pass, over ``split`` devices
-        (default: the model's stages), each stage split into ``slabs`` (whose ranks all hold the whole
-        input and the gathered logits)."""
-        voxels = math.prod(shape)
-        held = 4 * voxels * (self.in_channels + self.out_channels)  # fp32 image and logits
+        (default: the model's stages), each stage split into ``slabs`` (each rank holding its slab of the
+        fp32 image and logits, never the whole volume's)."""
         stages = split or self.stages
-        slab = voxels / self.slabs * (1 + 2 * self.slabs / shape[0] if self.slabs > 1 else 1)  # + halos
-        return (held + self.param_bytes / stages + self.act_bytes_per_voxel * slab / stages) / GB
+        if self.slabs == 1:
+            voxels, act = math.prod(shape), self.act_bytes_per_voxel
+        else:
+            voxels = math.prod(shape) / self.slabs * (1 + 2 * self.slabs / shape[0])  # + halo rows
+            act = self.slab_act_bytes_per_voxel
+        held = 4 * voxels * (self.in_channels + self.out_channels)  # fp32 image and logits
+        return (held + self.param_bytes / stages + act * voxels / stages) / GB
 
     def sliding_gb(self, volume: list[int], window: list[int], sw_batch_size: int) -> float:
         """Peak GB for sliding windows of ``window`` over ``volume`` (MONAI keeps the fp32 output sum
@@ -89,6 +99,15 @@ class InferenceMemory:
         windows = sw_batch_size * math.prod(window)
         return (held + self.param_bytes + self.act_bytes_per_voxel * windows
                 + 4 * windows * (self.in_channels + self.out_channels)) / GB
+
+
+def largest_inference_cube(memory: InferenceMemory, budget_gb: float, divisor: int, limit: int = 4096) -> int:
+    """The largest whole cube (a multiple of ``divisor``, at least one ``divisor`` per slab) whose one-pass
+    inference fits ``budget_gb`` per device with ``memory.slabs`` slabs (0: none)."""
+    best, side = 0, divisor * memory.slabs
+    while side <= limit and memory.whole_gb([side] * 3) <= budget_gb:
+        best, side = side, side + divisor
+    return best
 
 
 @dataclass
