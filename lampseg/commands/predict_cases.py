@@ -182,13 +182,14 @@ class CaseProgress:
 
 
 def summary_line(rows: list[dict], seconds: float, csv_path: Path) -> str:
-    """``N case(s): W predicted, S skipped in T s (R cases/s), peak memory M MB -> predictions.csv``, over
-    every replica's rows (the rate counts the predicted cases)."""
+    """``N case(s) predicted in T s (R cases/s), peak memory M MB -> predictions.csv`` (``N case(s): W
+    predicted, S skipped in ...`` on a resume), over every replica's rows; the rate counts predicted cases."""
     done = [r for r in rows if r.get("status") == "written"]
     peaks = [(float(r[k]), k) for r in done for k in PEAK_COLUMNS if r.get(k) not in (None, "")]
     peak = max(peaks, default=None)
     memory = "" if peak is None else (f", peak memory {peak[0]:.1f} MB"
                                       + (" (process peak RSS)" if peak[1] == "process_peak_rss_mb" else ""))
     rate = len(done) / seconds if seconds > 0 else 0.0
-    return (f"{len(rows)} case(s): {len(done)} predicted, {len(rows) - len(done)} skipped in {seconds:.2f} s "
-            f"({rate:.2f} cases/s){memory} -> {csv_path}")
+    skipped = len(rows) - len(done)
+    counts = f": {len(done)} predicted, {skipped} skipped" if skipped else " predicted"
+    return f"{len(rows)} case(s){counts} in {seconds:.2f} s ({rate:.2f} cases/s){memory} -> {csv_path}"
