@@ -108,7 +108,7 @@ def test_txt_and_dataset_json_lists(tmp_path, trained_run):
     assert case_inputs(lists / "some.json") == [images[2], images[0]]  # a bare list, of paths or entries
 
 
-def test_resume_keeps_the_rows_of_skipped_cases(tmp_path, trained_run):
+def test_resume_keeps_the_rows_of_skipped_cases_and_of_earlier_runs(tmp_path, trained_run):
     images = _images(trained_run, 3)
     inputs, out = _folder(tmp_path, images), tmp_path / "preds"
     args = _args(trained_run, tmp_path, inputs, out)
@@ -126,7 +126,14 @@ def test_resume_keeps_the_rows_of_skipped_cases(tmp_path, trained_run):
             assert new == {**old, "status": "skipped"}
     assert any(line.startswith("3 case(s): 1 predicted, 2 skipped") for line in lines), lines
     _predict_here(*args, "overwrite=true")
-    assert [r["status"] for r in _csv(out)[1]] == ["written"] * 3
+    _, redone = _csv(out)
+    assert [r["status"] for r in redone] == ["written"] * 3
+    # Another run into the same folder: its case first, the earlier cases' rows kept after it.
+    other = _images(trained_run, 4)[3]
+    _predict_here(*_args(trained_run, tmp_path, other, out))
+    _, rows = _csv(out)
+    assert [Path(r["output"]).name for r in rows] == [other.name, *(Path(r["output"]).name for r in redone)]
+    assert rows[1:] == redone
 
 
 def test_an_interrupted_run_keeps_the_rows_of_its_finished_cases(tmp_path, trained_run, monkeypatch):

@@ -124,19 +124,20 @@ def case_row(path: Path, target: Path, seconds: float, report: dict, shape: tupl
 
 
 class CaseTable:
-    """``predictions.csv`` of an output folder: one row per case of this run whose prediction exists, in
-    input order, written atomically (only where ``write``, rank 0). A rerun starts from the previous
-    file's rows of this run's cases whose prediction is still there, so an interrupted run keeps the rows
-    of its finished cases and a skipped case keeps its old timings."""
+    """``predictions.csv`` of an output folder: a row per prediction in it, this run's cases first (in input
+    order), written atomically (only where ``write``, rank 0). It starts from the previous file's rows
+    whose prediction is still there, so an interrupted run keeps the rows of its finished cases, a skipped
+    case keeps its old timings, and cases an earlier run predicted into the same folder keep theirs."""
 
     def __init__(self, out_dir: Path, inputs: list[Path], write: bool) -> None:
         self.path, self.write = out_dir / CSV_NAME, write
         self.order = {out_dir / p.name: k for k, p in enumerate(inputs)}
         self.rows: dict[Path, dict] = {}
         for row in self._previous():
-            target = out_dir / Path(row.get("output") or "").name
-            if target in self.order and target.exists():
-                self.rows[target] = row
+            name = Path(row.get("output") or "").name
+            if name.endswith(NIFTI) and (out_dir / name).is_file():
+                self.rows[out_dir / name] = row
+                self.order.setdefault(out_dir / name, len(inputs) + len(self.rows))  # after this run's
 
     def _previous(self) -> list[dict]:
         try:
