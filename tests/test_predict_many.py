@@ -100,9 +100,10 @@ def test_txt_and_dataset_json_lists(tmp_path, trained_run):
     assert all((out / images[k].name).is_file() for k in (0, 1))
 
     out = tmp_path / "from_json"  # MSD's dataset.json: its "test" list, relative to its folder
-    lines = _predict_here(*_args(trained_run, tmp_path, root / "dataset.json", out))
+    lines = _predict_here(*_args(trained_run, tmp_path, root / "dataset.json", out), "inference=sliding")
     _, rows = _csv(out)
     assert [r["input"] for r in rows] == [str(root / p) for p in meta["test"]]
+    assert {(r["mode"], r["window"]) for r in rows} == {("sliding", "32x32x32")}  # +exp=smoke's patch
     assert any(line.startswith(f"{len(meta['test'])} case(s) predicted in ") for line in lines)
     (lists / "some.json").write_text(json.dumps([str(images[2]), {"image": str(images[0])}]))
     assert case_inputs(lists / "some.json") == [images[2], images[0]]  # a bare list, of paths or entries

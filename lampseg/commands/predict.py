@@ -89,7 +89,8 @@ def predict_images(ckpt_path: Path, inputs: Path, output: Path, overwrite: bool 
                 seg, img, report = _segment(path, model, targets, device, cfg, info, memory)
             if writer:
                 atomic_write_bytes(target, _nifti_bytes(_label_image(seg, img), target.name))
-            row = case_row(path, target, time.perf_counter() - start, report, img.shape, peak.report())
+            row = case_row(path, target, time.perf_counter() - start, report, img.shape, peak.report(),
+                           roi_size(cfg, info["patch_size"]))
             window = f" {report['window']}" if report.get("window") else ""
             bar.log(log, f"{path.name}: {row['seconds']:.2f} s ({report['mode']}{window}) -> {target}")
         written.append(target)

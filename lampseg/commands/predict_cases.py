@@ -112,11 +112,12 @@ def case_name(path: Path) -> str:
     return next(path.name[: -len(s)] for s in (*NIFTI, "") if path.name.endswith(s))
 
 
-def case_row(path: Path, target: Path, seconds: float, report: dict, shape: tuple[int, ...], peak: dict
-             ) -> dict:
+def case_row(path: Path, target: Path, seconds: float, report: dict, shape: tuple[int, ...], peak: dict,
+             roi: list[int]) -> dict:
     """The ``predictions.csv`` row of an image predicted now (``report``: how inference ran; ``peak``:
-    ``CasePeakMemory.report()``)."""
-    window = report.get("window")
+    ``CasePeakMemory.report()``; ``roi``: the sliding window of ``inference.mode=sliding``, which ``auto``'s
+    report names itself)."""
+    window = report.get("window") or (roi if report.get("mode") == "sliding" else None)
     return {"case": case_name(path), "input": str(path), "output": str(target), "status": "written",
             "seconds": round(seconds, 3), "mode": report.get("mode"),
             "window": "x".join(map(str, window)) if window else "",
