@@ -43,7 +43,10 @@ def case_inputs(path: Path) -> list[Path]:
     path = path.expanduser()
     if path.is_dir():
         # Hidden files are skipped: MSD's archives carry macOS "._BRATS_001.nii.gz" resource forks.
-        files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI) and not p.name.startswith("."))
+        try:
+            files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI) and not p.name.startswith("."))
+        except OSError as err:
+            raise _error(path, f"cannot list the folder ({err})") from None
         if not files:
             raise _error(path, "no .nii/.nii.gz files in this folder")
         return files
@@ -92,7 +95,7 @@ def _json_list(path: Path, text: str) -> list[str]:
 
 def _checked(path: Path, files: list[Path]) -> list[Path]:
     """``files`` of the list ``path``, each an existing NIfTI, no two of the same name (the output's)."""
-    missing = [str(f) for f in files if not f.is_file()]
+    missing = [str(f) for f in files if not _is_file(f)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise _error(path, f"{len(missing)} listed image(s) do not exist: {', '.join(missing[:3])}{more}")
@@ -105,6 +108,13 @@ def _checked(path: Path, files: list[Path]) -> list[Path]:
             raise _error(path, f"{seen[f.name]} and {f} would both be predicted to {f.name}")
         seen[f.name] = f
     return files
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte ...
+        return False
 
 
 def case_name(path: Path) -> str:
