@@ -213,6 +213,7 @@ def test_a_bad_list_through_the_cli_is_one_line_before_the_model_loads(tmp_path)
     assert f"config key 'predict.input': {tmp_path / 'empty.txt'}: the list names no image" in proc.stderr
 
 
+@pytest.mark.extended  # two processes loading torch: 13 s on an idle 2-core CPU, about 30 s on a busy one
 def test_data_parallel_replicas_share_one_csv(tmp_path, trained_run):
     """Under torchrun each replica predicts every other case; rank 0 writes every row, in input order."""
     images = _images(trained_run, 3)
