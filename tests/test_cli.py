@@ -253,7 +253,8 @@ def test_predict_original_space(tmp_path, trained_run):
         seg = np.asarray(pred.dataobj)
         assert seg.dtype == np.uint8
         assert set(np.unique(seg).tolist()) <= allowed
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in [train_image, *test_images])
+    expected = sorted(p.name for p in [train_image, *test_images])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*expected, "predictions.csv"])
     # Two epochs only: require that the prediction finds the tumour, not that it delineates it well.
     label = np.asarray(nib.load(root / "labelsTr" / f"{train_case}.nii.gz").dataobj)
     seg = np.asarray(nib.load(out / train_image.name).dataobj)

@@ -26,12 +26,14 @@ class EvaluateArgs:
 
 @dataclass
 class PredictArgs:
-    """``python -m lampseg predict ckpt=PATH input=FILE_OR_DIR output=DIR [overwrite=true]``."""
+    """``python -m lampseg predict ckpt=PATH input=FILE_DIR_OR_LIST output=DIR [overwrite=true]
+    [progress=false]``."""
 
     ckpt: str | None = None  # the checkpoint to segment with
-    input: str | None = None  # a NIfTI image, or a folder of them
-    output: str | None = None  # the folder the label NIfTIs go to
+    input: str | None = None  # a NIfTI image, a folder of them, a .txt list or a dataset.json (its "test")
+    output: str | None = None  # the folder the label NIfTIs (and predictions.csv) go to
     overwrite: bool = False  # redo inputs whose prediction is already in output (default: skip them)
+    progress: bool = True  # a bar over cases on stderr when it is a terminal (rank 0)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class SynthArgs:
 # `evaluate evaluate.ckpt=PATH` (config.loading.qualify). Every other key keeps its section.
 SHORT_ARGUMENTS = {
     "evaluate": ("ckpt", "split"),
-    "predict": ("ckpt", "input", "output", "overwrite"),
+    "predict": ("ckpt", "input", "output", "overwrite", "progress"),
     "visualize": ("case", "ckpt", "prediction", "slices", "out"),
     "synth": ("out",),
     "bench": ("ckpt",),
