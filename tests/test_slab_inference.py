@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import compose, lampseg, torchrun
+from conftest import compose, lampseg, torchrun, worker_rows
 
 from lampseg.engine.slab_inference import pack_masks, unpack_masks
 from lampseg.model.losses import Targets
 
 FP32 = ["trainer.precision=fp32", "inference.mode=whole"]
 SPLIT = ["parallel=spatial", "parallel.sp=2"]
+WORKERS = Path(__file__).parent / "workers"
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +89,24 @@ def test_predicted_labels_outside_the_crop_box_are_background():
     from lampseg.commands.predict import restore_labels
 
     targets = Targets.from_config({0: "bg", 1: "a", 2: "b"}, {"AB": [1, 2], "B": [2]})
-    meta = {"original_shape": [6, 6, 6], "crop_box": [[1, 5], [2, 6], [0, 4]], "preprocessed_shape": [4, 4, 4]}
+    meta = {"original_shape": [6, 6, 6], "crop_box": [[1, 5], [2, 6], [0, 4]],
+            "preprocessed_shape": [4, 4, 4]}
     logits = torch.full((2, 4, 4, 4), -1.0)
     logits[:, 1:3] = 1.0  # rows 1-2 of the box: both regions -> label 2
     labels = restore_labels(logits, meta, targets)
     assert labels.shape == (6, 6, 6) and labels.dtype == np.uint8
     assert (labels[2:4, 2:6, 0:4] == 2).all() and labels.sum() == 2 * 2 * 4 * 4
+
+
+def test_an_out_of_memory_rank_moves_every_rank_to_the_same_fallback():
+    """inference.mode=auto over 2 slabs: one rank runs out of memory before any exchange, after the first
+    block's exchanges, or in the last block; every time all ranks fall back together to the same sliding
+    windows (no rank waits for the collective timeout), whose logits are one process's."""
+    (row,) = worker_rows(2, WORKERS / "slab_fallback.py", timeout=240)
+    assert row["first_mode"] == "whole" and row["first_is_slab"] and row["rows"] == [[0, 16], [16, 32]]
+    assert row["slab_error"] < 1e-4
+    assert [(f["block"], f["failing_rank"]) for f in row["fallbacks"]] == [(0, 1), (1, 0), (2, 1)]
+    for fallback in row["fallbacks"]:
+        assert fallback["mode"] == "sliding" and fallback["fallback_error"] < 1e-4, fallback
+        (reason,) = fallback["fallbacks"]
+        assert "out of memory" in reason, fallback

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -12,6 +15,14 @@ from torch import nn
 from lampseg.config import enum_value
 from lampseg.parallel.parallelize import split_for_inference
 from lampseg.parallel.slabs import SpatialInference
+from lampseg.parallel.spatial import (
+    ERROR,
+    OUT_OF_MEMORY,
+    PeerFailed,
+    agreed_outcome,
+    agreeing,
+    report_failure,
+)
 from lampseg.planner.inference import (
     InferenceMemory,
     ModeChoice,
@@ -21,6 +32,8 @@ from lampseg.planner.inference import (
 )
 from lampseg.runtime.device import autocast
 from lampseg.runtime.memory import is_out_of_memory, release_memory
+
+T = TypeVar("T")
 
 
 def pad_to_multiple(x: torch.Tensor, divisor: int, dtype: torch.dtype | None = None,
@@ -124,20 +137,12 @@ def infer(model: nn.Module, image: torch.Tensor, inf_cfg, roi_size: list[int], d
     volume = list(image.shape[-3:])
     choice = start or agreed_choice(model, memory, volume, divisor, inf_cfg.sw_batch_size)
     while True:
-        failed = None
-        try:
-            net = split_for_inference(model, choice.split, image.device) if choice.split > 1 else model
-            logits = _infer_mode(net, image, choice.mode, inf_cfg, choice.window or roi_size, divisor,
-                                 precision)
-        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
-            if not is_out_of_memory(error):
-                raise
-            where = choice.mode if choice.window is None else f"{choice.mode} {choice.window}"
-            failed = f"{where}: {error}"[:300]
-        failed = any_failed(model, failed)
+        net = split_for_inference(model, choice.split, image.device) if choice.split > 1 else model
+        where = choice.mode if choice.window is None else f"{choice.mode} {choice.window}"
+        logits, failed = attempt(model, partial(_infer_mode, net, image, choice.mode, inf_cfg,
+                                                choice.window or roi_size, divisor, precision), where)
         if failed is None:
             break
-        # Outside the except block: the traceback, and the tensors its frames hold, are gone.
         release_memory(image.device)
         choice = next_choice(memory, volume, divisor, inf_cfg.sw_batch_size, choice, failed)
     if report is not None:
@@ -157,16 +162,40 @@ def agreed_choice(model: nn.Module, memory: InferenceMemory, volume: list[int], 
     return choice
 
 
-def any_failed(model: nn.Module, failed: str | None) -> str | None:
-    """This rank's failure, or, for a model split into slabs, the news that another rank of its group
-    failed (all-reduced), so that every rank falls back together; None when all succeeded."""
+def attempt(model: nn.Module, run: Callable[[], T], where: str) -> tuple[T | None, str | None]:
+    """``run()``'s result, or what ran out of memory (``where`` and the error). For a model split into
+    slabs the group agrees (``spatial.agreeing``): a rank that runs out of memory tells the others at their
+    next collective, so every rank returns the same failure and none is left waiting; another error on
+    any rank is raised on every rank.
+
+    Returns:
+        (the result, None), or (None, the failure).
+    """
     if not isinstance(model, SpatialInference):
-        return failed
-    flag = torch.tensor([failed is not None], dtype=torch.int32, device=_device(model))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=model.group)
-    if flag.item() and failed is None:
-        return "out of memory on another rank of the slabs' group"
-    return failed
+        try:
+            return run(), None
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
+            if not is_out_of_memory(error):
+                raise
+            return None, f"{where}: {error}"[:300]
+    device = _device(model)
+    with agreeing(model.group):
+        try:
+            result = run()
+        except PeerFailed as peer:
+            if peer.code != OUT_OF_MEMORY:
+                raise
+            return None, f"{where}: {peer}"
+        except Exception as error:
+            code = OUT_OF_MEMORY if is_out_of_memory(error) else ERROR
+            report_failure(device, code)
+            if code != OUT_OF_MEMORY:
+                raise
+            return None, f"{where}: {error}"[:300]
+        code = agreed_outcome(device)
+    if code == ERROR:
+        raise PeerFailed(code)
+    return (result, None) if not code else (None, f"{where}: {PeerFailed(code)}")
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from lampseg.config import enum_value
-from lampseg.engine.inference import agreed_choice, any_failed, infer, input_format, next_choice
+from lampseg.engine.inference import agreed_choice, attempt, infer, input_format, next_choice
 from lampseg.engine.metrics import dice_from_counts, hd95, overlap_counts
 from lampseg.parallel.slabs import SpatialInference, gather_slabs
 from lampseg.planner.inference import InferenceMemory
 from lampseg.runtime.device import autocast
-from lampseg.runtime.memory import is_out_of_memory, release_memory
+from lampseg.runtime.memory import release_memory
 
 Reader = Callable[[int, int], np.ndarray]  # (start, stop) rows -> (C, stop - start, Y, Z) preprocessed image
 
@@ -170,19 +171,17 @@ def infer_volume(model: SpatialInference, read: Reader, shape: Sequence[int], in
         report: filled with the mode chosen (``ModeChoice.to_dict()`` under ``auto``).
         whole_image: the whole (1, C, X, Y, Z) image on ``device`` (read only for sliding windows).
     """
+    run = partial(infer_slab, model, read, shape, divisor, precision, device)
     if enum_value(inf_cfg.mode) == "whole":
         report["mode"] = "whole"
-        return infer_slab(model, read, shape, divisor, precision, device)
+        slab, failed = attempt(model, run, f"whole ({model.slabs} slabs)")
+        if failed is not None:  # on every rank at once (inference.mode=auto would fall back instead)
+            raise torch.OutOfMemoryError(f"inference.mode=whole: out of memory ({failed}); "
+                                         f"inference.mode=auto falls back to sliding windows")
+        return slab
     choice = agreed_choice(model, memory, list(shape), divisor, inf_cfg.sw_batch_size)
     if choice.mode == "whole":
-        failed = None
-        try:
-            slab = infer_slab(model, read, shape, divisor, precision, device)
-        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
-            if not is_out_of_memory(error):
-                raise
-            failed = f"whole ({model.slabs} slabs): {error}"[:300]
-        failed = any_failed(model, failed)
+        slab, failed = attempt(model, run, f"whole ({model.slabs} slabs)")
         if failed is None:
             report.update(choice.to_dict())
             return slab
