@@ -109,7 +109,7 @@ def _segment(path: Path, model, targets, device: torch.device, cfg: DictConfig, 
     logits = infer(model, torch.from_numpy(pre)[None].to(device), cfg.inference,
                    roi_size(cfg, info["patch_size"]), size_divisor(cfg.model), cfg.trainer.precision,
                    memory, report)
-    restored = restore_array(logits[0].cpu().numpy(), meta)
+    restored = restore_array(logits[0].cpu().numpy(), meta, targets.background_logits())
     seg = targets.labels_from_logits(torch.from_numpy(restored)[None])[0].numpy().astype(np.uint8)
     return seg, img, report
 

@@ -102,8 +102,7 @@ def preprocess_array(
     stats = _zscore_nonzero(image) if cfg.normalize == "zscore_nonzero" else []
     shape = tuple(image.shape[1:])
     if cfg.target_spacing is not None:
-        target = cfg.target_spacing
-        new = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
+        new = resampled_shape(shape, spacing, cfg.target_spacing)
         if new != shape:
             image = _linear(image, new)
             label = None if label is None else _nearest(label, new)
@@ -117,6 +116,13 @@ def preprocess_array(
         "norm_stats": stats,
     }
     return image, label, meta
+
+
+def resampled_shape(shape: Any, spacing: Any, target: Any) -> tuple[int, ...]:
+    """The size of a volume of ``shape`` voxels of ``spacing`` mm resampled to ``target`` mm (rounded,
+    at least 1)."""
+    return tuple(max(1, round(int(n) * float(s) / float(t)))
+                 for n, s, t in zip(shape, spacing, target, strict=True))
 
 
 def _nonzero_box(image: np.ndarray) -> list[list[int]]:
@@ -147,14 +153,17 @@ def _zscore_nonzero(image: np.ndarray) -> list[list[float]]:
     return stats
 
 
-def restore_array(seg: np.ndarray, meta: dict) -> np.ndarray:
+def restore_array(seg: np.ndarray, meta: dict, outside: list[float] | None = None) -> np.ndarray:
     """Map a prediction in preprocessed space back to the original image grid.
 
     Args:
         seg: Integer segmentation (X, Y, Z), resampled with nearest neighbour; or channel-first float
-            probabilities (K, X, Y, Z), resampled linearly (argmax afterwards). Outside the crop box an
-            integer result is 0 and a probability result is background-certain (channel 0 = 1, others 0).
+            probabilities or logits (K, X, Y, Z), resampled linearly (argmax afterwards). Outside the crop
+            box an integer result is 0 and a float result is ``outside`` per channel (default:
+            background-certain probabilities, channel 0 = 1, others 0; ``Targets.background_logits`` for
+            logits of sigmoid regions).
         meta: The dict returned by `preprocess_array` (or stored in ``<name>_meta.json``).
+        outside: a float result's value per channel outside the crop box.
 
     Returns:
         Array of spatial shape ``meta["original_shape"]`` (same dtype as ``seg``; float32 for probabilities).
@@ -171,7 +180,10 @@ def restore_array(seg: np.ndarray, meta: dict) -> np.ndarray:
         return out
     probs = np.asarray(seg, dtype=np.float32)
     out = np.zeros((seg.shape[0], *meta["original_shape"]), dtype=np.float32)
-    out[0] = 1.0
+    if outside is None:
+        out[0] = 1.0
+    else:
+        out[:] = np.asarray(outside, dtype=np.float32).reshape(-1, 1, 1, 1)
     out[(slice(None), *region)] = probs if tuple(probs.shape[1:]) == cropped else _linear(probs, cropped)
     return out
 

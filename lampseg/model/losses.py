@@ -89,6 +89,13 @@ class Targets:
         cls = logits.argmax(1, keepdim=True)
         return torch.cat([cls == i for i in range(1, len(self.label_values))], dim=1)
 
+    def background_logits(self) -> list[float]:
+        """Logits, one per output channel, that ``labels_from_logits`` maps to background: every region
+        off (sigmoid regions), or background-certain (softmax)."""
+        if self.regions is not None:
+            return [-1.0] * len(self.regions)
+        return [1.0] + [0.0] * (len(self.label_values) - 1)
+
     def labels_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,X,Y,Z) label map in dataset.json values from network outputs.
 
