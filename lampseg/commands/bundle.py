@@ -5,9 +5,10 @@
 
 lampseg's preprocessing (``data.cache.preprocess_array``) maps onto MONAI transforms: channel selection
 (``data.channels``), the crop to the box where any channel is nonzero (``CropForegroundd``), z-score over
-nonzero voxels per channel (``NormalizeIntensityd``), resampling to ``data.target_spacing`` (``Spacingd``),
+nonzero voxels per channel (``NormalizeIntensityd``), resampling to ``data.target_spacing``,
 whole-volume zero padding to the U-Net's divisor, centred (``DivisiblePadd``); ``Invertd`` undoes them on
-the logits, which then become labels as ``Targets.labels_from_logits`` makes them.
+the logits, which then become labels as ``Targets.labels_from_logits`` makes them. Resampling and sigmoid
+regions are lampseg's own transforms (``lampseg.data.transforms``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lampseg import __version__
 from lampseg.config import enum_value
 from lampseg.model.losses import Targets
 from lampseg.model.unet import size_divisor
@@ -94,8 +96,10 @@ def _preprocessing(b: BundleModel) -> list[dict]:
               {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}]
     spacing = b.cfg.data.target_spacing
     if spacing is not None:
-        steps.append({"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in spacing],
-                      "mode": "bilinear", "align_corners": False})
+        # MONAI's Spacingd samples another grid (voxel centres kept, not the volume's edges); this is
+        # preprocess_array's resampling, invertible.
+        steps.append({"_target_": "lampseg.data.transforms.ResampleToSpacingd", "keys": "image",
+                      "pixdim": [float(s) for s in spacing]})
     if b.mode == "whole":
         steps.append({"_target_": "DivisiblePadd", "keys": "image", "k": b.divisor, "method": "symmetric"})
     steps.append({"_target_": "EnsureTyped", "keys": "image"})
@@ -108,7 +112,7 @@ def _postprocessing(b: BundleModel) -> list[dict]:
                           "orig_keys": "image", "nearest_interp": False, "to_tensor": True}]
     t = b.targets
     if t.regions is not None:
-        steps.append({"_target_": "lampseg.model.bundle.RegionsToLabelsd", "keys": "pred",
+        steps.append({"_target_": "lampseg.data.transforms.RegionsToLabelsd", "keys": "pred",
                       "regions": [[name, list(values)] for name, values in t.regions]})
     else:
         steps += [{"_target_": "Activationsd", "keys": "pred", "softmax": True},
@@ -175,6 +179,11 @@ def _spatial_shape(b: BundleModel) -> list[str]:
     return [f"{d}*n" if m == 1 else f"{d}*(n+{m - 1})"] * 3
 
 
+def uses_lampseg_transforms(b: BundleModel) -> bool:
+    """Whether ``inference.json`` names ``lampseg.data.transforms`` (resampling, sigmoid regions)."""
+    return b.targets.regions is not None or b.cfg.data.target_spacing is not None
+
+
 def _modality(b: BundleModel) -> str:
     """``CT`` when every input channel is named CT (MSD's CT tasks), else ``MR``."""
     return "CT" if all(name.upper() == "CT" for name in b.modalities) else "MR"
@@ -195,7 +204,7 @@ def metadata(b: BundleModel, versions: dict[str, str], changelog: str, dice: flo
     else:
         out_def = {str(i): labels[str(v)] for i, v in enumerate(t.label_values)}
     shape, patch = _spatial_shape(b), b.mode == "sliding"
-    uses_lampseg = t.regions is not None
+    uses_lampseg = uses_lampseg_transforms(b)
     return {
         "schema": META_SCHEMA, "version": BUNDLE_VERSION,
         "changelog": {BUNDLE_VERSION: changelog},
@@ -260,13 +269,15 @@ def readme(b: BundleModel, trained: dict, source: str) -> str:
         f"{trained['dice']:.4f} (mean, best epoch {trained['best_epoch']})"
     per_label = "".join(f"\n  - {k}: {v:.4f}" for k, v in trained["dice_per_label"].items())
     spacing = "the image's own (no resampling)" if d.target_spacing is None else \
-        f"resampled to {list(d.target_spacing)} mm (``Spacingd``), results resampled back"
+        f"resampled to {list(d.target_spacing)} mm (`lampseg.data.transforms.ResampleToSpacingd`), the " \
+        f"logits resampled back"
     labels = ", ".join(f"{k} = {v}" for k, v in b.info["labels"].items())
     regions = "" if b.targets.regions is None else (
-        "\nThe network predicts sigmoid regions (" + ", ".join(f"{n}: labels {list(vs)}" for n, vs in
-                                                               b.targets.regions)
-        + "); `lampseg.model.bundle.RegionsToLabelsd` paints them back into labels, so this bundle needs "
-          "lampseg installed (`required_packages_version`).")
+        "\n- the network predicts sigmoid regions (" + ", ".join(f"{n}: labels {list(vs)}" for n, vs in
+                                                                 b.targets.regions)
+        + "); `lampseg.data.transforms.RegionsToLabelsd` paints them back into labels")
+    needs = "\n\nThis bundle names transforms of `lampseg.data.transforms`: it needs lampseg " \
+        f"{__version__} installed (`required_packages_version`)." if uses_lampseg_transforms(b) else ""
     window = f"sliding windows of {b.roi_size} (overlap {b.cfg.inference.overlap}, " \
              f"{enum_value(b.cfg.inference.blend)} blending)" if b.mode == "sliding" else \
         f"the whole volume at once, zero-padded (centred) to multiples of {b.divisor}"
@@ -293,7 +304,7 @@ A MONAI 3D U-Net trained with lampseg, exported with `python -m lampseg export` 
   (at least {b.divisor * b.min_multiple})
 
 ## Outputs
-- `OUTPUT/<case>_seg.nii.gz`: uint8 labels ({labels}) on the input's grid and affine.{regions}
+- `OUTPUT/<case>_seg.nii.gz`: uint8 labels ({labels}) on the input's grid and affine{regions}{needs}
 
 ## Commands
 ```

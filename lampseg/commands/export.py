@@ -167,8 +167,17 @@ def _write_bundle(root: Path, ckpt: dict, ckpt_path: Path, b: BundleModel, net: 
     atomic_write(root / "models" / "model.pt", lambda f: torch.save(state, f))
     atomic_write_bytes(root / "models" / "model.ts", _torchscript(net, b))
     atomic_write_bytes(root / "docs" / "README.md", readme(b, trained, ckpt_path.name).encode())
+    _umask_modes(root)
     for folder in ("configs", "models", "docs", "."):
         fsync_dir(root / folder)
+
+
+def _umask_modes(root: Path) -> None:
+    """The modes a plain ``mkdir``/``open`` would have given (temp files and folders are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _read_summary(path: Path) -> dict | None:
