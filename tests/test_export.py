@@ -107,8 +107,8 @@ def bundle(trained_run, tmp_path_factory) -> Path:
 
 def test_export_writes_a_monai_bundle(bundle, trained_run):
     files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
-    assert files == ["configs/inference.json", "configs/metadata.json", "docs/README.md", "models/model.pt",
-                     "models/model.ts"]
+    assert files == ["configs/inference.json", "configs/logging.conf", "configs/metadata.json",
+                     "docs/README.md", "models/model.pt", "models/model.ts"]
     assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")] == []  # no temp folder left
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert all(key in meta for key in METADATA_KEYS)
@@ -141,6 +141,18 @@ def test_bundle_run_agrees_with_predict(bundle, trained_run, tmp_path):
     assert len(dice) == 2
     for case, per_label in dice.items():
         assert per_label and min(per_label.values()) >= 0.99, (case, per_label)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ignite") is None,
+                    reason="MONAI's SupervisedEvaluator needs pytorch-ignite (pip install lampseg[bundle])")
+def test_run_evaluator_writes_what_run_writes(bundle, trained_run, tmp_path):
+    images = held_out_images(trained_run, tmp_path / "images")
+    for run_id in ("run", "run_evaluator"):
+        monai_bundle("run", run_id, config_file=bundle / "configs" / "inference.json", bundle_root=bundle,
+                     dataset_dir=images, output_dir=tmp_path / run_id)
+    for path in sorted((tmp_path / "run").iterdir()):
+        other = tmp_path / "run_evaluator" / path.name
+        assert np.array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(other).dataobj))
 
 
 def _checkpoint_model(ckpt: dict) -> torch.nn.Module:

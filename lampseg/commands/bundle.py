@@ -30,6 +30,29 @@ RUN_COMMAND = ("python -m monai.bundle run --config_file {out}/configs/inference
                "--dataset_dir IMAGES --output_dir OUTPUT")
 VERIFY_COMMAND = ("python -m monai.bundle verify_net_in_out network_def "
                   "--meta_file {out}/configs/metadata.json --config_file {out}/configs/inference.json")
+# The Model Zoo's configs/logging.conf (monai.bundle run warns without one).
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
 
 
 @dataclass(frozen=True)
@@ -281,6 +304,8 @@ def readme(b: BundleModel, trained: dict, source: str) -> str:
     window = f"sliding windows of {b.roi_size} (overlap {b.cfg.inference.overlap}, " \
              f"{enum_value(b.cfg.inference.blend)} blending)" if b.mode == "sliding" else \
         f"the whole volume at once, zero-padded (centred) to multiples of {b.divisor}"
+    window += f" (`inference.mode={enum_value(b.cfg.inference.mode)}`; `lampseg export ... " \
+              f"inference.mode=sliding|whole` chooses)"
     return f"""# {m.name}: {', '.join(b.targets.names)} segmentation (exported from lampseg)
 
 A MONAI 3D U-Net trained with lampseg, exported with `python -m lampseg export` from `{source}`.
@@ -298,20 +323,24 @@ A MONAI 3D U-Net trained with lampseg, exported with `python -m lampseg export` 
 - one NIfTI per case (`*.nii.gz` in the dataset folder), 3D (X, Y, Z) or 4D (X, Y, Z, C) with the channels
   in this order: {', '.join(f'{i}: {n}' for i, n in enumerate(b.modalities))}
   (of the training set's {', '.join(b.info['modalities'])})
-- spacing: {spacing}; the voxel axes are used as stored (no reorientation, as lampseg trained)
+- spacing: {spacing}; the voxel axes are used as stored (no reorientation, as lampseg
+  trained)
 - preprocessing: crop to the box where any channel is nonzero, z-score per channel over nonzero voxels
-- inference: {window}; sizes the network accepts: multiples of {b.divisor}
-  (at least {b.divisor * b.min_multiple})
+- inference: {window}; the network accepts sizes that are multiples of {b.divisor}, at least
+  {b.divisor * b.min_multiple}
 
 ## Outputs
-- `OUTPUT/<case>_seg.nii.gz`: uint8 labels ({labels}) on the input's grid and affine{regions}{needs}
+- `OUTPUT/<case>_seg.nii.gz`: uint8 labels ({labels}) on the input's grid and
+  affine{regions}{needs}
 
 ## Commands
 ```
 {VERIFY_COMMAND.format(out='BUNDLE')}
 {RUN_COMMAND.format(out='BUNDLE')}
 ```
-TorchScript: `torch.jit.load("BUNDLE/models/model.ts")` gives the logits
+`python -m monai.bundle` needs `fire` (`pip install fire`). `run` segments every `IMAGES/*.nii.gz` without
+pytorch-ignite; `run run_evaluator` does the same through MONAI's `SupervisedEvaluator` (needs
+pytorch-ignite). TorchScript: `torch.jit.load("BUNDLE/models/model.ts")` gives the logits
 (1, {b.targets.out_channels}, X, Y, Z) of a preprocessed (1, {len(b.modalities)}, X, Y, Z) image.
 
 ## Differences from `python -m lampseg predict`

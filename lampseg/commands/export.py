@@ -1,6 +1,7 @@
 """``python -m lampseg export ckpt=PATH out=DIR``: a checkpoint as a MONAI bundle (``configs/metadata.json``,
-``configs/inference.json``, ``models/model.pt``, ``models/model.ts``, ``docs/README.md``), built in a temp
-folder next to ``out`` and renamed into place, so ``out`` is either the whole bundle or untouched.
+``configs/inference.json``, ``configs/logging.conf``, ``models/model.pt``, ``models/model.ts``,
+``docs/README.md``), built in a temp folder next to ``out`` and renamed into place, so ``out`` is either the
+whole bundle or untouched.
 
     python -m lampseg export ckpt=outputs/run/checkpoints/best.pt out=bundle
     python -m monai.bundle run --config_file bundle/configs/inference.json --bundle_root bundle \
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 
 from lampseg import __version__
 from lampseg.commands.bundle import (
+    LOGGING_CONF,
     RUN_COMMAND,
     VERIFY_COMMAND,
     BundleModel,
@@ -77,7 +79,7 @@ def export_bundle(ckpt_path: Path, out: Path, overwrite: bool = False, changes: 
         CheckpointError: the file is not a lampseg training checkpoint, or its weights do not fit its
             config's network; the message names the file and the key.
     """
-    start = time.perf_counter()
+    start, shown = time.perf_counter(), out
     out = Path(os.path.abspath(out))
     _check_out(out, overwrite)
     ckpt = load_checkpoint(ckpt_path)
@@ -91,9 +93,9 @@ def export_bundle(ckpt_path: Path, out: Path, overwrite: bool = False, changes: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(f"bundle {out}: {size / 1e6:.2f} MB in {time.perf_counter() - start:.1f} s "
-        f"({b.mode} volume inference, {len(b.modalities)} channel(s) -> {b.targets.out_channels} outputs)\n"
-        f"verify: {VERIFY_COMMAND.format(out=out)}\nrun:    {RUN_COMMAND.format(out=out)}")
+    log(f"bundle {shown}: {size / 1e6:.2f} MB in {time.perf_counter() - start:.1f} s ({b.mode}-volume "
+        f"inference, {len(b.modalities)} channel(s) -> {b.targets.out_channels} outputs)\n"
+        f"verify: {VERIFY_COMMAND.format(out=shown)}\nrun:    {RUN_COMMAND.format(out=shown)}")
     return out
 
 
@@ -163,6 +165,7 @@ def _write_bundle(root: Path, ckpt: dict, ckpt_path: Path, b: BundleModel, net: 
     changelog = f"exported by lampseg {__version__} from {ckpt_path.name} (epoch {ckpt.get('epoch')})"
     write_json(root / "configs" / "metadata.json", metadata(b, versions, changelog, trained["dice"]))
     write_json(root / "configs" / "inference.json", inference_config(b))
+    atomic_write_bytes(root / "configs" / "logging.conf", LOGGING_CONF.encode())
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write(root / "models" / "model.pt", lambda f: torch.save(state, f))
     atomic_write_bytes(root / "models" / "model.ts", _torchscript(net, b))
