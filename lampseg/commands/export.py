@@ -93,7 +93,7 @@ def export_bundle(ckpt_path: Path, out: Path, overwrite: bool = False, changes: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(f"bundle {shown}: {size / 1e6:.2f} MB in {time.perf_counter() - start:.1f} s ({b.mode}-volume "
+    log(f"{shown}: MONAI bundle, {size / 1e6:.2f} MB in {time.perf_counter() - start:.1f} s ({b.mode}-volume "
         f"inference, {len(b.modalities)} channel(s) -> {b.targets.out_channels} outputs)\n"
         f"verify: {VERIFY_COMMAND.format(out=shown)}\nrun:    {RUN_COMMAND.format(out=shown)}")
     return out
