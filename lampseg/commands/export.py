@@ -96,6 +96,8 @@ def export_bundle(ckpt_path: Path, out: Path, overwrite: bool = False, changes: 
     log(f"{shown}: MONAI bundle, {size / 1e6:.2f} MB in {time.perf_counter() - start:.1f} s ({b.mode}-volume "
         f"inference, {len(b.modalities)} channel(s) -> {b.targets.out_channels} outputs)\n"
         f"verify: {VERIFY_COMMAND.format(out=shown)}\nrun:    {RUN_COMMAND.format(out=shown)}")
+    if b.cfg.inference.tta:
+        log("note: the bundle does not mirror (inference.tta=true is lampseg's; its README says so)")
     return out
 
 
