@@ -202,6 +202,23 @@ def test_existing_out_is_refused_then_replaced_with_overwrite(trained_run, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_failure_half_way_leaves_the_old_bundle_whole(trained_run, tmp_path, monkeypatch):
+    from lampseg.commands import export as export_module
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def fail(*_):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(export_module, "_torchscript", fail)  # after configs/ and model.pt are written
+    with pytest.raises(RuntimeError, match="disk gone"):
+        export_bundle(trained_run / "checkpoints" / "best.pt", out, overwrite=True, log=lambda *_: None)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp folder left
+
+
 def test_not_a_checkpoint_is_named(tmp_path):
     garbage = tmp_path / "notes.pt"
     garbage.write_bytes(b"not a checkpoint")

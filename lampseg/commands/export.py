@@ -217,7 +217,12 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
         _check_out(out, overwrite)  # created meanwhile
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)  # the old bundle back where it was
+        raise
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old)
