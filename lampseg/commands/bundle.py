@@ -115,7 +115,8 @@ def _preprocessing(b: BundleModel) -> list[dict]:
     if channels != list(range(len(b.info["modalities"]))):
         steps.append({"_target_": "Lambdad", "keys": "image", "func": f"$lambda x: x[{channels}]"})
     steps += [{"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
-               "select_fn": "$lambda x: x != 0", "margin": 0, "allow_smaller": True},
+               # an image without a nonzero voxel is kept whole, as preprocess_array keeps it
+               "select_fn": "$lambda x: (x != 0) | (x == 0).all()", "margin": 0, "allow_smaller": True},
               {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}]
     spacing = b.cfg.data.target_spacing
     if spacing is not None:
