@@ -5,6 +5,7 @@
     python -m lampseg train -m optim.lr=1e-3,3e-4              # Hydra multirun sweep
     python -m lampseg evaluate ckpt=RUN/checkpoints/best.pt
     python -m lampseg predict ckpt=RUN/checkpoints/best.pt input=DIR_OR_FILE output=DIR
+    python -m lampseg export ckpt=RUN/checkpoints/best.pt out=BUNDLE    # a MONAI bundle
     python -m lampseg synth out=PATH data.synthetic.cases=10
     python -m lampseg validate data.root=/data/Task01_BrainTumour   # every problem in a dataset at once
     python -m lampseg tune tune=berral_grid                    # Ray Tune study (experiment parallelism)
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "train": "train a model (writes metrics.csv, summary.json, checkpoints/, progress.png, tb/)",
     "evaluate": "Dice/HD95 of a checkpoint on a data split -> eval.json (ckpt=PATH [split=val|train|all])",
     "predict": "segment NIfTI images in their original space (ckpt=PATH input=FILE_OR_DIR output=DIR)",
+    "export": "a checkpoint as a MONAI bundle: configs/, models/model.pt|model.ts, docs/ (ckpt=PATH out=DIR)",
     "synth": "write the synthetic BraTS-like MSD dataset (out=PATH, data.synthetic.*)",
     "plan": "split the model into pipeline stages for parallel.pp / parallel.memory_gb -> plan.json",
     "tune": "Ray Tune study: every trial a train run (tune=berral_grid|asha_random|optuna|pbt) -> tune/",
@@ -81,6 +83,12 @@ def _predict(cfg: DictConfig, overrides: list[str]) -> None:
     run_predict(cfg, overrides)
 
 
+def _export(cfg: DictConfig, overrides: list[str]) -> None:
+    from lampseg.commands.export import run_export  # lazy: see above
+
+    run_export(cfg, overrides)
+
+
 def _synth(cfg: DictConfig, overrides: list[str]) -> None:
     from lampseg.commands.synth import run_synth  # lazy: see above
 
@@ -130,9 +138,9 @@ def _doctor(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 RUNNERS: dict[str, Callable[[DictConfig, list[str]], None]] = {
-    "train": _train, "evaluate": _evaluate, "predict": _predict, "synth": _synth, "plan": _plan,
-    "tune": _tune, "loo": _loo, "validate": _validate, "visualize": _visualize, "bench": _bench,
-    "doctor": _doctor,
+    "train": _train, "evaluate": _evaluate, "predict": _predict, "export": _export, "synth": _synth,
+    "plan": _plan, "tune": _tune, "loo": _loo, "validate": _validate, "visualize": _visualize,
+    "bench": _bench, "doctor": _doctor,
 }
 
 

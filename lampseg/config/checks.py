@@ -181,8 +181,9 @@ def _check_inference(cfg: DictConfig, divisor: int) -> None:
 
 
 def checkpoint_of(cfg: DictConfig) -> str | None:
-    """The checkpoint a subcommand was given (``evaluate``/``predict``/``visualize``/``bench`` ``ckpt=``)."""
-    given = [cfg[section].ckpt for section in ("evaluate", "predict", "visualize", "bench")]
+    """The checkpoint a subcommand was given (``evaluate``/``predict``/``visualize``/``bench``/``export``
+    ``ckpt=``)."""
+    given = [cfg[section].ckpt for section in ("evaluate", "predict", "visualize", "bench", "export")]
     return next((c for c in given if c is not None), None)
 
 

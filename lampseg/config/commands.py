@@ -49,6 +49,15 @@ class VisualizeArgs:
 
 
 @dataclass
+class ExportArgs:
+    """``python -m lampseg export ckpt=PATH out=DIR [overwrite=true]``: a checkpoint as a MONAI bundle."""
+
+    ckpt: str | None = None  # the checkpoint to export
+    out: str | None = None  # the bundle's folder (must not exist unless overwrite)
+    overwrite: bool = False  # replace an existing out (once the new bundle is complete)
+
+
+@dataclass
 class SynthArgs:
     """``python -m lampseg synth [out=PATH]`` (the dataset's size and seed: ``data.synthetic.*``)."""
 
@@ -62,5 +71,6 @@ SHORT_ARGUMENTS = {
     "predict": ("ckpt", "input", "output", "overwrite", "progress"),
     "visualize": ("case", "ckpt", "prediction", "slices", "out"),
     "synth": ("out",),
+    "export": ("ckpt", "out", "overwrite"),
     "bench": ("ckpt",),
 }

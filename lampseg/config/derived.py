@@ -62,7 +62,8 @@ def writable(cfg: DictConfig) -> DictConfig:
     return out
 
 
-COMMAND_SECTIONS = ("evaluate", "predict", "visualize", "synth")  # arguments of a command, not settings
+# arguments of a command, not settings
+COMMAND_SECTIONS = ("evaluate", "predict", "visualize", "synth", "export")
 
 
 def restore(saved: Mapping[str, Any], changes: Mapping[str, Any] | None = None, check: bool = True

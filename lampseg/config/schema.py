@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lampseg.config.choice import Choice
-from lampseg.config.commands import EvaluateArgs, PredictArgs, SynthArgs, VisualizeArgs
+from lampseg.config.commands import EvaluateArgs, ExportArgs, PredictArgs, SynthArgs, VisualizeArgs
 from lampseg.errors import LampsegError
 
 
@@ -332,6 +332,7 @@ class Config:
     predict: PredictArgs = field(default_factory=PredictArgs)
     visualize: VisualizeArgs = field(default_factory=VisualizeArgs)
     synth: SynthArgs = field(default_factory=SynthArgs)
+    export: ExportArgs = field(default_factory=ExportArgs)
 
 
 

@@ -102,8 +102,7 @@ def preprocess_array(
     stats = _zscore_nonzero(image) if cfg.normalize == "zscore_nonzero" else []
     shape = tuple(image.shape[1:])
     if cfg.target_spacing is not None:
-        target = cfg.target_spacing
-        new = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
+        new = resampled_shape(shape, spacing, cfg.target_spacing)
         if new != shape:
             image = _linear(image, new)
             label = None if label is None else _nearest(label, new)
@@ -117,6 +116,13 @@ def preprocess_array(
         "norm_stats": stats,
     }
     return image, label, meta
+
+
+def resampled_shape(shape: Any, spacing: Any, target: Any) -> tuple[int, ...]:
+    """The size of a volume of ``shape`` voxels of ``spacing`` mm resampled to ``target`` mm (rounded,
+    at least 1)."""
+    return tuple(max(1, round(int(n) * float(s) / float(t)))
+                 for n, s, t in zip(shape, spacing, target, strict=True))
 
 
 def _nonzero_box(image: np.ndarray) -> list[list[int]]:
@@ -153,7 +159,8 @@ def restore_array(seg: np.ndarray, meta: dict) -> np.ndarray:
     Args:
         seg: Integer segmentation (X, Y, Z), resampled with nearest neighbour; or channel-first float
             probabilities (K, X, Y, Z), resampled linearly (argmax afterwards). Outside the crop box an
-            integer result is 0 and a probability result is background-certain (channel 0 = 1, others 0).
+            integer result is 0 and a probability result is background-certain (channel 0 = 1, others 0);
+            logits go back with ``crop_space`` and ``uncrop`` (labels first, then background outside).
         meta: The dict returned by `preprocess_array` (or stored in ``<name>_meta.json``).
 
     Returns:

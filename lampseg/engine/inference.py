@@ -13,9 +13,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from lampseg.config import enum_value
-from lampseg.parallel.parallelize import split_for_inference
-from lampseg.parallel.slabs import SpatialInference
-from lampseg.parallel.spatial import (
+from lampseg.parallel.agreement import (
     ERROR,
     OUT_OF_MEMORY,
     PeerFailed,
@@ -23,6 +21,8 @@ from lampseg.parallel.spatial import (
     agreeing,
     report_failure,
 )
+from lampseg.parallel.parallelize import split_for_inference
+from lampseg.parallel.slabs import SpatialInference
 from lampseg.planner.inference import (
     InferenceMemory,
     ModeChoice,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lampseg.config import ConfigError
+from lampseg.parallel.agreement import agree
 from lampseg.parallel.kernels import autocast_operands, conv3d, conv3d_backward, conv_transpose3d
 
 AXIS = 2  # (N, C, X, Y, Z): slabs along X
@@ -59,68 +60,6 @@ class CommTime:
 
 
 COMM = CommTime()
-
-
-OUT_OF_MEMORY, ERROR = 1, 2  # what a failing rank reports within ``agreeing`` (the worst one wins)
-
-
-class PeerFailed(RuntimeError):
-    """Raised inside ``agreeing``: another rank of the group failed and said so (``code``: ``OUT_OF_MEMORY``
-    or ``ERROR``), so this rank stops its pass at the same point and the group stays usable."""
-
-    def __init__(self, code: int):
-        what = "ran out of memory" if code == OUT_OF_MEMORY else "raised an error"
-        super().__init__(f"another rank of the slabs' group {what}")
-        self.code = code
-
-
-class _Agreement:
-    """``agreeing``'s state: the group whose ranks check each other before every collective."""
-
-    group = None
-
-
-_AGREEMENT = _Agreement()
-
-
-@contextmanager
-def agreeing(group):
-    """Within the block, every halo exchange and normalisation all-reduce of the split model is preceded by
-    a one-number all-reduce of the ranks' state, so that a rank that fails (``report_failure``) stops the
-    others at their next collective (``PeerFailed``) instead of leaving them waiting for it until the
-    collective timeout. Inference only (the backward's collectives are not checked)."""
-    previous, _AGREEMENT.group = _AGREEMENT.group, group
-    try:
-        yield
-    finally:
-        _AGREEMENT.group = previous
-
-
-def _check(device: torch.device, code: int = 0) -> int:
-    """Within ``agreeing``: the worst failure code over the group (this rank's ``code``); 0 outside."""
-    if _AGREEMENT.group is None:
-        return 0
-    flag = torch.tensor([code], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_AGREEMENT.group)
-    return int(flag.item())
-
-
-def _agree(device: torch.device) -> None:
-    """Before a collective within ``agreeing``: raise ``PeerFailed`` when another rank has failed."""
-    code = _check(device)
-    if code:
-        raise PeerFailed(code)
-
-
-def report_failure(device: torch.device, code: int) -> None:
-    """Within ``agreeing``, on the rank that failed: tell the others (they are at their next check)."""
-    _check(device, code)
-
-
-def agreed_outcome(device: torch.device) -> int:
-    """Within ``agreeing``, after a pass that succeeded here: the worst failure code of the group (0: every
-    rank succeeded; a rank that failed after the last collective tells the others here)."""
-    return _check(device)
 
 
 def _peers(group) -> tuple[int, int, int | None, int | None]:
@@ -154,7 +93,7 @@ def _receive_halo(x: torch.Tensor, before: int, after: int, group) -> tuple[torc
     tail = x.new_zeros(shape[:AXIS] + [after] + shape[AXIS + 1:])
     to_prev = x.narrow(AXIS, 0, after).contiguous()
     to_next = x.narrow(AXIS, length - before, before).contiguous()
-    _agree(x.device)  # after this rank's allocations, right before the exchange
+    agree(x.device)  # after this rank's allocations, right before the exchange
     _swap(to_prev, to_next, head, tail, prev, nxt, group)
     # in the slab's layout: concatenated with a channels-last slab, contiguous rows would make the haloed
     # slab contiguous, which the convolution then copies back to channels-last (a second copy of the slab)
@@ -322,7 +261,7 @@ def _global_moments(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor,
     voxels = float(x.shape[-1])
     packed = torch.cat([(mean * voxels).flatten(), ((var + mean * mean) * voxels).flatten(),
                         mean.new_full((1,), voxels)])
-    _agree(x.device)
+    agree(x.device)
     with COMM.timing("allreduce"):
         dist.all_reduce(packed, group=group)
     total = packed[-1]
