@@ -140,7 +140,7 @@ def test_resume_keeps_the_rows_of_skipped_cases_and_of_earlier_runs(tmp_path, tr
 def test_an_interrupted_run_keeps_the_rows_of_its_finished_cases(tmp_path, trained_run, monkeypatch):
     images = _images(trained_run, 3)
     inputs, out = _folder(tmp_path, images), tmp_path / "preds"
-    segment, calls = predict_module._segment, []
+    segment, calls = predict_module.segment_image, []
 
     def fail_on_the_second(*args, **kwargs):
         calls.append(args[0])
@@ -148,7 +148,7 @@ def test_an_interrupted_run_keeps_the_rows_of_its_finished_cases(tmp_path, train
             raise KeyboardInterrupt
         return segment(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "_segment", fail_on_the_second)
+    monkeypatch.setattr(predict_module, "segment_image", fail_on_the_second)
     with pytest.raises(KeyboardInterrupt):
         _predict_here(*_args(trained_run, tmp_path, inputs, out))
     _, rows = _csv(out)

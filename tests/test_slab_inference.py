@@ -86,7 +86,7 @@ def test_label_maps_from_assembled_masks_equal_those_from_logits(regions):
 def test_predicted_labels_outside_the_crop_box_are_background():
     """Sigmoid regions: outside the nonzero crop box a prediction is background (label 0), not the first
     region's label (restoring logits with channel 0 = 1 there painted the first region everywhere)."""
-    from lampseg.commands.predict import restore_labels
+    from lampseg.commands.segment import restore_labels
 
     targets = Targets.from_config({0: "bg", 1: "a", 2: "b"}, {"AB": [1, 2], "B": [2]})
     meta = {"original_shape": [6, 6, 6], "crop_box": [[1, 5], [2, 6], [0, 4]],

@@ -14,20 +14,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from lampseg.commands.predict_cases import CaseProgress, CaseTable, case_inputs, case_row, summary_line
-from lampseg.config import ConfigError, changes_from, enum_value
-from lampseg.data.cache import crop_space, preprocess_array, restore_array, uncrop
-from lampseg.data.msd import check_finite, read_image
-from lampseg.data.prepare import preprocess_config
+from lampseg.commands.segment import segment_image
+from lampseg.config import ConfigError, changes_from
 from lampseg.engine.checkpoint import load_checkpoint
 from lampseg.engine.evaluate import config_from_checkpoint, load_model, roi_size
-from lampseg.engine.inference import infer
-from lampseg.engine.slab_inference import assemble, infer_volume, slab_applies
 from lampseg.io import atomic_write_bytes
-from lampseg.model.unet import size_divisor
 from lampseg.planner.inference import inference_memory
 from lampseg.runtime import distributed
 from lampseg.runtime.memory import CasePeakMemory
@@ -87,7 +81,7 @@ def predict_images(ckpt_path: Path, inputs: Path, output: Path, overwrite: bool 
             row = table.skipped(path, target)
         else:
             with CasePeakMemory(device) as peak:
-                seg, img, report = _segment(path, model, targets, device, cfg, info, memory)
+                seg, img, report = segment_image(path, model, targets, device, cfg, info, memory)
             if writer:
                 atomic_write_bytes(target, _nifti_bytes(_label_image(seg, img), target.name))
             row = case_row(path, target, time.perf_counter() - start, report, img.shape, peak.report(),
@@ -107,40 +101,6 @@ def predict_images(ckpt_path: Path, inputs: Path, output: Path, overwrite: bool 
             f"(overwrite=true redoes them)")
     log(summary_line(rows, time.perf_counter() - begin, table.path))
     return written
-
-
-def _segment(path: Path, model, targets, device: torch.device, cfg: DictConfig, info: dict, memory
-             ) -> tuple[np.ndarray | None, nib.Nifti1Image, dict]:
-    """One image's labels in its original space (None on the ranks of a slab group that do not write), the
-    image it was read from, and how inference ran."""
-    image, img = read_image(path, len(info["modalities"]))
-    image = check_finite(image, path, cfg.data.nonfinite)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    pre, _, meta = preprocess_array(image[info["channels"]], None, spacing, preprocess_config(cfg.data))
-    del image
-    report = {"mode": enum_value(cfg.inference.mode)}
-    args = (cfg.inference, roi_size(cfg, info["patch_size"]), size_divisor(cfg.model))
-    if not slab_applies(model, cfg.inference):
-        logits = infer(model, torch.from_numpy(pre)[None].to(device), *args, cfg.trainer.precision, memory,
-                       report)
-        return restore_labels(logits[0], meta, targets), img, report
-    got = infer_volume(model, lambda lo, hi: pre[:, lo:hi], pre.shape[1:], *args, cfg.trainer.precision,
-                       device, memory, report, lambda: torch.from_numpy(pre)[None].to(device))
-    if isinstance(got, torch.Tensor):  # sliding windows: every rank holds the whole logits
-        return restore_labels(got[0], meta, targets), img, report
-    if tuple(meta["preprocessed_shape"]) != tuple(e - s for s, e in meta["crop_box"]):
-        # resampled: the logits are interpolated back, so one rank gathers them (the others never hold them)
-        logits = assemble(got.logits[0].movedim(1, 0), got, model.group)
-        return (None if logits is None else restore_labels(logits.movedim(0, 1), meta, targets)), img, report
-    labels = assemble(targets.labels_from_logits(got.logits)[0].to(torch.uint8), got, model.group)
-    return (None if labels is None else restore_array(labels.cpu().numpy(), meta)), img, report
-
-
-def restore_labels(logits: torch.Tensor, meta: dict, targets) -> np.ndarray:
-    """uint8 labels on the input's original grid from (K, X, Y, Z) logits in preprocessed space: the logits
-    interpolated back inside the crop box (``data.cache.crop_space``), labels there, background outside."""
-    inside = torch.from_numpy(crop_space(logits.cpu().numpy(), meta))
-    return uncrop(targets.labels_from_logits(inside[None])[0].numpy().astype(np.uint8), meta)
 
 
 def _label_image(seg: np.ndarray, img: nib.Nifti1Image) -> nib.Nifti1Image:

@@ -285,35 +285,36 @@ def _data(img: nib.Nifti1Image, path: Path, dtype: Any = None) -> np.ndarray:
                         f"({type(err).__name__}: {err})") from err
 
 
-def read_image(path: Path, n_channels: int) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Read an image as a float32 channel-first array.
-
-    Args:
-        path: NIfTI file, 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` (5D ``(X, Y, Z, 1, C)`` also accepted).
-        n_channels: Expected number of channels (modalities).
-
-    Returns:
-        ``(array, image)``: contiguous float32 array ``(C, X, Y, Z)`` and the nibabel image (affine, header).
+def read_header(path: Path, n_channels: int) -> nib.Nifti1Image:
+    """An image whose header says 3D ``(X, Y, Z)``, 4D ``(X, Y, Z, C)`` or 5D ``(X, Y, Z, 1, C)`` with
+    ``n_channels`` channels, in a file that can hold it (voxels not read).
 
     Raises:
-        DataError: Unreadable, corrupt or truncated file, or wrong dimensionality / channel count.
+        DataError: Unreadable file, or wrong dimensionality / channel count / size.
     """
-    path = Path(path)
     img = _load(path)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 5 and shape[3] == 1:
         shape = shape[:3] + shape[4:]
-    if len(shape) == 3:
-        channels = 1
-    elif len(shape) == 4:
-        channels = shape[3]
-    else:
+    if len(shape) not in (3, 4):
         raise DataError(f"{path}: expected a 3D (X,Y,Z) or 4D (X,Y,Z,C) image, got shape {img.shape}")
+    channels = 1 if len(shape) == 3 else shape[3]
     if channels != n_channels:
         raise DataError(f"{path}: image shape {img.shape} has {channels} channel(s), expected {n_channels} "
                         f"(one per modality in dataset.json)")
-    data = _data(img, path, np.float32).reshape(shape)
-    data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    _check_size(img, path)
+    return img
+
+
+def read_image(path: Path, n_channels: int) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """``(array, image)``: the image (``read_header``'s checks) as a contiguous float32 ``(C, X, Y, Z)``
+    array, and the nibabel image (affine, header).
+
+    Raises:
+        DataError: Unreadable, corrupt or truncated file, or wrong dimensionality / channel count.
+    """
+    img = read_header(Path(path), n_channels)
+    data = np.moveaxis(_data(img, Path(path), np.float32).reshape(*img.shape[:3], -1), -1, 0)
     return np.ascontiguousarray(data), img
 
 
