@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import compose, lampseg, torchrun, worker_rows
 
+from lampseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from lampseg.engine.slab_inference import pack_masks, unpack_masks
 from lampseg.model.losses import Targets
 
@@ -110,3 +111,28 @@ def test_an_out_of_memory_rank_moves_every_rank_to_the_same_fallback():
         assert fallback["mode"] == "sliding" and fallback["fallback_error"] < 1e-4, fallback
         (reason,) = fallback["fallbacks"]
         assert "out of memory" in reason, fallback
+
+
+def test_bad_input_is_named_and_nothing_is_written(trained_run, images, tmp_path):
+    """A volume too short for its slabs is a config error naming parallel.sp (on every rank at once, no
+    collective timeout), and another model's weights a checkpoint error naming the file; no output either
+    time."""
+    small = tmp_path / "small" / "tiny.nii.gz"
+    small.parent.mkdir()
+    data = np.random.default_rng(0).random((4, 16, 16, 4)).astype(np.float32) + 1  # 4 rows: < 2 slabs of 4
+    nib.save(nib.Nifti1Image(data, np.eye(4)), small)
+    ckpt = trained_run / "checkpoints" / "best.pt"
+    proc = torchrun(2, "predict", f"ckpt={ckpt}", f"input={small.parent}", f"output={tmp_path / 'out1'}",
+                    *FP32, *SPLIT, f"run_dir={tmp_path / 'r1'}", check=False, timeout=120)
+    assert proc.returncode != 0 and "config key 'parallel.sp'" in proc.stderr, proc.stderr[-2000:]
+    assert "too small for 2 slabs" in proc.stderr
+    assert not (tmp_path / "out1" / small.name).exists()
+    state = load_checkpoint(ckpt)
+    state["model"].pop(next(iter(state["model"])))
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, state)  # a valid checkpoint whose weights are not its model's
+    proc = lampseg("predict", f"ckpt={other}", f"input={images}", f"output={tmp_path / 'out2'}",
+                   f"run_dir={tmp_path / 'r2'}", check=False)
+    assert proc.returncode != 0 and f"checkpoint {other}" in proc.stderr, proc.stderr[-2000:]
+    assert "weights do not fit" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out2").glob("*.nii.gz"))

@@ -45,7 +45,7 @@ def evaluate_checkpoint(ckpt_path: Path, run_dir: Path, split: str = "val", chan
     ckpt = load_checkpoint(ckpt_path)
     cfg = config_from_checkpoint(ckpt, changes, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, _, device, dims = load_model(ckpt, cfg)  # under torchrun: this rank's pipeline stage
+    model, _, device, dims = load_model(ckpt, cfg, ckpt_path)  # under torchrun: this rank's pipeline stage
     main = distributed.is_main()
     log = log if main else (lambda *_: None)
     with distributed.main_first():

@@ -60,7 +60,7 @@ def predict_images(ckpt_path: Path, inputs: Path, output: Path, overwrite: bool 
     paths = case_inputs(inputs)  # before the model: a bad input fails at once
     ckpt = load_checkpoint(ckpt_path)
     cfg = config_from_checkpoint(ckpt, changes)
-    model, targets, device, dims = load_model(ckpt, cfg)
+    model, targets, device, dims = load_model(ckpt, cfg, ckpt_path)
     # Under torchrun each data-parallel replica segments every dp-th image; the first stage (first slab) of
     # each replica writes its images (rank 0's replica logs, and writes predictions.csv with every replica's
     # rows).

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from lampseg.config import enum_value, restore
+from lampseg.engine.checkpoint import CheckpointError
 from lampseg.engine.inference import infer
 from lampseg.engine.metrics import dice_hd95, summarize
 from lampseg.engine.setup import select_device
@@ -145,20 +146,29 @@ def config_from_checkpoint(ckpt: dict, changes: dict | None = None, run_dir: str
     return restore(ckpt["config"], changes)
 
 
-def load_model(ckpt: dict, cfg):
+def load_model(ckpt: dict, cfg, path: Path | None = None):
     """Rebuild the network of a checkpoint, load its weights (unsplit names) and apply ``cfg.parallel``
     (pipeline stages when ``parallel=pipeline``; under torchrun this rank's stage; whole volumes split
     into slabs when ``parallel=spatial``), in eval mode.
 
     Returns:
         (the module to run, the targets, this process's device, the run's ``ParallelDims``).
+
+    Raises:
+        CheckpointError: the weights do not fit the model the config describes (naming ``path``).
     """
     dims = resolve_dims(cfg)  # under torchrun: joins the job first, so the device is this rank's
     device = select_device(cfg)
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:  # another model's (or another version's) weights
+        detail = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"checkpoint {path or ''}: its 'model' weights do not fit the U-Net its config "
+                              f"describes (model.name={cfg.model.name}, {len(info['channels'])} input "
+                              f"channel(s)): {detail}") from error
     if cfg.trainer.channels_last:  # as trained: the faster 3D convolution layout (bf16 on CPU especially)
         model = model.to(memory_format=torch.channels_last_3d)
     shape = [len(info["channels"]), *info["patch_size"]]

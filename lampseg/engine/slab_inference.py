@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lampseg.config import enum_value
+from lampseg.config import ConfigError, enum_value
 from lampseg.engine.inference import agreed_choice, attempt, infer, input_format, next_choice
 from lampseg.engine.metrics import dice_from_counts, hd95, overlap_counts
 from lampseg.parallel.slabs import SpatialInference, gather_slabs
@@ -81,7 +81,12 @@ def infer_slab(model: SpatialInference, read: Reader, shape: Sequence[int], divi
         lo = min(max(start - offsets[0], 0), shape[0])
         return lo, max(min(stop - offsets[0], shape[0]), lo)
 
-    bounds = model.bounds(padded[0])
+    try:
+        bounds = model.bounds(padded[0])
+    except ValueError as error:
+        raise ConfigError(f"config key 'parallel.sp': a volume of {list(shape)} voxels (padded to "
+                          f"{padded}) is too small for {model.slabs} slabs: {error}; use fewer slabs or "
+                          f"inference.mode=sliding") from error
     first, last = bounds[model.rank]
     lo, hi = unpadded(first, last)
     rows = slice(lo + offsets[0] - first, hi + offsets[0] - first)
