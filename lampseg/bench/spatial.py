@@ -10,7 +10,8 @@ random batch of ``data.patch_size`` (a whole volume), and measures:
 
 * the training step (forward, global loss, backward, DDP's gradient average, optimiser step): median of
   ``bench.steps`` timed steps after ``bench.warmup``;
-* whole-volume inference (``SpatialInference``: whole input in, gathered logits out), median;
+* whole-volume inference as ``evaluate`` runs it (``slab_inference.infer_slab``: each rank reads its rows
+  and keeps its rows of the logits), median, and its peak memory per rank against the plan;
 * each rank's peak memory of one training step (CUDA's peak allocated; on CPU what the rank holds at entry
   plus the peak the step allocates, from the profiler's allocation events), next to the planner's estimate
   for that layout (``capacity.spatial_plan``);

@@ -16,7 +16,8 @@ checkpoints keep the unsplit names and load into any layout:
   PyTorch's own normalisation saves;
 - ``slabs.SpatialLoss`` makes MONAI's Dice + cross-entropy (or focal) loss global: Dice from all-reduced
   true/false positive sums, cross-entropy from the slabs' means weighted by their voxels;
-  ``slabs.SpatialInference`` takes whole volumes and gives every rank the whole logits.
+  ``slabs.SpatialInference`` runs inference on this rank's slab (``engine.slab_inference``: no rank holds a
+  whole volume's logits), or on whole inputs with gathered outputs (sliding windows).
 
 Gradients: the collectives differentiate the sum of every rank's (identical) loss, so each rank's
 parameter gradient is its slab's share of ``sp`` times the true gradient; averaging over the group (DDP over
