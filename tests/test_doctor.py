@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 import torch
 from conftest import lampseg
 
@@ -35,6 +36,7 @@ def test_doctor_checks_every_parallel_mode_and_writes_its_report(tmp_path):
     assert f"{suggestion['largest_cube']}^3" in proc.stdout and "5 of 5 checks passed" in proc.stdout
 
 
+@pytest.mark.extended
 def test_doctor_exits_nonzero_when_a_check_fails_and_leaves_no_process(tmp_path):
     """The two-process job's workers start (each in a session of its own, as torchrun starts them) and hang
     (the test stops them with SIGSTOP as they appear): after doctor.timeout_s every process of the job is

@@ -143,6 +143,7 @@ def test_bundle_run_agrees_with_predict(bundle, trained_run, tmp_path):
         assert per_label and min(per_label.values()) >= 0.99, (case, per_label)
 
 
+@pytest.mark.extended
 @pytest.mark.skipif(importlib.util.find_spec("ignite") is None,
                     reason="MONAI's SupervisedEvaluator needs pytorch-ignite (pip install lampseg[bundle])")
 def test_run_evaluator_writes_what_run_writes(bundle, trained_run, tmp_path):
@@ -245,6 +246,7 @@ def test_missing_foreign_and_other_model_checkpoints_are_named(trained_run, tmp_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.extended
 def test_regions_spacing_and_channel_subset_agree_with_predict(trained_run, tmp_path):
     """Sigmoid regions (BraTS WT/TC/ET), resampling and two of four modalities: the bundle names
     ``lampseg.data.transforms`` and still segments as predict does, also outside the nonzero box."""

@@ -36,7 +36,8 @@ def _labels(folder) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
 
 
-@pytest.mark.parametrize("extra", [[], ["data.target_spacing=[1.3,1.3,1.3]"]], ids=["native", "resampled"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["data.target_spacing=[1.3,1.3,1.3]"],
+                                                    marks=pytest.mark.extended)], ids=["native", "resampled"])
 def test_slab_predict_writes_one_process_labels(trained_run, images, tmp_path, extra):
     """Labels identical to one process's (fp32), on the input's grid and with its affine; resampled inputs
     take the path where the logits go to the writing rank only (they are interpolated back)."""
