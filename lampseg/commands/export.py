@@ -38,7 +38,7 @@ from lampseg.commands.bundle import (
     training_summary,
 )
 from lampseg.config import ConfigError, changes_from
-from lampseg.engine.checkpoint import CheckpointError, load_checkpoint
+from lampseg.engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from lampseg.engine.evaluate import config_from_checkpoint
 from lampseg.errors import LampsegError
 from lampseg.io import atomic_write, atomic_write_bytes, fsync_dir, write_json
@@ -125,18 +125,7 @@ def _bundle_model(ckpt: dict, path: Path, changes: dict | None) -> tuple[BundleM
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     definition = network_def(cfg, len(info["channels"]), targets.out_channels)
     net = ConfigParser({"network_def": definition}).get_parsed_content("network_def")
-    weights = ckpt["model"]
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict of tensors")
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:
-        theirs, ours = set(weights), set(net.state_dict())
-        detail = f"unexpected {sorted(theirs - ours)[:3]}, missing {sorted(ours - theirs)[:3]}" \
-            if theirs != ours else str(e).splitlines()[-1].strip()[:300]
-        raise CheckpointError(f"checkpoint {path}: its 'model' weights do not fit the MONAI UNet its "
-                              f"config's 'model' section describes ({detail}): a checkpoint of another "
-                              f"model") from e
+    load_weights(net, ckpt["model"], path, cfg.model.name)
     net.eval()
     b = BundleModel(cfg, info, targets, inference_mode(cfg, info))
     return BundleModel(cfg, info, targets, b.mode, _min_multiple(net, b)), net

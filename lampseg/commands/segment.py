@@ -21,10 +21,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lampseg.config import enum_value
-from lampseg.data.cache import crop_space, preprocess_array, uncrop
-from lampseg.data.msd import check_finite, read_image
+from lampseg.data.cache import crop_space, preprocess_array, resampled_shape, uncrop
+from lampseg.data.msd import check_finite, read_header, read_image
 from lampseg.data.prepare import preprocess_config
-from lampseg.data.proxy import image_rows, open_image, spatial_shape
+from lampseg.data.proxy import image_rows, spatial_shape
 from lampseg.engine.evaluate import roi_size
 from lampseg.engine.inference import infer
 from lampseg.engine.slab_inference import SlabLogits, assemble, infer_volume, slab_applies
@@ -36,7 +36,7 @@ def segment_image(path: Path, model, targets, device: torch.device, cfg: DictCon
     """One image's uint8 labels in its original space (None on the ranks of a slab group that do not
     write), the image it was read from, and how inference ran (``report``)."""
     if slab_applies(model, cfg.inference):
-        img = open_image(path, len(info["modalities"]))
+        img = read_header(Path(path), len(info["modalities"]))
         meta = _slab_meta(img, path, model.group, cfg, info)
         if meta is not None:  # no resampling: each rank reads its rows only
             seg = _segment_slabs(img, path, meta, model, targets, device, cfg, info, memory)
@@ -100,8 +100,7 @@ def _slab_meta(img: nib.Nifti1Image, path: Path, group, cfg: DictConfig, info: d
     spacing = [float(z) for z in img.header.get_zooms()[:3]]
     cropped = [e - s for s, e in box]
     target = pre_cfg.target_spacing
-    if target is not None and \
-            [max(1, round(n * s / t)) for n, s, t in zip(cropped, spacing, target)] != cropped:
+    if target is not None and list(resampled_shape(cropped, spacing, target)) != cropped:
         return None
     stats = _zscore_stats(rows, mask, group) if pre_cfg.normalize == "zscore_nonzero" else []
     return {"original_shape": shape, "crop_box": box, "spacing": spacing,

@@ -1,7 +1,7 @@
 """Rows of a NIfTI image read through nibabel's array proxy, without the whole image in memory: what a rank of
-split inference reads of its input (``commands/predict_slabs.py``).
+split inference reads of its input (``commands/segment.py``).
 
-    img = open_image(path, n_channels=4)
+    img = read_header(path, n_channels=4)                              # data.msd: the header, checked
     rows = image_rows(img, path, channels=[0, 2], start=10, stop=20)   # (2, 10, Y, Z) float32
 
 Memory: one channel's rows at a time. NIfTI stores the first axis fastest, so a run of rows is one short
@@ -15,17 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from lampseg.data.msd import DataError, read_header
-
-
-def open_image(path: Path, n_channels: int) -> nib.Nifti1Image:
-    """The image at ``path`` (header read, voxels not), checked as ``msd.read_image`` checks it: 3D, 4D or
-    5D with a singleton fourth axis, ``n_channels`` channels, a size the file can hold.
-
-    Raises:
-        DataError: naming the file and what was expected.
-    """
-    return read_header(Path(path), n_channels)
+from lampseg.data.msd import DataError
 
 
 def spatial_shape(img: nib.Nifti1Image) -> list[int]:

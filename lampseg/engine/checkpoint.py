@@ -121,6 +121,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def load_weights(model: torch.nn.Module, weights, path: str | Path | None, model_name: str) -> None:
+    """Load a checkpoint's ``model`` state dict into ``model`` (the network its config describes).
+
+    Raises:
+        CheckpointError: naming ``path``, when ``weights`` is not a state dict of tensors or does not fit
+            (a checkpoint of another model, or of another version): the first keys missing or unexpected,
+            else PyTorch's reason.
+    """
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"checkpoint {path}: 'model' is not a state dict of tensors")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        theirs, ours = set(weights), set(model.state_dict())
+        detail = f"unexpected {sorted(theirs - ours)[:3]}, missing {sorted(ours - theirs)[:3]}" \
+            if theirs != ours else str(e).splitlines()[-1].strip()[:300]
+        raise CheckpointError(f"checkpoint {path}: its 'model' weights do not fit the U-Net its config's "
+                              f"'model' section describes (model.name={model_name}; {detail}): a "
+                              f"checkpoint of another model") from e
+
+
 def load_latest(latest: Path, log: Callable[[str], None], main: bool = True) -> tuple[Path, dict] | None:
     """The checkpoint to resume a run from: ``latest`` or, when it is corrupt or unreadable, its
     predecessor (``previous_path``), with a warning. Rank 0 (``main``) first removes temp files of writes a

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from lampseg.config import enum_value, restore
-from lampseg.engine.checkpoint import CheckpointError
+from lampseg.engine.checkpoint import load_weights
 from lampseg.engine.inference import infer
 from lampseg.engine.metrics import dice_hd95, summarize
 from lampseg.engine.setup import select_device
@@ -162,13 +162,7 @@ def load_model(ckpt: dict, cfg, path: Path | None = None):
     info = ckpt["data"]
     targets = Targets.from_config({int(k): v for k, v in info["labels"].items()}, cfg.data.regions)
     model = build_model(cfg.model, len(info["channels"]), targets.out_channels)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as error:  # another model's (or another version's) weights
-        detail = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"checkpoint {path or ''}: its 'model' weights do not fit the U-Net its config "
-                              f"describes (model.name={cfg.model.name}, {len(info['channels'])} input "
-                              f"channel(s)): {detail}") from error
+    load_weights(model, ckpt["model"], path, cfg.model.name)
     if cfg.trainer.channels_last:  # as trained: the faster 3D convolution layout (bf16 on CPU especially)
         model = model.to(memory_format=torch.channels_last_3d)
     shape = [len(info["channels"]), *info["patch_size"]]

@@ -164,9 +164,9 @@ def agreed_choice(model: nn.Module, memory: InferenceMemory, volume: list[int], 
 
 def attempt(model: nn.Module, run: Callable[[], T], where: str) -> tuple[T | None, str | None]:
     """``run()``'s result, or what ran out of memory (``where`` and the error). For a model split into
-    slabs the group agrees (``spatial.agreeing``): a rank that runs out of memory tells the others at their
-    next collective, so every rank returns the same failure and none is left waiting; another error on
-    any rank is raised on every rank.
+    slabs the group agrees (``parallel.agreement.agreeing``): a rank that runs out of memory tells the
+    others at their next collective, so every rank returns the same failure and none is left waiting;
+    another error on any rank is raised on every rank.
 
     Returns:
         (the result, None), or (None, the failure).
@@ -214,9 +214,8 @@ def next_choice(memory: InferenceMemory, volume: list[int], divisor: int, sw_bat
     if not windows:
         raise torch.OutOfMemoryError(f"inference.mode=auto: out of memory even with the smallest sliding "
                                      f"window ({failed})")
-    window, _ = (largest_fitting_window(memory, volume, windows, sw_batch_size)
-                 or (windows[0], memory.sliding_gb(volume, windows[0], sw_batch_size)))  # else one step down
-    need = memory.sliding_gb(volume, window, sw_batch_size)
+    step_down = (windows[0], memory.sliding_gb(volume, windows[0], sw_batch_size))  # when none fits
+    window, need = largest_fitting_window(memory, volume, windows, sw_batch_size) or step_down
     _warn_fallback_once(f"inference.mode=auto: out of memory ({failed}); falling back to sliding "
                         f"windows of {window}")
     return ModeChoice("sliding", window, need, memory.budget_gb,
