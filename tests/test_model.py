@@ -94,3 +94,74 @@ def test_receptive_field_is_the_reach_of_one_output_voxel(strides=(2, 2)):
         assert left > -reach - 1 and right < reach + 1  # nothing beyond the reported reach
         reaches.append(right - left + 1)
     assert max(reaches) == reach
+
+
+# ------------------------------------------------------------------------------------- channels-last norm
+
+
+@pytest.mark.parametrize("channels,shape", [(1, (9, 8, 8)), (4, (12, 10, 8)), (3, (7, 5, 3)),
+                                            (16, (6, 6, 4))])
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_last_instance_norm_equals_pytorch(channels, shape, affine, monkeypatch):
+    """Folded rows (few channels), odd voxel counts (no fold), several chunks, a large mean, affine."""
+    from lampseg.model import norm
+
+    monkeypatch.setattr(norm, "CHUNK_BYTES", 4 * 16 * 37)  # several chunks, the last one short
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randn(2, channels, *shape, generator=g) * 3 + 40
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight, bias = (None, None)
+    if affine:
+        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+
+    def reference(t):
+        w, b = (None, None) if weight is None else (weight.double(), bias.double())
+        return torch.nn.functional.instance_norm(t.double(), weight=w, bias=b, eps=1e-5)
+
+    got = norm.channels_last_instance_norm(x, weight, bias, 1e-5)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert float((got.double() - reference(x)).abs().max()) < 2e-5
+    low = x.bfloat16()  # statistics in float32, then one rounding into bf16 (8 significant bits)
+    got = norm.channels_last_instance_norm(low, weight, bias, 1e-5)
+    want = reference(low)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert float(((got.double() - want).abs() - want.abs() * 2**-8).max()) <= 1e-6
+
+
+def test_unet_norms_take_the_channels_last_path_only_for_inference():
+    """build_model's U-Net: same state-dict keys as MONAI's; under no_grad a channels-last input stays
+    channels-last through every norm with the same logits; with autograd PyTorch's kernel runs."""
+    from monai.networks.nets import UNet
+
+    from lampseg.model.norm import InstanceNorm3d
+    from lampseg.model.unet import build_model
+
+    cfg = SimpleNamespace(channels=[8, 16, 32], strides=[2, 2], num_res_units=1, kernel_size=3,
+                          norm="instance", dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, 4, 3).eval()
+    plain = UNet(3, 4, 3, (8, 16, 32), (2, 2), num_res_units=1).eval()
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is InstanceNorm3d for m in norms)
+    layouts = []  # (input channels-last, output channels-last) per norm call
+
+    def channels_last(t):
+        return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+    for m in norms:
+        m.register_forward_hook(lambda _m, args, out: layouts.append((channels_last(args[0]),
+                                                                      channels_last(out))))
+    model, plain = (net.to(memory_format=torch.channels_last_3d) for net in (model, plain))
+    # (PyTorch's CPU convolution answers small inputs channels-first: these are big enough for the first
+    # levels)
+    x = torch.randn(2, 4, 40, 32, 40).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        got, want = model(x), plain(x)
+    assert len(layouts) == len(norms) and any(i for i, _ in layouts)
+    assert all(i == o for i, o in layouts)
+    assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
+    layouts.clear()
+    model(x).sum().backward()  # training: PyTorch's instance_norm (its output is channels-first)
+    assert any(i for i, _ in layouts) and not any(o for _, o in layouts)
