@@ -7,6 +7,7 @@ about two minutes on 2 cores, so it runs in the extended suite only."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -177,6 +178,9 @@ def test_bench_inference_compares_whole_volume_with_sliding_windows(tmp_path: Pa
         assert m["whole_speedup"] == pytest.approx(m["seconds_per_volume"] / modes[0]["seconds_per_volume"])
         assert set(m["dice_per_region"]) == {"edema", "non-enhancing tumor", "enhancing tumour"}
         assert 0 <= m["dice"] <= 1 and m["peak_memory_mb"] > 0
+    whole, *sliding = [m for m in modes if m["mode"] != "auto"]
+    assert whole["computed_voxels"] >= voxels  # padded to the network's multiple
+    assert all(m["computed_voxels"] > whole["computed_voxels"] for m in sliding)  # overlaps computed again
     assert result["target"] is None  # no 96^3 / 0.5 row in this run
     bad = _lampseg(["bench", "inference", f"ckpt={ckpt}", "bench.windows=[18]",
                     f"run_dir={tmp_path / 'bad'}"], Path(os.environ["LAMPSEG_HOME"]), tmp_path)
@@ -333,3 +337,23 @@ def test_steered_convolutions_compute_what_pytorch_computes() -> None:
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             assert torch.allclose(pa.grad, pb.grad, rtol=1e-3, atol=1e-6), name
             assert pb.grad.is_contiguous(memory_format=layout) == pb.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("volume,window", [([50, 40, 30], 32), ([70, 33, 64], 32), ([20, 20, 20], 32)])
+def test_computed_voxels_counts_what_monai_computes(volume, window):
+    """bench inference's voxel accounting: the windows MONAI's sliding_window_inference hands its predictor,
+    and the padded whole volume; LAMP's speed-up splits into fewer voxels x a cheaper voxel."""
+    from monai.inferers import sliding_window_inference
+
+    from lampseg.bench.inference import _compare_with_whole, computed_voxels
+
+    seen = []
+    sliding_window_inference(torch.zeros(1, 1, *volume), [window] * 3, 2,
+                             lambda t: seen.append(t[:, 0].numel()) or t, overlap=0.5)
+    assert computed_voxels(volume, 8, window, 0.5) == sum(seen)
+    assert computed_voxels(volume, 8) == math.prod(-(-v // 8) * 8 for v in volume)
+    rows = [{"seconds_per_volume": 1.0, "dice": 0.9, "window": None, "overlap": None, "computed_voxels": 100},
+            {"seconds_per_volume": 6.0, "dice": 0.9, "window": 96, "overlap": 0.5, "computed_voxels": 400}]
+    target = _compare_with_whole(rows)
+    assert target["voxel_ratio_vs_96_0.5"] == 4 and target["per_voxel_speedup_vs_96_0.5"] == 1.5
+    assert target["pass"] and rows[1]["whole_speedup"] == 6
