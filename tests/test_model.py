@@ -104,7 +104,7 @@ def test_receptive_field_is_the_reach_of_one_output_voxel(strides=(2, 2)):
 @pytest.mark.parametrize("affine", [False, True])
 def test_channels_last_instance_norm_equals_pytorch(channels, shape, affine, monkeypatch):
     """Folded rows (few channels), odd voxel counts (no fold), several chunks, a large mean, affine."""
-    from lampseg.model import norm
+    from lampseg.model import channels_last as norm
 
     monkeypatch.setattr(norm, "CHUNK_BYTES", 4 * 16 * 37)  # several chunks, the last one short
     g = torch.Generator().manual_seed(channels)
@@ -133,7 +133,7 @@ def test_unet_norms_take_the_channels_last_path_only_for_inference():
     channels-last through every norm with the same logits; with autograd PyTorch's kernel runs."""
     from monai.networks.nets import UNet
 
-    from lampseg.model.norm import InstanceNorm3d
+    from lampseg.model.channels_last import Conv3d, InstanceNorm3d
     from lampseg.model.unet import build_model
 
     cfg = SimpleNamespace(channels=[8, 16, 32], strides=[2, 2], num_res_units=1, kernel_size=3,
@@ -145,6 +145,7 @@ def test_unet_norms_take_the_channels_last_path_only_for_inference():
     plain.load_state_dict(model.state_dict())
     norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
     assert norms and all(type(m) is InstanceNorm3d for m in norms)
+    assert all(type(m) is Conv3d for m in model.modules() if isinstance(m, torch.nn.Conv3d))
     layouts = []  # (input channels-last, output channels-last) per norm call
 
     def channels_last(t):
@@ -165,3 +166,55 @@ def test_unet_norms_take_the_channels_last_path_only_for_inference():
     layouts.clear()
     model(x).sum().backward()  # training: PyTorch's instance_norm (its output is channels-first)
     assert any(i for i, _ in layouts) and not any(o for _, o in layouts)
+
+
+@pytest.mark.parametrize("kernel,padding,fold", [(3, (1, 1, 1), 4), (3, (0, 2, 1), 2), (5, (2, 2, 2), 4),
+                                                 (5, (1, 0, 2), 2), (1, (0, 0, 0), 4), (7, (3, 3, 3), 2)])
+def test_folded_convolution_equals_the_convolution(kernel, padding, fold):
+    """Voxels folded into channels (``fold_weight``): the same products, any odd kernel and x/y padding."""
+    from lampseg.model.channels_last import folded_conv3d
+
+    g = torch.Generator().manual_seed(kernel * 10 + fold)
+    x = torch.randn(2, 3, 7, 6, 4 * fold, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    weight, bias = torch.randn(5, 3, kernel, kernel, kernel, generator=g), torch.randn(5, generator=g)
+    for b in (bias, None):
+        want = torch.nn.functional.conv3d(x, weight, b, padding=padding)
+        got = folded_conv3d(x, weight, b, padding, fold)
+        assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4
+
+
+def test_narrow_convolutions_fold_under_bf16_inference_only(monkeypatch):
+    """channels_last.Conv3d folds a narrow stride-1 convolution under bf16 autocast at inference (and gives
+    its bf16 result), and leaves wide, strided, fp32 and training convolutions to PyTorch."""
+    from lampseg.model import channels_last
+
+    calls = []
+    real = channels_last.folded_conv3d
+    monkeypatch.setattr(channels_last, "folded_conv3d", lambda *a: calls.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+
+    def layer(ci, co, stride=1):
+        conv = torch.nn.Conv3d(ci, co, 3, stride, 1).to(memory_format=torch.channels_last_3d)
+        plain = torch.nn.Conv3d(ci, co, 3, stride, 1)
+        plain.load_state_dict(conv.state_dict())
+        conv.__class__ = channels_last.Conv3d
+        return conv, plain.to(memory_format=torch.channels_last_3d)
+
+    x = torch.randn(1, 4, 40, 36, 24).contiguous(memory_format=torch.channels_last_3d)
+    narrow, plain = layer(4, 4)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got, want = narrow(x), plain(x)
+    assert calls == [4] and got.dtype == want.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    exact = torch.nn.functional.conv3d(x.double(), plain.weight.double(), plain.bias.double(), padding=1)
+    assert float((got.double() - exact).abs().max()) <= 2 * float((want.double() - exact).abs().max()) + 1e-3
+    calls.clear()
+    with torch.no_grad():
+        narrow(x)  # fp32
+        with torch.autocast("cpu", torch.bfloat16):
+            layer(4, 16)[0](x)  # wide
+            layer(4, 4, 2)[0](x)  # strided
+            narrow(x[..., :23].contiguous(memory_format=torch.channels_last_3d))  # 23 voxels: no fold
+    with torch.autocast("cpu", torch.bfloat16):
+        narrow(x)  # training
+    assert calls == []

@@ -9,7 +9,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from lampseg.config import enum_value
-from lampseg.model.norm import channels_last_norms
+from lampseg.model.channels_last import channels_last_layers
 
 
 def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
@@ -21,8 +21,8 @@ def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
         out_channels: number of output channels (classes incl. background, or regions).
 
     Returns:
-        The ``monai.networks.nets.UNet``, its instance norms given a channels-last inference path
-        (``model.norm``; same weights and state-dict keys).
+        The ``monai.networks.nets.UNet``, its instance norms and convolutions given channels-last CPU
+        inference paths (``model.channels_last``; same weights and state-dict keys).
     """
     norm = enum_value(model_cfg.norm)
     if norm == "group":
@@ -31,7 +31,7 @@ def build_model(model_cfg, in_channels: int, out_channels: int) -> nn.Module:
         norm_arg: object = ("group", {"num_groups": groups})
     else:
         norm_arg = norm
-    return channels_last_norms(UNet(
+    return channels_last_layers(UNet(
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=out_channels,

@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lampseg.model import channels_last
+
+PLAIN_CONV3D = (nn.Conv3d, channels_last.Conv3d)  # PyTorch's kernels as PyTorch chooses them (fp32)
+
 
 def _im2col(x: torch.Tensor) -> bool:
     """PyTorch's own choice for an fp32 CPU convolution of ``x`` at batch 1 (``use_mkldnn`` in
@@ -158,12 +162,13 @@ def conv_transpose3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def steer_convolutions(model: nn.Module, transposed: bool = False) -> int:
-    """Convert ``model``'s plain ``nn.Conv3d`` layers in place to ``SteeredConv3d`` (parameters, names and
-    state dict unchanged), so that an unsplit model computes on the kernels its split copy would.
+    """Convert ``model``'s plain 3D convolutions (``PLAIN_CONV3D``) in place to ``SteeredConv3d``
+    (parameters, names and state dict unchanged), so that an unsplit model computes on the kernels its split
+    copy would.
 
     Args:
         model: any module; layers already converted (``spatial.SpatialConv3d``, ``SteeredConv3d``) and
-            subclasses of ``nn.Conv3d`` are left as they are.
+            other subclasses of ``nn.Conv3d`` are left as they are.
         transposed: plain ``nn.ConvTranspose3d`` layers too, to ``SteeredConvTranspose3d`` (pipeline stages:
             oneDNN at any micro-batch size; a split model's slabs keep PyTorch's choice for these).
 
@@ -172,7 +177,7 @@ def steer_convolutions(model: nn.Module, transposed: bool = False) -> int:
     """
     converted = 0
     for module in model.modules():
-        if type(module) is nn.Conv3d:
+        if type(module) in PLAIN_CONV3D:
             module.__class__ = SteeredConv3d
             converted += 1
         elif transposed and type(module) is nn.ConvTranspose3d:
@@ -197,7 +202,7 @@ def kernel_choice(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
         steered and some are not.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
-    steered = [type(m) is not nn.Conv3d for m in convs]
+    steered = [type(m) not in PLAIN_CONV3D for m in convs]
     if not any(steered) or not _onednn(torch.empty(0, device=device, dtype=dtype)):
         return "pytorch"
     return "onednn" if all(steered) else "mixed"

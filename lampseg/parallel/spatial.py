@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lampseg.config import ConfigError
-from lampseg.model.norm import InstanceNorm3d
+from lampseg.model import channels_last
 from lampseg.parallel.agreement import agree
 from lampseg.parallel.kernels import autocast_operands, conv3d, conv3d_backward, conv_transpose3d
 
@@ -340,9 +340,9 @@ class SpatialGroupNorm(nn.GroupNorm):
         return _global_norm(x.contiguous(), self.num_groups, self.eps, weight, bias, self.sp_group)
 
 
-_SPLIT = {nn.Conv3d: SpatialConv3d, nn.ConvTranspose3d: SpatialConvTranspose3d,
-          nn.InstanceNorm3d: SpatialInstanceNorm3d, InstanceNorm3d: SpatialInstanceNorm3d,
-          nn.GroupNorm: SpatialGroupNorm}
+_SPLIT = {nn.Conv3d: SpatialConv3d, channels_last.Conv3d: SpatialConv3d,
+          nn.ConvTranspose3d: SpatialConvTranspose3d, nn.InstanceNorm3d: SpatialInstanceNorm3d,
+          channels_last.InstanceNorm3d: SpatialInstanceNorm3d, nn.GroupNorm: SpatialGroupNorm}
 
 
 def check_splittable(model: nn.Module) -> None:
