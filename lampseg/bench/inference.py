@@ -192,8 +192,9 @@ def _measure(cfg, b, infer_case, bundle, cases: list[str], device: torch.device,
     rounds started (``time.perf_counter``)."""
     estimate = InferenceMemory.from_config(cfg.model, len(bundle.channels), bundle.targets.out_channels,
                                            cfg.trainer.precision)
-    largest = max(cases, key=lambda c: math.prod(bundle.cache.image(c).shape[-3:]))
-    largest_shape = list(bundle.cache.image(largest).shape[-3:])
+    shapes = {c: list(bundle.cache.image(c).shape[-3:]) for c in cases}
+    largest = max(cases, key=lambda c: math.prod(shapes[c]))
+    largest_shape = shapes[largest]
     whole_gb = estimate.whole_gb(whole_volume_shape([largest_shape], divisor))
     # auto's two budgets: one where the whole volume fits, one where it does not.
     budgets = list(b.auto_budgets_gb) if b.auto_budgets_gb is not None else [2 * whole_gb, 0.75 * whole_gb]
@@ -205,7 +206,7 @@ def _measure(cfg, b, infer_case, bundle, cases: list[str], device: torch.device,
         infer_case(cases[0], mode_cfg, memory)
     start = time.perf_counter()
     seconds, dice, choices = _timed_rounds(infer_case, bundle, cases, mode_cfgs, memories, b.repeats)
-    voxels = sum(math.prod(bundle.cache.image(c).shape[-3:]) for c in cases)
+    voxels = sum(math.prod(shape) for shape in shapes.values())
     rows = []
     for mode, mode_cfg, memory, times, mode_dice, chosen in zip(modes, mode_cfgs, memories, seconds, dice,
                                                                  choices):
@@ -215,9 +216,8 @@ def _measure(cfg, b, infer_case, bundle, cases: list[str], device: torch.device,
         row = _mode_row(mode, [times[name] for name in cases], mode_dice, chosen, bundle.targets.names,
                         voxels, peak.bytes, estimate_gb)
         if mode["mode"] != "auto":
-            shapes = [list(bundle.cache.image(c).shape[-3:]) for c in cases]
             row["computed_voxels"] = sum(computed_voxels(v, divisor, mode["window"], mode["overlap"] or 0.0)
-                                         for v in shapes)
+                                         for v in shapes.values())
         rows.append(row)
         log(f"  {mode['name']:<22} {row['seconds_per_volume']:7.3f} s/volume  "
             f"{row['voxels_per_s'] / 1e6:6.2f} "

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 CHUNK_BYTES = 4 << 20  # float32 bytes per chunk: a chunk's temporaries stay in cache
-ROW_VALUES = 16  # values per row at least (one AVX-512 register of float32): narrow layers are folded
+REGISTER_VALUES = 16  # values one vector register holds (AVX-512, float32), which narrow layers leave empty
+
+
+def _fold(channels: int, length: int) -> int:
+    """Consecutive voxels to fold into one row of ``fold * channels`` values: the most that fit a vector
+    register (``REGISTER_VALUES``) and divide ``length`` (1: none, for 16 channels or more)."""
+    return next((f for f in range(REGISTER_VALUES // channels, 1, -1) if length % f == 0), 1)
 
 
 def _rows(x: torch.Tensor, fold: int) -> torch.Tensor:
@@ -74,9 +80,7 @@ def channels_last_instance_norm(x: torch.Tensor, weight: torch.Tensor | None, bi
         ``torch.nn.functional.instance_norm``), in ``x``'s dtype and layout; statistics in float32.
     """
     b, c = x.shape[:2]
-    voxels = x[0, 0].numel()
-    # fold consecutive voxels into one row so that a row fills a vector register (4 channels: 4 voxels)
-    fold = next((f for f in range(max(1, ROW_VALUES // c), 0, -1) if voxels % f == 0), 1)
+    fold = _fold(c, x[0, 0].numel())  # 4 channels: rows of 4 voxels
     chunk = max(1, CHUNK_BYTES // (4 * fold * c))
     rows = _rows(x, fold)
     mean, variance = _moments(rows, chunk, fold)
@@ -146,27 +150,24 @@ def folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.permute(0, 2, 3, 4, 1).reshape(b, x_out, y_out, z_folded * fold, -1).permute(0, 4, 1, 2, 3)
 
 
-NARROW = 16  # channels a convolution needs to fill a vector register (module docstring)
-
-
 class Conv3d(nn.Conv3d):
     """``torch.nn.Conv3d`` that folds voxels into channels when it is narrow (module docstring); anywhere
     else PyTorch's own. Same parameters and state-dict keys."""
 
-    def _fold(self, x: torch.Tensor) -> int:
+    def _fold_for(self, x: torch.Tensor) -> int:
         """Voxels of the last axis to fold into channels for ``x`` (1: none)."""
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         widest = max(self.in_channels, self.out_channels)
         k = self.kernel_size[2]
-        if (widest >= NARROW or dtype not in (torch.bfloat16, torch.float16) or self.groups != 1
+        if (widest >= REGISTER_VALUES or dtype not in (torch.bfloat16, torch.float16) or self.groups != 1
                 or self.stride != (1, 1, 1) or self.dilation != (1, 1, 1) or self.padding_mode != "zeros"
                 or isinstance(self.padding, str) or k % 2 == 0 or self.padding[2] != k // 2
                 or not _cpu_inference(x)):
             return 1
-        return next((f for f in range(NARROW // widest, 1, -1) if x.shape[-1] % f == 0), 1)
+        return _fold(widest, x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fold = self._fold(x)
+        fold = self._fold_for(x)
         if fold == 1:
             return super().forward(x)
         return folded_conv3d(x, self.weight, self.bias, self.padding, fold)
