@@ -19,6 +19,30 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 300
+# pytorch-ignite is in the test extras for one extended test (MONAI's SupervisedEvaluator running an exported
+# bundle), but MONAI imports it on `import monai` wherever it is installed: 1.5 s of every process's start
+# (2-core Xeon: `import torch, monai` 6.7 s with it, 5.2 s without), in each of the hundreds of processes the
+# suite starts. So they start as an install without the `bundle` extra would: this folder, first on their
+# PYTHONPATH, holds an `ignite` that raises ImportError, which MONAI takes for "not installed".
+ABSENT = REPO / "tests" / "absent"
+
+
+def with_ignite(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a subprocess that needs the real pytorch-ignite: PYTHONPATH without ``ABSENT``."""
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p) != ABSENT]
+    return {**env, "PYTHONPATH": os.pathsep.join(path)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def without_ignite() -> None:
+    """Every subprocess of the session starts with ``ABSENT`` first on its PYTHONPATH (see there)."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ABSENT), saved]))
+    yield
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, lampseg, train_here
+from conftest import REPO, lampseg, train_here, with_ignite
 
 from lampseg.commands.export import export_bundle
 from lampseg.commands.predict import predict_images
@@ -37,8 +37,8 @@ METADATA_KEYS = ("version", "changelog", "monai_version", "pytorch_version", "nu
 def monai_bundle(command: str, *positional: str, **options: str) -> subprocess.CompletedProcess:
     """``python -m monai.bundle COMMAND POSITIONAL --KEY VALUE ...`` with lampseg importable (the bundle may
     name ``lampseg.data.transforms``); fails the test on a non-zero exit."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
+    env = with_ignite(dict(os.environ))  # run_evaluator's SupervisedEvaluator needs it
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env["PYTHONPATH"]]))
     if importlib.util.find_spec("fire") is not None:
         args = [sys.executable, "-m", "monai.bundle", command, *positional]
         args += [item for key, value in options.items() for item in (f"--{key}", str(value))]
