@@ -18,7 +18,10 @@ from lampseg.runtime.device import PrecisionChoice, autocast, resolve_precision
 
 @pytest.fixture
 def cpu_flags(monkeypatch):
-    """Pretend this CPU has the given flags (x86)."""
+    """Pretend this CPU has the given flags (x86), with no oneDNN instruction-set cap in the environment."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+
     def pretend(*flags: str) -> None:
         monkeypatch.setattr(device_module, "cpu_flags", lambda: frozenset(flags))
         monkeypatch.setattr(device_module.platform, "machine", lambda: "x86_64")
@@ -35,6 +38,22 @@ def test_auto_on_the_cpu_follows_native_bf16(cpu_flags, flags, expected):
     if expected == "fp32":  # no autocast at all where bf16 would be emulated
         assert isinstance(autocast(torch.device("cpu"), "auto"), contextlib.nullcontext)
         assert "AMX" in choice.reason
+
+
+@pytest.mark.parametrize("name, cap, expected", [("ONEDNN_MAX_CPU_ISA", "AVX2", "fp32"),
+                                                  ("DNNL_MAX_CPU_ISA", "avx512_core", "fp32"),
+                                                  ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", "bf16"),
+                                                  ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", "bf16"),
+                                                  ("ONEDNN_MAX_CPU_ISA", "ALL", "bf16")])
+def test_auto_honours_a_onednn_instruction_set_cap(cpu_flags, monkeypatch, name, cap, expected):
+    """A CPU with AMX whose oneDNN is capped below bf16 (``ONEDNN_MAX_CPU_ISA``) emulates it: fp32, and the
+    reason names the cap."""
+    cpu_flags("avx2", "avx512_bf16", "amx_bf16")
+    monkeypatch.setenv(name, cap)
+    choice = resolve_precision("auto", "cpu")
+    assert choice.name == expected
+    assert (f"ONEDNN_MAX_CPU_ISA={cap.upper()}" in choice.reason) == (expected == "fp32"), choice.reason
+    assert bool(device_module.native_bf16_cpu_flags()) == (expected == "bf16")  # what doctor reports
 
 
 def test_arm_stays_fp32_until_measured(monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lampseg.runtime.device import native_bf16_cpu_flags, resolve_precision
+from lampseg.runtime.device import native_bf16_cpu_flags, onednn_isa_cap, resolve_precision
 from lampseg.runtime.memory import free_memory_gb
 
 PACKAGES = ("lampseg", "torch", "monai", "ray", "hydra-core", "numpy", "nibabel", "torchgpipe")
@@ -63,7 +63,7 @@ def cpu() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"name": _cpu_name(), "cores_available": cores, "cores": os.cpu_count(),
             "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": bool(native), "bf16_flags": native,
+            "bf16_native": bool(native), "bf16_flags": native, "onednn_isa_cap": onednn_isa_cap(),
             "precision_auto": resolve_precision("auto", "cpu").name,
             "onednn": torch.backends.mkldnn.is_available(), "threads": torch.get_num_threads(),
             "memory_available_gb": round(free_memory_gb(torch.device("cpu")), 2)}
@@ -87,6 +87,8 @@ def summary_lines(report: dict) -> list[str]:
     v, c, d = report["versions"], report["cpu"], report["devices"]
     cuda = f"CUDA {v['cuda']}, cuDNN {v['cudnn']}, NCCL {v['nccl']}" if v["cuda"] else "CPU build"
     bf16 = f"native ({', '.join(c['bf16_flags'])})" if c["bf16_native"] else "emulated (slower than fp32)"
+    if c.get("onednn_isa_cap"):
+        bf16 += f", ONEDNN_MAX_CPU_ISA={c['onednn_isa_cap']}"
     lines = [f"versions: lampseg {v['lampseg']}, torch {v['torch']} ({cuda}), MONAI {v['monai']}, "
              f"Ray {v['ray'] or 'not installed'}, Hydra {v['hydra-core']}; Python {v['python']} on "
              f"{v['platform']}",

@@ -59,11 +59,26 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# oneDNN instruction sets (``ONEDNN_MAX_CPU_ISA``, oneDNN's CPU dispatcher control) that leave out bf16
+# arithmetic: capped there, PyTorch's CPU convolutions emulate bf16 whatever the CPU has (measured on a
+# 2-core Xeon with AMX, a unet_small training step: bf16 202 ms against fp32 93 ms capped at AVX512_CORE;
+# a Conv3d 30x slower than fp32 capped at AVX2).
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                            "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction-set cap set for oneDNN in this process's environment (``ONEDNN_MAX_CPU_ISA``, or
+    its older name ``DNNL_MAX_CPU_ISA``), upper-case; None when neither is set."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value and value.strip() else None
+
+
 def native_bf16_cpu_flags() -> list[str]:
     """The flags that make bf16 native on this x86 CPU (AMX, AVX-512 BF16); empty where PyTorch would
-    emulate bf16 (measured on a 2-core AVX2 EPYC: a Conv3d step 27x slower than fp32) or where it is not
-    measured (Arm)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    emulate bf16 (measured on a 2-core AVX2 EPYC: a Conv3d step 27x slower than fp32), where it is not
+    measured (Arm), or where oneDNN is capped below bf16 (``onednn_isa_cap``)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
         return []
     flags = cpu_flags()
     return [f for f in NATIVE_BF16_FLAGS if f in flags]
@@ -109,6 +124,10 @@ def resolve_precision(setting: str, device: torch.device | str) -> PrecisionChoi
         native = native_bf16_cpu_flags()
         if native:
             return PrecisionChoice("bf16", f"auto: this CPU computes bf16 natively ({', '.join(native)})")
+        cap = onednn_isa_cap()
+        if cap in ONEDNN_ISAS_WITHOUT_BF16 and any(f in cpu_flags() for f in NATIVE_BF16_FLAGS):
+            return PrecisionChoice("fp32", f"auto: ONEDNN_MAX_CPU_ISA={cap} leaves out this CPU's bf16 "
+                                           "instructions, so bf16 is emulated and slower than fp32")
         return PrecisionChoice("fp32", "auto: this CPU has no AMX or AVX-512 BF16, where bf16 is emulated "
                                        "and slower than fp32")
     return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
