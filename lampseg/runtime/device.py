@@ -74,14 +74,19 @@ def onednn_isa_cap() -> str | None:
     return value.strip().upper() if value and value.strip() else None
 
 
-def native_bf16_cpu_flags() -> list[str]:
-    """The flags that make bf16 native on this x86 CPU (AMX, AVX-512 BF16); empty where PyTorch would
-    emulate bf16 (measured on a 2-core AVX2 EPYC: a Conv3d step 27x slower than fp32), where it is not
-    measured (Arm), or where oneDNN is capped below bf16 (``onednn_isa_cap``)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
+def bf16_cpu_flags() -> list[str]:
+    """This x86 CPU's flags of bf16 in hardware (AMX, AVX-512 BF16); empty where it has none (measured on a
+    2-core AVX2 EPYC: an emulated Conv3d step 27x slower than fp32) or is not measured (Arm)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     flags = cpu_flags()
     return [f for f in NATIVE_BF16_FLAGS if f in flags]
+
+
+def native_bf16_cpu_flags() -> list[str]:
+    """``bf16_cpu_flags`` where PyTorch uses them: empty where oneDNN is capped below bf16
+    (``onednn_isa_cap``)."""
+    return [] if onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16 else bf16_cpu_flags()
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,8 @@ def resolve_precision(setting: str, device: torch.device | str) -> PrecisionChoi
         native = native_bf16_cpu_flags()
         if native:
             return PrecisionChoice("bf16", f"auto: this CPU computes bf16 natively ({', '.join(native)})")
-        cap = onednn_isa_cap()
-        if cap in ONEDNN_ISAS_WITHOUT_BF16 and any(f in cpu_flags() for f in NATIVE_BF16_FLAGS):
+        if bf16_cpu_flags():  # the CPU has them, and oneDNN is capped below them
+            cap = onednn_isa_cap()
             return PrecisionChoice("fp32", f"auto: ONEDNN_MAX_CPU_ISA={cap} leaves out this CPU's bf16 "
                                            "instructions, so bf16 is emulated and slower than fp32")
         return PrecisionChoice("fp32", "auto: this CPU has no AMX or AVX-512 BF16, where bf16 is emulated "
