@@ -36,26 +36,18 @@ def with_ignite(env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="session", autouse=True)
 def without_ignite() -> None:
     """Every subprocess of the session starts with ``ABSENT`` first on its PYTHONPATH (see there)."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ABSENT), saved]))
-    yield
-    if saved is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ABSENT), os.environ.get("PYTHONPATH")])))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
 def lampseg_home(tmp_path_factory) -> Path:
     """Point ``LAMPSEG_HOME`` (datasets, caches) at a session temp dir; subprocesses inherit it."""
     home = tmp_path_factory.mktemp("lampseg_home")
-    saved = os.environ.get("LAMPSEG_HOME")
-    os.environ["LAMPSEG_HOME"] = str(home)
-    yield home
-    if saved is None:
-        os.environ.pop("LAMPSEG_HOME", None)
-    else:
-        os.environ["LAMPSEG_HOME"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAMPSEG_HOME", str(home))
+        yield home
 
 
 def lampseg(*args: str, cwd: str | Path | None = None, check: bool = True,
